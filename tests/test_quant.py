@@ -1,0 +1,77 @@
+"""NF4 / FP8 / bf16 base weights: bit-equal to the owning libraries, bounded error, exact serialization."""
+
+from __future__ import annotations
+
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+
+from urae_lite.errors import UraeError
+from urae_lite.quant import QuantizedWeight, check_quant_format
+
+
+def _weight(n: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("shape", [(48, 200), (96, 64), (3, 128)])
+def test_nf4_matches_bitsandbytes(shape):
+    w = _weight(*shape, seed=torch.seed() % 2**31)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    expected = bnbf.dequantize_4bit(packed, state)
+    qw = QuantizedWeight.quantize(w, "nf4")
+    assert torch.equal(qw.weight, packed)
+    got = qw.dequantize()
+    assert got.dtype == torch.bfloat16 and got.shape == w.shape
+    assert torch.equal(got, expected)
+    # The widest gap between NF4 levels is -1 .. -0.6962 (0.304), so rounding error ≤ 0.152 x block absmax,
+    # plus ~1% from the double-quantized (8-bit) absmax and bf16 output rounding: bound 0.16.
+    absmax = w.float().reshape(-1, 64).abs().amax(1, keepdim=True)
+    err = (got.float() - w.float()).reshape(-1, 64).abs()
+    assert (err <= 0.16 * absmax + 1e-6).all()
+
+
+def test_fp8_matches_quanto():
+    from optimum.quanto import qfloat8_e4m3fn, quantize_weight
+    from optimum.quanto.calibrate import absmax_scale
+
+    w = _weight(40, 72, seed=torch.seed() % 2**31)
+    qt = quantize_weight(w, qtype=qfloat8_e4m3fn, axis=0, scale=absmax_scale(w, qfloat8_e4m3fn, axis=0))
+    qw = QuantizedWeight.quantize(w, "fp8")
+    assert qw.weight.dtype == torch.float8_e4m3fn and qw.scale.shape == (40, 1)
+    assert torch.equal(qw.dequantize(), qt.dequantize())
+    # e4m3 keeps 3 mantissa bits: relative rounding ≤ 2^-4 for normal values, plus bf16 output rounding.
+    rel = (qw.dequantize().float() - w.float()).abs() / w.float().abs().clamp_min(1e-3)
+    assert rel[w.float().abs() > 1e-2].max() <= 2**-4 + 2**-8
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp8", "bf16"])
+def test_serialization_round_trip_is_bit_identical(fmt):
+    w = _weight(64, 128, seed=3)
+    qw = QuantizedWeight.quantize(w, fmt)
+    tensors = qw.to_state_tensors("blocks.0.proj")
+    assert all(k.startswith("blocks.0.proj.weight") for k in tensors)
+    back = QuantizedWeight.from_state_tensors(fmt, "blocks.0.proj", tensors, (64, 128))
+    assert torch.equal(back.dequantize(), qw.dequantize())
+    for (name, a), (_, b) in zip(qw.named_buffers(), back.named_buffers()):
+        assert a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), name
+
+
+def test_nf4_keys_are_bitsandbytes_serialization():
+    qw = QuantizedWeight.quantize(_weight(32, 64, seed=4), "nf4")
+    tensors = qw.to_state_tensors("m")
+    assert {"m.weight", "m.weight.absmax", "m.weight.quant_map", "m.weight.nested_absmax",
+            "m.weight.nested_quant_map", "m.weight.quant_state.bitsandbytes__nf4"} == set(tensors)
+    state = bnbf.QuantState.from_dict({k[len("m.weight."):]: v for k, v in tensors.items() if k != "m.weight"},
+                                      device=torch.device("cpu"))
+    assert torch.equal(bnbf.dequantize_4bit(tensors["m.weight"], state), qw.dequantize())
+
+
+def test_missing_tensor_and_unknown_format_are_user_errors():
+    with pytest.raises(UraeError, match="unknown quantization 'int3'"):
+        check_quant_format("int3")
+    tensors = QuantizedWeight.quantize(_weight(32, 64, seed=5), "fp8").to_state_tensors("m")
+    del tensors["m.weight._scale"]
+    with pytest.raises(UraeError, match="re-run `urae-lite prepare`"):
+        QuantizedWeight.from_state_tensors("fp8", "m", tensors, (32, 64))

@@ -1,0 +1,16 @@
+"""urae_lite: URAE 2K/4K adaptation of FLUX on one consumer GPU (quantized base + bf16 adapters)."""
+
+from .adapted_linear import AdaptedLinear, LowRankSlice
+from .adapter_io import AdapterFile, attach_adapter, read_adapter, save_adapter
+from .convert import convert_urae_4k
+from .errors import UraeError
+from .loader import MinorSpec, add_lora, load_transformer, quantize_model
+from .prepare import prepare
+from .quant import QUANT_FORMATS, QuantizedWeight
+
+__all__ = [
+    "AdaptedLinear", "LowRankSlice", "AdapterFile", "attach_adapter", "read_adapter", "save_adapter",
+    "convert_urae_4k", "UraeError", "MinorSpec", "add_lora", "load_transformer", "quantize_model", "prepare",
+    "QUANT_FORMATS", "QuantizedWeight",
+]
+__version__ = "0.1.0"

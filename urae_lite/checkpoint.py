@@ -1,0 +1,130 @@
+"""Safetensors I/O: read a (sharded) checkpoint one tensor at a time; write files atomically.
+
+Reading goes through `safetensors.safe_open`, which memory-maps the file; touched pages count towards RSS until
+the file is closed, so the reader reopens its file every `reopen_bytes` to keep host memory at one tensor plus a
+bounded window, whatever the checkpoint's size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import UraeError
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UraeError(f"cannot read {path}: {e} (file truncated or corrupt? download or build it again)") from e
+
+
+def load_file_checked(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Whole small file (adapters) -> (tensors, metadata), with a clear error when missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise UraeError(f"file not found: {path}")
+    with _open(path) as f:
+        try:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UraeError(f"cannot read {path}: {e} (file truncated or corrupt?)") from e
+
+
+class CheckpointReader:
+    """Tensor-at-a-time access to a diffusers-style checkpoint folder (single or sharded safetensors)."""
+
+    def __init__(self, folder: str | os.PathLike, reopen_bytes: int = 256 * 2**20):
+        self.folder = Path(folder)
+        self.reopen_bytes = reopen_bytes
+        if not self.folder.is_dir():
+            raise UraeError(f"model folder not found: {self.folder}")
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise UraeError(f"no .safetensors weights in {self.folder}: point --model at a diffusers FLUX folder")
+        self.key_to_file: dict[str, Path] = {}
+        for file in files:
+            with _open(file) as f:
+                for k in f.keys():
+                    self.key_to_file[k] = file
+
+    def keys(self) -> list[str]:
+        return list(self.key_to_file)
+
+    def metadata(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for file in sorted(set(self.key_to_file.values())):
+            with _open(file) as f:
+                out.update(f.metadata() or {})
+        return out
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.key_to_file:
+            raise UraeError(f"tensor {key} missing from {self.folder}")
+        with _open(self.key_to_file[key]) as f:
+            return self._read(f, key)
+
+    def _read(self, f, key: str) -> torch.Tensor:
+        try:
+            return f.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UraeError(f"cannot read {key} from {self.key_to_file[key]}: {e} (file corrupt?)") from e
+
+    def iter_tensors(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) file by file, reopening each file every `reopen_bytes` read."""
+        wanted = self.keys() if keys is None else list(keys)
+        by_file: dict[Path, list[str]] = {}
+        for k in wanted:
+            if k not in self.key_to_file:
+                raise UraeError(f"tensor {k} missing from {self.folder}")
+            by_file.setdefault(self.key_to_file[k], []).append(k)
+        for file, names in by_file.items():
+            f, read = _open(file), 0
+            try:
+                for k in names:
+                    if read >= self.reopen_bytes:
+                        f.__exit__(None, None, None)
+                        f, read = _open(file), 0
+                    t = self._read(f, k)
+                    read += t.numel() * t.element_size()
+                    yield k, t
+            finally:
+                f.__exit__(None, None, None)
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> Path:
+    """save_file into a temp file beside `path`, then rename: a killed run never leaves a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: dict) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

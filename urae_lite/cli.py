@@ -1,0 +1,96 @@
+"""`urae-lite` command line: one subcommand per job; user mistakes end in one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from .errors import UraeError
+from .quant import QUANT_FORMATS
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(out=args.out, size=args.size, steps=args.steps, quant=args.quant, seed=args.seed)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from .prepare import prepare
+    from .report import RunReport
+
+    report = RunReport()
+    with report.stage("prepare"):
+        out = prepare(args.model, args.out, quant=args.quant, device=args.device)
+    print(f"wrote {out}")
+    print(report.format())
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from .convert import convert_urae_4k
+
+    out = convert_urae_4k(args.model, args.adapter_2k, args.adapter_4k, args.out, svd_device=args.svd_device)
+    print(f"wrote {out}")
+
+
+def _cmd_tiny(args: argparse.Namespace) -> None:
+    from .tiny import build_tiny_flux
+
+    print(build_tiny_flux(args.out, seed=args.seed, variant=args.variant, overwrite=args.overwrite))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="urae-lite", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="tiny FLUX: quantize, adapt, generate at high resolution, report memory")
+    p.add_argument("--out", default="urae_lite_demo.png")
+    p.add_argument("--size", type=int, default=2048, help="image side in pixels (multiple of 16)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--quant", choices=QUANT_FORMATS, default="nf4")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("prepare", help="quantize a FLUX transformer once and save it")
+    p.add_argument("--model", required=True, help="diffusers FLUX folder, hub id, or 'tiny'")
+    p.add_argument("--quant", choices=QUANT_FORMATS, default="nf4")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cpu", help="where to quantize (cuda is much faster)")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("convert", help="the authors' 4K adapter -> one exact plain LoRA for this base")
+    p.add_argument("adapter_2k", help="urae_2k_adapter.safetensors")
+    p.add_argument("adapter_4k", help="urae_4k_adapter.safetensors")
+    p.add_argument("--model", required=True, help="the FLUX base the adapters are used with")
+    p.add_argument("--out", required=True)
+    p.add_argument("--svd-device", default=None, help="device for the SVDs (e.g. cuda)")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("tiny", help="build the tiny offline FLUX model folder (for tests and the demo)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--variant", choices=("dev", "schnell"), default="dev")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_tiny)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UraeError as e:
+        if args.debug:
+            raise
+        print(f"urae-lite: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("urae-lite: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Frozen base weights stored as NF4 (bitsandbytes), FP8 (optimum-quanto) or bf16.
+
+The libraries quantize; we only hold their tensors as module buffers so that `.to(device)`, offload hooks and
+`state_dict` move and see everything. Dequantization goes through the Triton kernel on CUDA (when available)
+and through the libraries' own code elsewhere, so the CPU path is the reference the kernels are tested against.
+
+Storage layouts (what the kernels read):
+* nf4  -- bitsandbytes `quantize_4bit(quant_type="nf4", blocksize=64, compress_statistics=True)`:
+  `weight` uint8 (N*K/2, 1), two codes per byte, first element in the high nibble, row-major over (N, K);
+  `absmax` uint8 (N*K/64,) indexes `nested_quant_map` (256 fp32, bnb's dynamic 8-bit map);
+  real absmax of block j = nested_quant_map[absmax[j]] * nested_absmax[j // 256] + offset;
+  w = quant_map[code] * absmax_real[i // 64], quant_map = the 16 NF4 levels.
+* fp8  -- optimum-quanto `qfloat8_e4m3fn`, axis 0: `weight` float8_e4m3fn (N, K), `scale` (N, 1) in the
+  compute dtype, scale = absmax(row) / 448; w = weight.to(dtype) * scale.
+* bf16 -- `weight` (N, K) bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from .errors import UraeError
+
+QUANT_FORMATS = ("nf4", "fp8", "bf16")
+NF4_BLOCKSIZE = 64
+NF4_NESTED_BLOCKSIZE = 256
+
+
+def check_quant_format(fmt: str) -> str:
+    if fmt not in QUANT_FORMATS:
+        raise UraeError(f"unknown quantization '{fmt}': use one of {', '.join(QUANT_FORMATS)}")
+    return fmt
+
+
+def _kernels_enabled(t: torch.Tensor) -> bool:
+    return t.is_cuda and os.environ.get("URAE_LITE_KERNELS", "1") != "0"
+
+
+class QuantizedWeight(nn.Module):
+    """A frozen (out_features, in_features) weight in one storage format; buffers only, never parameters."""
+
+    def __init__(self, fmt: str, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.format = check_quant_format(fmt)
+        self.out_features, self.in_features = out_features, in_features
+        self.dtype = dtype  # the dtype dequantization produces (compute dtype)
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, fmt: str, dtype: torch.dtype = torch.bfloat16) -> "QuantizedWeight":
+        """Quantize a dense weight with the library that owns the format (bitsandbytes / quanto)."""
+        out_features, in_features = weight.shape
+        qw = cls(fmt, out_features, in_features, dtype)
+        w = weight.detach().to(dtype)
+        if fmt == "nf4":
+            import bitsandbytes.functional as bnbf
+
+            packed, state = bnbf.quantize_4bit(
+                w, blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8
+            )
+            qw._set_nf4(packed, state.absmax, state.code, state.state2.absmax, state.state2.code, state.offset)
+        elif fmt == "fp8":
+            from optimum.quanto import qfloat8_e4m3fn, quantize_weight
+            from optimum.quanto.calibrate import absmax_scale
+
+            scale = absmax_scale(w, qfloat8_e4m3fn, axis=0)
+            q = quantize_weight(w, qtype=qfloat8_e4m3fn, axis=0, scale=scale)
+            qw.register_buffer("weight", q._data.contiguous())
+            qw.register_buffer("scale", q._scale.contiguous())
+        else:
+            qw.register_buffer("weight", w.contiguous())
+        return qw
+
+    def _set_nf4(self, packed, absmax, quant_map, nested_absmax, nested_quant_map, offset) -> None:
+        self.register_buffer("weight", packed)
+        self.register_buffer("absmax", absmax)
+        self.register_buffer("quant_map", quant_map.float())
+        self.register_buffer("nested_absmax", nested_absmax.float())
+        self.register_buffer("nested_quant_map", nested_quant_map.float())
+        self.register_buffer("offset", torch.as_tensor(offset, dtype=torch.float32).reshape(()))
+
+    # ---- use ----------------------------------------------------------------------------------------
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def bnb_quant_state(self):
+        """The bitsandbytes QuantState describing our NF4 buffers (cheap; no copies)."""
+        from bitsandbytes.functional import QuantState
+
+        nested = QuantState(absmax=self.nested_absmax, code=self.nested_quant_map,
+                            blocksize=NF4_NESTED_BLOCKSIZE, dtype=torch.float32)
+        return QuantState(absmax=self.absmax, shape=self.shape, code=self.quant_map, blocksize=NF4_BLOCKSIZE,
+                          quant_type="nf4", dtype=self.dtype, offset=self.offset, state2=nested)
+
+    def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense (N, K) weight in `self.dtype`; into `out` when given (a reused buffer)."""
+        if self.format == "bf16":
+            w = self.weight if self.weight.dtype == self.dtype else self.weight.to(self.dtype)
+            return w if out is None else out.copy_(w)
+        if _kernels_enabled(self.weight):
+            from urae_lite import kernels
+
+            if self.format == "nf4":
+                return kernels.nf4_dequantize(self.weight, self.absmax, self.nested_absmax, self.nested_quant_map,
+                                              self.offset, self.quant_map, self.shape, out=out, dtype=self.dtype)
+            return kernels.fp8_dequantize(self.weight, self.scale, out=out, dtype=self.dtype)
+        w = self.dequantize_reference()
+        return w if out is None else out.copy_(w)
+
+    def dequantize_reference(self) -> torch.Tensor:
+        """Dequantize with the owning library's code (bitsandbytes / quanto arithmetic)."""
+        if self.format == "nf4":
+            import bitsandbytes.functional as bnbf
+
+            return bnbf.dequantize_4bit(self.weight, self.bnb_quant_state(), quant_type="nf4").to(self.dtype)
+        if self.format == "fp8":
+            return self.weight.to(self.scale.dtype).mul(self.scale).to(self.dtype)
+        return self.weight.to(self.dtype)
+
+    # ---- serialization (bitsandbytes / diffusers key layout) -----------------------------------------
+    def to_state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Tensors under the keys diffusers/transformers use for a serialized bnb or quanto layer."""
+        if self.format == "nf4":
+            packed = self.bnb_quant_state().as_dict(packed=True)
+            out = {f"{prefix}.weight": self.weight}
+            out.update({f"{prefix}.weight.{k}": v for k, v in packed.items()})
+            return out
+        if self.format == "fp8":
+            return {f"{prefix}.weight._data": self.weight, f"{prefix}.weight._scale": self.scale}
+        return {f"{prefix}.weight": self.weight}
+
+    @classmethod
+    def from_state_tensors(cls, fmt: str, prefix: str, tensors: dict[str, torch.Tensor],
+                           shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> "QuantizedWeight":
+        qw = cls(fmt, shape[0], shape[1], dtype)
+        try:
+            if fmt == "nf4":
+                from bitsandbytes.functional import QuantState
+
+                extra = {k[len(prefix) + len(".weight."):]: v for k, v in tensors.items()
+                         if k.startswith(f"{prefix}.weight.")}
+                state = QuantState.from_dict(extra, device=tensors[f"{prefix}.weight"].device)
+                if tuple(state.shape) != tuple(shape):
+                    raise UraeError(f"{prefix}: stored NF4 shape {tuple(state.shape)} does not match {tuple(shape)}")
+                qw._set_nf4(tensors[f"{prefix}.weight"], state.absmax, state.code, state.state2.absmax,
+                            state.state2.code, state.offset)
+            elif fmt == "fp8":
+                qw.register_buffer("weight", tensors[f"{prefix}.weight._data"])
+                qw.register_buffer("scale", tensors[f"{prefix}.weight._scale"])
+            else:
+                qw.register_buffer("weight", tensors[f"{prefix}.weight"])
+        except KeyError as e:
+            raise UraeError(f"quantized checkpoint lacks tensor {e} for module {prefix}: re-run `urae-lite prepare`")
+        return qw
+
+    def extra_repr(self) -> str:
+        return f"{self.format}, out_features={self.out_features}, in_features={self.in_features}"
+
+
+def quant_state_json(fmt: str) -> str:
+    """Metadata stored in prepared checkpoints so a load can check what it reads."""
+    return json.dumps({"format": fmt, "blocksize": NF4_BLOCKSIZE, "nested_blocksize": NF4_NESTED_BLOCKSIZE})
