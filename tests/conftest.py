@@ -48,6 +48,6 @@ def transformer_inputs(config: dict, height_tokens: int = 4, width_tokens: int =
     return inputs
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_inputs():
     return transformer_inputs

@@ -32,6 +32,16 @@ def test_nf4_matches_bitsandbytes(shape):
     assert (err <= 0.16 * absmax + 1e-6).all()
 
 
+def test_chunked_nf4_is_bit_identical_to_bitsandbytes():
+    from urae_lite.quant import nf4_quantize
+
+    w = _weight(96, 320, seed=torch.seed() % 2**31)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    got = nf4_quantize(w, chunk_elems=64 * 7)  # 7 blocks per chunk: chunks end mid-row and mid-nested-block
+    assert torch.equal(got[0], packed) and torch.equal(got[1], state.absmax)
+    assert torch.equal(got[3], state.state2.absmax) and torch.equal(got[5], state.offset)
+
+
 def test_fp8_matches_quanto():
     from optimum.quanto import qfloat8_e4m3fn, quantize_weight
     from optimum.quanto.calibrate import absmax_scale

@@ -1,8 +1,9 @@
 """Safetensors I/O: read a (sharded) checkpoint one tensor at a time; write files atomically.
 
-Reading goes through `safetensors.safe_open`, which memory-maps the file; touched pages count towards RSS until
-the file is closed, so the reader reopens its file every `reopen_bytes` to keep host memory at one tensor plus a
-bounded window, whatever the checkpoint's size.
+Reading goes through `safetensors.safe_open`. With safetensors ≥ 0.7 we ask for its `pread` backend, which reads
+each tensor's bytes into its own buffer; the default mmap backend's touched pages count towards RSS until the file
+is closed (measured: a whole shard). With older safetensors the reader falls back to mmap and reopens its file
+every `reopen_bytes` to keep host memory at one tensor plus a bounded window, whatever the checkpoint's size.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from .errors import UraeError
 
 def _open(path: Path):
     try:
-        return safe_open(str(path), framework="pt")
+        try:
+            return safe_open(str(path), framework="pt", backend="pread")
+        except TypeError:  # safetensors < 0.7: no backend argument
+            return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError) as e:
         raise UraeError(f"cannot read {path}: {e} (file truncated or corrupt? download or build it again)") from e
 

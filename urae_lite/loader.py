@@ -80,6 +80,7 @@ def empty_transformer(config: dict) -> nn.Module:
 
     with init_empty_weights():
         model = FluxTransformer2DModel.from_config(config)
+    model.requires_grad_(False)  # the base is frozen; only adapter slices added later may train
     for name in block_linear_names(model):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -40,6 +40,33 @@ def _kernels_enabled(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get("URAE_LITE_KERNELS", "1") != "0"
 
 
+def nf4_quantize(w: torch.Tensor, chunk_elems: int = 2**18) -> tuple[torch.Tensor, ...]:
+    """bitsandbytes NF4 with double-quantized absmax, bit-identical to `quantize_4bit(compress_statistics=True)`.
+
+    bnb's CPU path makes temporaries ~16x the input in fp32 (3 GB for one FLUX MLP weight), so on CPU we quantize
+    row chunks with the same op and then double-quantize the whole absmax exactly as `quantize_4bit` does (blocks of
+    64 never straddle a chunk, and the offset is the mean over the full absmax). Returns
+    (packed, absmax_u8, quant_map, nested_absmax, nested_quant_map, offset).
+    """
+    import bitsandbytes.functional as bnbf
+
+    flat = w.reshape(-1)
+    if flat.numel() % NF4_BLOCKSIZE:
+        raise ValueError(f"NF4 needs a multiple of {NF4_BLOCKSIZE} elements, got shape {tuple(w.shape)}")
+    step = chunk_elems // NF4_BLOCKSIZE * NF4_BLOCKSIZE if w.device.type == "cpu" else flat.numel()
+    packed, absmax = [], []
+    for start in range(0, flat.numel(), step):
+        p, a = torch.ops.bitsandbytes.quantize_4bit.default(flat[start:start + step], NF4_BLOCKSIZE, "nf4",
+                                                             torch.uint8)
+        packed.append(p.reshape(-1))
+        absmax.append(a.reshape(-1))
+    absmax_f = torch.cat(absmax)
+    offset = absmax_f.mean()
+    absmax_u8, nested = bnbf.quantize_blockwise(absmax_f - offset, blocksize=NF4_NESTED_BLOCKSIZE)
+    code = bnbf.get_4bit_type("nf4", device=w.device)
+    return torch.cat(packed).reshape(-1, 1), absmax_u8, code, nested.absmax, nested.code, offset
+
+
 class QuantizedWeight(nn.Module):
     """A frozen (out_features, in_features) weight in one storage format; buffers only, never parameters."""
 
@@ -57,12 +84,7 @@ class QuantizedWeight(nn.Module):
         qw = cls(fmt, out_features, in_features, dtype)
         w = weight.detach().to(dtype)
         if fmt == "nf4":
-            import bitsandbytes.functional as bnbf
-
-            packed, state = bnbf.quantize_4bit(
-                w, blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8
-            )
-            qw._set_nf4(packed, state.absmax, state.code, state.state2.absmax, state.state2.code, state.offset)
+            qw._set_nf4(*nf4_quantize(w))
         elif fmt == "fp8":
             from optimum.quanto import qfloat8_e4m3fn, quantize_weight
             from optimum.quanto.calibrate import absmax_scale

@@ -1,0 +1,110 @@
+"""Adapted linear: reference math, no-op init, gradients only where trainable, no dense W saved for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from urae_lite.adapted_linear import AdaptedLinear
+from urae_lite.minor import MINOR_RESIDUAL_SLICE, MINOR_SLICE, add_minor_slices, minor_components
+
+
+def _layer(fmt: str, n: int = 40, k: int = 64, bias: bool = True, seed: int = 0) -> tuple[AdaptedLinear, nn.Linear]:
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias).to(torch.bfloat16)
+    return AdaptedLinear.from_linear(lin, fmt), lin
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "nf4"])
+def test_forward_equals_float64_formula(fmt):
+    layer, _ = _layer(fmt)
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    layer.add_slice("a", torch.randn(3, 64, generator=g) * 0.1, torch.randn(40, 3, generator=g) * 0.1, scale=0.5)
+    layer.add_slice("b", torch.randn(5, 64, generator=g) * 0.1, torch.randn(40, 5, generator=g) * 0.1,
+                    trainable=True)
+    x = torch.randn(2, 7, 64, generator=g).to(torch.bfloat16)
+    W = layer.base.dequantize().double()
+    expected = x.double() @ W.T + layer.bias.double()
+    for s in layer.slices.values():
+        expected += s.scale * (x.double() @ s.A.double().T) @ s.B.double().T
+    y = layer(x)
+    assert y.shape == (2, 7, 40) and y.dtype == torch.bfloat16
+    # bf16 inputs, fp32 accumulation, three bf16 roundings of intermediate/outputs: ~3 * 2^-8 relative.
+    torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+def test_lora_is_noop_at_init_and_only_trainable_slices_get_grads():
+    layer, lin = _layer("nf4")
+    frozen = layer.add_slice("style", torch.randn(4, 64) * 0.1, torch.randn(40, 4) * 0.1)
+    x = torch.randn(5, 64).to(torch.bfloat16).requires_grad_(True)
+    before = layer(x).detach()
+    lora = layer.add_lora("new", rank=8, alpha=16)
+    assert lora.scale == 2.0 and torch.count_nonzero(lora.B) == 0 and lora.A.abs().max() > 0
+    after = layer(x)
+    assert torch.equal(after.detach(), before)
+    after.float().pow(2).sum().backward()
+    assert x.grad is not None and x.grad.abs().max() > 0
+    assert lora.A.grad is None or torch.count_nonzero(lora.A.grad) == 0  # B = 0 blocks dA at init
+    assert lora.B.grad is not None and lora.B.grad.abs().max() > 0
+    assert frozen.A.grad is None and frozen.B.grad is None
+    assert layer.bias.grad is None and not any(p.requires_grad for p in layer.base.parameters())
+    assert list(layer.base.parameters()) == []  # base is buffers only: nothing an optimizer could touch
+
+
+def test_branch_orders_trainable_slices_first():
+    layer, _ = _layer("bf16")
+    layer.add_slice("f1", torch.ones(2, 64), torch.ones(40, 2), scale=3.0)
+    layer.add_slice("t1", torch.ones(4, 64), torch.ones(40, 4), trainable=True)
+    layer.add_slice("f2", torch.ones(1, 64), torch.ones(40, 1))
+    A, B, n_trainable = layer.branch()
+    assert A.shape == (7, 64) and B.shape == (40, 7) and n_trainable == 4
+    assert torch.equal(B[:, 4:6], torch.full((40, 2), 3.0, dtype=torch.bfloat16))
+
+
+def test_backward_saves_no_dense_weight():
+    layer, _ = _layer("nf4", n=96, k=128)
+    layer.add_lora("l", rank=4)
+    shapes = []
+    x = torch.randn(3, 128).to(torch.bfloat16).requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        y = layer(x)
+    y.sum().backward()
+    assert (96, 128) not in shapes and (128, 96) not in shapes, shapes
+    # dx still equals the dense formula
+    W = layer.base.dequantize().float()
+    A, B, _ = layer.branch()
+    expected = torch.ones(3, 96) @ (W + B.float() @ A.float())
+    torch.testing.assert_close(x.grad.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_mismatched_slice_is_rejected():
+    layer, _ = _layer("bf16")
+    with pytest.raises(ValueError, match="but the layer is 40x64"):
+        layer.add_slice("bad", torch.zeros(2, 63), torch.zeros(40, 2))
+
+
+def test_minor_components_reconstruct_weight_and_are_the_smallest():
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    W = torch.randn(48, 80, generator=g)
+    B0, A0 = minor_components(W, rank=6)
+    assert B0.shape == (48, 6) and A0.shape == (6, 80)
+    residual = W - B0 @ A0
+    torch.testing.assert_close(residual + B0 @ A0, W, rtol=0, atol=1e-6)  # fp32 precision
+    S = torch.linalg.svdvals(W.double())
+    # B0·A0 is exactly the best rank-6 approximation from the 6 smallest triplets: its singular values are them
+    torch.testing.assert_close(torch.linalg.svdvals((B0 @ A0).double())[:6], S[-6:], rtol=1e-4, atol=1e-5)
+    # and the residual keeps the rest: its smallest 6 singular values vanish
+    assert torch.linalg.svdvals(residual.double())[-6:].max() < 1e-4 * S[0]
+
+
+def test_minor_slices_are_noop_at_init_and_train():
+    layer, _ = _layer("nf4")
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    before = layer(x)
+    B0, A0 = minor_components(layer.base.dequantize().float(), rank=4)
+    add_minor_slices(layer, A0, B0)
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=1e-2 * before.abs().max().item())
+    assert layer.slices[MINOR_SLICE].trainable and not layer.slices[MINOR_RESIDUAL_SLICE].trainable
+    layer(x).sum().backward()
+    assert layer.slices[MINOR_SLICE].A.grad is not None and layer.slices[MINOR_RESIDUAL_SLICE].A.grad is None
