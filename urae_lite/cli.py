@@ -40,10 +40,18 @@ def _cmd_tiny(args: argparse.Namespace) -> None:
     print(build_tiny_flux(args.out, seed=args.seed, variant=args.variant, overwrite=args.overwrite))
 
 
+# Feature modules that add their own subcommands: each has `register(subparsers)` setting `func`.
+FEATURE_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     parser = argparse.ArgumentParser(prog="urae-lite", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
+    for module in FEATURE_MODULES:
+        importlib.import_module(module).register(sub)
 
     p = sub.add_parser("demo", help="tiny FLUX: quantize, adapt, generate at high resolution, report memory")
     p.add_argument("--out", default="urae_lite_demo.png")
@@ -78,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the subcommand
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         args.func(args)
     except UraeError as e:
-        if args.debug:
+        if debug:
             raise
         print(f"urae-lite: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,56 @@
+"""The command line: prepare and convert work end to end; mistakes end in one line and exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from synthetic_adapters import write_authors_2k, write_authors_4k
+from urae_lite.adapter_io import read_adapter
+from urae_lite.cli import main
+from urae_lite.loader import load_transformer
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "urae_lite.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def _error_line(stderr: str) -> str:
+    lines = [l for l in stderr.splitlines() if l.startswith("urae-lite: error:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    return lines[0]
+
+
+def test_prepare_and_convert_from_the_command_line(tiny_flux, tiny_config, tmp_path, capsys):
+    assert main(["prepare", "--model", str(tiny_flux), "--quant", "fp8", "--out", str(tmp_path / "q")]) == 0
+    assert "peak rss" in capsys.readouterr().out
+    model = load_transformer(tmp_path / "q", quant="fp8", progress=False)
+    assert model.get_submodule("transformer_blocks.0.attn.to_q").base.weight.dtype == torch.float8_e4m3fn
+    f2 = write_authors_2k(tmp_path / "a2k.safetensors", tiny_config)
+    f4 = write_authors_4k(tmp_path / "a4k.safetensors", tiny_config)
+    out = tmp_path / "a4k_lora.safetensors"
+    assert main(["convert", str(f2), str(f4), "--model", str(tiny_flux), "--out", str(out)]) == 0
+    assert read_adapter(out).ranks == {12}
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["prepare", "--model", "/nonexistent/flux", "--out", "x"], "model not found: /nonexistent/flux"),
+    (["convert", "a.safetensors", "b.safetensors", "--model", "tiny", "--out", "c"], "file not found: a.safetensors"),
+])
+def test_user_errors_are_one_line_with_exit_code_2(args, needle, tmp_path):
+    proc = _run(*args)
+    assert proc.returncode == 2
+    assert needle in _error_line(proc.stderr)
+
+
+def test_unknown_quant_is_rejected_with_the_valid_values():
+    proc = _run("prepare", "--model", "tiny", "--quant", "int3", "--out", "x")
+    assert proc.returncode == 2 and "invalid choice: 'int3'" in proc.stderr and "nf4" in proc.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    proc = _run("prepare", "--model", "/nonexistent/flux", "--out", str(tmp_path / "x"), "--debug")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "UraeError" in proc.stderr
