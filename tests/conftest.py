@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 
-# Triton kernels run in the numpy interpreter on CPU; must be set before triton is first imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in the numpy interpreter; Triton decides interpreter vs compiler when
+# the kernels are first imported, so this must run before anything imports urae_lite.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
