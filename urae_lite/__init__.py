@@ -11,6 +11,16 @@ from .quant import QUANT_FORMATS, QuantizedWeight
 __all__ = [
     "AdaptedLinear", "LowRankSlice", "AdapterFile", "attach_adapter", "read_adapter", "save_adapter",
     "convert_urae_4k", "UraeError", "MinorSpec", "add_lora", "load_transformer", "quantize_model", "prepare",
+    "load_pipeline",
     "QUANT_FORMATS", "QuantizedWeight",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`load_pipeline` imports diffusers' pipelines: loaded on first use so `import urae_lite` stays light."""
+    if name == "load_pipeline":
+        from .pipeline import load_pipeline
+
+        return load_pipeline
+    raise AttributeError(f"module 'urae_lite' has no attribute {name!r}")

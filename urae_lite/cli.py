@@ -41,7 +41,7 @@ def _cmd_tiny(args: argparse.Namespace) -> None:
 
 
 # Feature modules that add their own subcommands: each has `register(subparsers)` setting `func`.
-FEATURE_MODULES: tuple[str, ...] = ()
+FEATURE_MODULES: tuple[str, ...] = ("urae_lite.train.cli", "urae_lite.generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="tiny FLUX: quantize, adapt, generate at high resolution, report memory")
     p.add_argument("--out", default="urae_lite_demo.png")
     p.add_argument("--size", type=int, default=2048, help="image side in pixels (multiple of 16)")
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=2)
     p.add_argument("--quant", choices=QUANT_FORMATS, default="nf4")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)

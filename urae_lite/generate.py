@@ -1,0 +1,86 @@
+"""`urae-lite generate "PROMPT" ...`: one 2K/4K image from FLUX + URAE adapters, a PNG with its settings, and a
+time/memory report. Options left out come from the preset (`recipes/generate_<dev|schnell>_<2k|4k>.yaml`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .offload import OFFLOAD_MODES
+from .presets import PRESETS, VAE_TILING_MODES
+from .quant import QUANT_FORMATS
+
+# CLI option -> GenerationSettings field, for the options that override the preset
+SETTING_OPTIONS = ("width", "height", "steps", "guidance", "shift", "ntk", "proportional_attention",
+                   "max_sequence_length", "vae_tiling", "vae_strip_rows", "refine_from", "strength")
+
+
+def _shift(text: str) -> float | str:
+    """A positive number, or `model` for the model's own scheduler (dynamic shifting for dev)."""
+    if text == "model":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'model', got {text!r}") from None
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="2K/4K image from FLUX + URAE adapters on a quantized base",
+                       description=__doc__)
+    p.add_argument("prompt")
+    p.add_argument("--model", default="black-forest-labs/FLUX.1-dev",
+                   help="diffusers FLUX folder, hub id, `prepare`d folder, or 'tiny' (default: %(default)s)")
+    p.add_argument("--preset", default="2k",
+                   help=f"{' | '.join(PRESETS)} (authors' settings for the model family) or a YAML file")
+    p.add_argument("--quant", choices=QUANT_FORMATS, default="nf4")
+    p.add_argument("--adapter", action="append", default=[], metavar="FILE",
+                   help="LoRA file (ours, diffusers, kohya, the authors' 2K); the authors' 4K file goes right "
+                        "after its 2K one; repeat for several")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float, help="distilled guidance (dev)")
+    p.add_argument("--shift", type=_shift,
+                   help="static time shift (dynamic shifting off); 'model' = the model's own scheduler")
+    p.add_argument("--ntk", type=float, help="RoPE base multiplier (URAE: 10; FLUX: 1)")
+    p.add_argument("--proportional-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="scale attention logits by sqrt(log N / log 4608) (URAE: on)")
+    p.add_argument("--max-sequence-length", type=int, help="T5 tokens (dev 512, schnell 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--offload", choices=OFFLOAD_MODES,
+                   help="none | model (staged, default on CUDA) | group (blocks streamed) | sequential (least memory)")
+    p.add_argument("--vae-tiling", choices=VAE_TILING_MODES, help="exact strip-tiled VAE decode")
+    p.add_argument("--vae-strip-rows", type=int, help="rows per tiled-decode strip (fewer = less memory)")
+    p.add_argument("--refine-from", type=int, metavar="SIDE",
+                   help="coarse-to-fine: base model at ~SIDE² first, upscale, re-noise, denoise at the target")
+    p.add_argument("--strength", type=float, help="refine: re-noising strength in (0, 1] (default 0.6)")
+    p.add_argument("--device", help="cuda (default when present) or cpu")
+    p.add_argument("--svd-device", help="device for the one-time 4K adapter conversion (default: --device)")
+    p.add_argument("--out", default="urae_lite.png", help="PNG to write (default: %(default)s)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from .errors import UraeError
+    from .pipeline import load_pipeline
+    from .report import RunReport
+
+    settings = {k: getattr(args, k) for k in SETTING_OPTIONS if getattr(args, k) is not None}
+    if settings.get("shift") == "model":
+        settings["shift"] = None
+    report = RunReport()
+    try:
+        pipe = load_pipeline(args.model, quant=args.quant, adapters=args.adapter, preset=args.preset,
+                             device=args.device, offload=args.offload, svd_device=args.svd_device, report=report,
+                             **settings)
+    except torch.cuda.OutOfMemoryError as e:
+        raise UraeError(f"CUDA out of memory while loading the model (quant {args.quant}, offload "
+                        f"{args.offload or 'default'}); try --quant nf4 and --offload model") from e
+    result = pipe(args.prompt, seed=args.seed, report=report)
+    with report.stage("save png"):
+        out = result.save(args.out)
+    print(f"wrote {out} ({result.settings.width}x{result.settings.height}, seed {args.seed})")
+    print(report.format())
+

@@ -1,0 +1,56 @@
+"""What a generation returns, and the PNG it is saved as: the image carries everything needed to make it again."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .presets import GenerationSettings
+from .report import RunReport
+
+
+@dataclass
+class GenerationResult:
+    image: Image.Image
+    prompt: str
+    seed: int
+    settings: GenerationSettings
+    model: str
+    quant: str
+    adapters: list[dict[str, str]]  # [{"path": ..., "sha256": first 16 hex digits}, ...] as the user gave them
+    report: RunReport = field(default_factory=RunReport)
+
+    def metadata(self) -> dict[str, str]:
+        """PNG text chunks: one key per item (readable in any viewer) and `urae_lite` with all of it as JSON."""
+        from . import __version__
+
+        items = {"prompt": self.prompt, "seed": self.seed, "model": self.model, "quant": self.quant,
+                 "adapters": self.adapters, "settings": self.settings.as_dict()}
+        text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in items.items()}
+        text["software"] = f"urae-lite {__version__}"
+        text["urae_lite"] = json.dumps(items)
+        return text
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the PNG (with metadata) beside `path` first, then rename: no half-written images."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = PngInfo()
+        for key, value in self.metadata().items():
+            info.add_itxt(key, value)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            self.image.save(tmp, format="PNG", pnginfo=info)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; an image is for sharing
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path

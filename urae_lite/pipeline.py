@@ -1,0 +1,213 @@
+"""`load_pipeline(...)`: diffusers' FluxPipeline around our quantized, adapted transformer, with URAE's
+high-resolution inference and staged memory; calling it makes one image.
+
+Stages of a call: text encoders (prompt embeddings) -> transformer (denoising, on packed latents) -> VAE (exact
+tiled decode when needed). With the default `model` offload on CUDA only one stage's weights are on the GPU at a
+time, which is what keeps 2K under 10 GiB with an NF4 base (T5-XXL alone is 8.9 GiB in bf16).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .adapter_cache import full_precision_folder, resolve_adapters
+from .convert import file_digest
+from .errors import UraeError
+from .hires import set_ntk, set_proportional_attention, static_shift_scheduler
+from .loader import MinorSpec, load_config, load_transformer, resolve_model, transformer_folder
+from .offload import apply_offload, check_offload
+from .output import GenerationResult
+from .presets import GenerationSettings, load_preset
+from .quant import check_quant_format
+from .refine import adapters_disabled, coarse_size, tiled_encode, upscale
+from .report import RunReport
+from .vae_tiling import decode as vae_decode
+
+Embeds = tuple[torch.Tensor, torch.Tensor]  # T5 (1, L, 4096), pooled CLIP (1, 768) for FLUX.1
+
+
+class UraePipeline:
+    """Callable: `pipe(prompt, seed=0, **settings) -> GenerationResult`; settings override the preset's."""
+
+    def __init__(self, flux, *, model: str, quant: str, adapters: list[dict[str, str]],
+                 defaults: GenerationSettings, offload: str, progress: bool = True):
+        self.flux = flux
+        self.model, self.quant, self.adapters = model, quant, adapters
+        self.defaults, self.offload = defaults, offload
+        self._own_scheduler = flux.scheduler  # the model's own (dynamic shifting for dev); shifted copies per call
+        flux.set_progress_bar_config(disable=not progress, desc="denoising")
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.flux.transformer
+
+    def __call__(self, prompt: str, seed: int = 0, report: RunReport | None = None,
+                 **settings) -> GenerationResult:
+        s = self.defaults.replace(**settings)
+        report = report if report is not None else RunReport()
+        try:
+            with report.stage("text encoders"):
+                embeds = self.encode(prompt, s)
+            if s.refine_from is not None:
+                with report.stage("coarse image"):
+                    guide = self._coarse(embeds, s, seed)
+                with report.stage("refine"):
+                    packed = self._img2img(embeds, s, seed, guide)
+            else:
+                with report.stage("denoise"):
+                    packed = self.denoise(embeds, s, seed)
+            with report.stage("vae decode"):
+                image = self.decode(packed, s)
+        except torch.cuda.OutOfMemoryError as e:
+            torch.cuda.empty_cache()
+            raise UraeError(oom_advice(s, self.offload, self.quant, report.stages[-1][0])) from e
+        finally:
+            self.flux.maybe_free_model_hooks()  # `model` offload: everything back to the CPU between calls
+        return GenerationResult(image, prompt, seed, s, self.model, self.quant, self.adapters, report)
+
+    # ---- stages (public so benchmarks can measure each; `__call__` is the normal entry) ---------------------------
+    @torch.no_grad()
+    def encode(self, prompt: str, s: GenerationSettings) -> Embeds:
+        embeds, pooled, _ = self.flux.encode_prompt(prompt=prompt, prompt_2=None, device=self.flux._execution_device,
+                                                    max_sequence_length=s.max_sequence_length)
+        return embeds, pooled
+
+    def _configure(self, s: GenerationSettings) -> None:
+        """URAE's three inference switches for this pass (cheap; they are set on every pass)."""
+        self.flux.scheduler = static_shift_scheduler(self._own_scheduler, s.shift)
+        set_proportional_attention(self.transformer, s.proportional_attention)
+        set_ntk(self.transformer, s.ntk)
+
+    def denoise(self, embeds: Embeds, s: GenerationSettings, seed: int) -> torch.Tensor:
+        """Packed latents (1, H/16·W/16, 64) from pure noise."""
+        self._configure(s)
+        return self.flux(prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[1], width=s.width, height=s.height,
+                         num_inference_steps=s.steps, guidance_scale=s.guidance, output_type="latent",
+                         generator=torch.Generator("cpu").manual_seed(seed),
+                         max_sequence_length=s.max_sequence_length).images
+
+    def _coarse(self, embeds: Embeds, s: GenerationSettings, seed: int) -> Image.Image:
+        """The base model's guide image at ~refine_from², with FLUX's native (not URAE's) settings."""
+        w, h = coarse_size(s.width, s.height, s.refine_from)
+        native = s.replace(width=w, height=h, refine_from=None, shift=None, ntk=1.0, proportional_attention=False)
+        with adapters_disabled(self.transformer):
+            packed = self.denoise(embeds, native, seed)
+        return self.decode(packed, native)
+
+    def _img2img(self, embeds: Embeds, s: GenerationSettings, seed: int, guide: Image.Image) -> torch.Tensor:
+        """Upscale the guide, re-noise it to `strength`, denoise at the target size with adapters and URAE."""
+        from diffusers import FluxImg2ImgPipeline
+
+        self._configure(s)
+        img2img = FluxImg2ImgPipeline(**self.flux.components)  # shares the modules (and their offload hooks)
+        img2img.set_progress_bar_config(**self.flux._progress_bar_config)
+        with tiled_encode(self.flux.vae):
+            return img2img(image=upscale(guide, s.width, s.height), prompt_embeds=embeds[0],
+                           pooled_prompt_embeds=embeds[1], width=s.width, height=s.height, strength=s.strength,
+                           num_inference_steps=s.steps, guidance_scale=s.guidance, output_type="latent",
+                           generator=torch.Generator("cpu").manual_seed(seed),
+                           max_sequence_length=s.max_sequence_length).images
+
+    @torch.no_grad()
+    def decode(self, packed: torch.Tensor, s: GenerationSettings) -> Image.Image:
+        self.flux.maybe_free_model_hooks()  # `model` offload: the transformer leaves the GPU before the VAE runs
+        vae = self.flux.vae
+        latents = self.flux._unpack_latents(packed, s.height, s.width, self.flux.vae_scale_factor)  # (1, 16, H/8, W/8)
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae_decode(vae, latents.to(vae.dtype), mode=s.vae_tiling, strip_rows=s.vae_strip_rows)  # (1, 3, H, W)
+        return self.flux.image_processor.postprocess(image, output_type="pil")[0]
+
+
+def oom_advice(s: GenerationSettings, offload: str, quant: str, stage: str) -> str:
+    """One line: where memory ran out and the settings that lower it, cheapest first."""
+    tips = []
+    lighter = {"none": "model", "model": "group", "group": "sequential"}.get(offload)
+    if lighter:
+        tips.append(f"--offload {lighter}")
+    if quant != "nf4":
+        tips.append("--quant nf4")
+    if stage == "vae decode":
+        tips.append("--vae-tiling on" if s.vae_tiling != "on" else f"--vae-strip-rows {max(1, s.vae_strip_rows // 4)}")
+    tips.append(f"a smaller --width/--height than {s.width}x{s.height}")
+    return (f"CUDA out of memory in stage '{stage}' at {s.width}x{s.height} (offload {offload}, quant {quant}); "
+            f"to use less memory try: {', '.join(tips)}")
+
+
+def pipeline_root(model: str | os.PathLike) -> Path:
+    """The diffusers pipeline folder (model_index.json) whose text encoders, tokenizers, VAE and scheduler we use."""
+    root = resolve_model(model)
+    if (root / "model_index.json").is_file():
+        return root
+    source = full_precision_folder(model)  # a `prepare`d transformer points at the folder it came from
+    for candidate in (source.parent, source):
+        if (candidate / "model_index.json").is_file():
+            return candidate
+    raise UraeError(f"{root} holds a transformer only: generation also needs the text encoders and VAE of a "
+                    f"diffusers FLUX folder (with model_index.json); pass that folder or hub id as --model")
+
+
+@contextmanager
+def _loading_bars(enabled: bool) -> Iterator[None]:
+    """diffusers' and transformers' loading progress bars follow `progress` (they are global switches)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    before = [(lib, lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
+    for lib, _ in before:
+        lib.enable_progress_bar() if enabled else lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was in before:
+            lib.enable_progress_bar() if was else lib.disable_progress_bar()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_pipeline(model: str | os.PathLike = "tiny", *, quant: str = "nf4",
+                  adapters: Sequence[str | os.PathLike] = (), preset: str | os.PathLike = "2k",
+                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                  offload: str | None = None, minor: MinorSpec | None = None, svd_device: str | None = None,
+                  progress: bool = True, report: RunReport | None = None, **settings) -> UraePipeline:
+    """FLUX with an NF4/FP8/bf16 base carrying `adapters`, ready to generate at 2K/4K.
+
+    `adapters`: our or diffusers-format LoRA files, kohya-style FLUX LoRAs, the authors' 2K file, and the authors'
+    4K file right after its 2K one (converted once to an exact LoRA, cached beside it). `preset`: `2k`, `4k` or a
+    YAML file; `**settings` (GenerationSettings fields) override it. `device` defaults to CUDA when present;
+    `dtype` to bf16 on CUDA and fp32 on CPU (CPU bf16 convolutions are ~30x slower); `offload` to `model`
+    (staged) on CUDA and `none` on CPU. `minor` attaches a minor-component adapter initialised from the base.
+    """
+    GenerationSettings().replace(**{k: v for k, v in settings.items() if k != "refine_from"})  # fail before loading
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    offload = check_offload(offload or ("model" if device.type == "cuda" else "none"))
+    check_quant_format(quant)
+    folder = resolve_model(model)  # a hub id is fetched once; everything below reads the local folder
+    root = pipeline_root(folder)
+    config = load_config(transformer_folder(folder))
+    defaults = load_preset(preset, "dev" if config.get("guidance_embeds") else "schnell").replace(**settings)
+    report = report if report is not None else RunReport()
+    with report.stage("adapters"):
+        files = resolve_adapters(folder, adapters, svd_device or (str(device) if device.type == "cuda" else None),
+                                 progress)
+    # bf16 needs no quantization work, so an offloaded bf16 base is built on the CPU instead of passing the GPU
+    load_device = torch.device("cpu") if quant == "bf16" and offload != "none" else device
+    with report.stage(f"load transformer ({quant})"):
+        transformer = load_transformer(folder, quant, load_device, dtype, adapters=files, minor=minor,
+                                       progress=progress)
+    with report.stage("load text encoders + vae"), _loading_bars(progress):
+        from diffusers import FluxPipeline
+
+        flux = FluxPipeline.from_pretrained(root, transformer=transformer, dtype=dtype)
+        apply_offload(flux, offload, device)
+    used = [{"path": str(a), "sha256": file_digest(a)} for a in adapters]
+    return UraePipeline(flux, model=str(model), quant=quant, adapters=used, defaults=defaults, offload=offload,
+                        progress=progress)
