@@ -1,0 +1,65 @@
+"""Recipes: the shipped YAML files load, overrides apply, mistakes are one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from urae_lite.errors import UraeError
+from urae_lite.train.config import instantiate, load_recipe
+
+from train_utils import REPO
+
+RECIPE_2K = REPO / "recipes" / "train_2k_lora.yaml"
+RECIPE_4K = REPO / "recipes" / "train_4k_minor.yaml"
+REQUIRED = ["data.dir=/data", "output_dir=/out"]
+
+
+def test_shipped_recipes_hold_the_authors_settings():
+    cfg = load_recipe(RECIPE_2K, REQUIRED)
+    assert (cfg.adapter.kind, cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.targets) == ("lora", 16, 16.0, "authors")
+    assert (cfg.hires.ntk, cfg.hires.proportional_attention) == (1.0, False)
+    assert cfg.training.guidance == 1.0 and cfg.training.timesteps == "uniform" and cfg.training.max_grad_norm == 1.0
+    assert cfg.data.caption_mix == {"prompt": 0.2, "generated_prompt": 0.8} and cfg.data.resolution == 2048
+    assert cfg.training.checkpointing == "on"
+    assert cfg.optimizer == {"_component_": "prodigyopt.Prodigy", "lr": 1.0, "weight_decay": 1e-4, "decouple": True,
+                             "use_bias_correction": True, "safeguard_warmup": True}
+    cfg4 = load_recipe(RECIPE_4K, REQUIRED + ["adapter.base_adapters=[/a/2k.safetensors]"])
+    assert (cfg4.adapter.kind, cfg4.adapter.rank, cfg4.data.resolution) == ("minor", 16, 4096)
+    assert (cfg4.hires.ntk, cfg4.hires.proportional_attention) == (10.0, True)
+    assert cfg4.adapter.base_adapters == ["/a/2k.safetensors"] and cfg4.training.checkpointing == "cpu"
+
+
+def test_overrides_are_typed_and_checked():
+    cfg = load_recipe(RECIPE_2K, REQUIRED + ["training.steps=7", "optimizer.weight_decay=1e-3",
+                                             "optimizer._component_=bitsandbytes.optim.AdamW8bit", "optimizer.lr=1e-4",
+                                             "training.guidance=3.5", "adapter.base_adapters=x.safetensors",
+                                             "training.checkpointing=off"])
+    assert cfg.training.steps == 7 and cfg.training.guidance == 3.5 and cfg.training.checkpointing == "off"
+    assert cfg.optimizer["weight_decay"] == 1e-3 and cfg.optimizer["lr"] == 1e-4
+    assert cfg.adapter.base_adapters == ["x.safetensors"]
+    with pytest.raises(UraeError, match="unknown setting 'training.stepz'"):
+        load_recipe(RECIPE_2K, REQUIRED + ["training.stepz=3"])
+    with pytest.raises(UraeError, match="training.steps must be a number"):
+        load_recipe(RECIPE_2K, REQUIRED + ["training.steps=many"])
+    with pytest.raises(UraeError, match="needs data.dir"):
+        load_recipe(RECIPE_2K, ["output_dir=/out"])
+    with pytest.raises(UraeError, match="needs adapter.base_adapters"):
+        load_recipe(RECIPE_4K, REQUIRED)
+    with pytest.raises(UraeError, match="quant=int3 is not one of nf4, fp8, bf16"):
+        load_recipe(RECIPE_2K, REQUIRED + ["quant=int3"])
+    with pytest.raises(UraeError, match="not key=value"):
+        load_recipe(RECIPE_2K, REQUIRED + ["steps"])
+    with pytest.raises(UraeError, match="cannot read recipe"):
+        load_recipe(REPO / "recipes" / "nope.yaml")
+
+
+def test_instantiate_builds_components():
+    import torch
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = instantiate({"_component_": "torch.optim.AdamW", "lr": 0.5}, [p])
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["lr"] == 0.5
+    with pytest.raises(UraeError, match="cannot import component"):
+        instantiate({"_component_": "no_such_module.Thing"})
+    with pytest.raises(UraeError, match="does not accept"):
+        instantiate({"_component_": "torch.optim.AdamW", "bogus": 1}, [p])

@@ -1,0 +1,264 @@
+"""Training on the tiny model: what changes, what the model is fed, loss, 4K init, resume, several processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from urae_lite.adapter_io import read_adapter, save_adapter
+from urae_lite.errors import UraeError
+from urae_lite.hires import ProportionalAttnProcessor, set_ntk, set_proportional_attention
+from urae_lite.loader import add_lora, load_transformer
+from urae_lite.minor import MINOR_RESIDUAL_SLICE, MINOR_SLICE
+from urae_lite.train.cache import build_cache, open_cache
+from urae_lite.train.config import TrainConfig, load_recipe
+from urae_lite.train.data import SkipLog
+from urae_lite.train.loop import DIE_AT_STEP_ENV, Trainer, _oom_guard, oom_advice, train
+from urae_lite.train.model import build_model, load_trainable, trainable_parameters
+from urae_lite.train.optim import build_optimizer
+from urae_lite.train.samples import SampleSource, vae_factors
+
+from train_utils import REPO, RESOLUTION, make_dataset, one_thread, recipe_overrides  # noqa: F401
+
+RECIPE_2K = REPO / "recipes" / "train_2k_lora.yaml"
+RECIPE_4K = REPO / "recipes" / "train_4k_minor.yaml"
+FAST = {"quant": "bf16", "training.precision": "fp32"}  # bf16 matmuls are ~30x slower than fp32 on most CPUs
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny_flux):
+    folder = make_dataset(tmp_path_factory.mktemp("loop") / "data")
+    build_cache(folder, str(tiny_flux), RESOLUTION, max_sequence_length=32, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapter_2k(tmp_path_factory, tiny_flux):
+    """A 2K LoRA with non-zero B, as a trained one would have."""
+    model = load_transformer(tiny_flux, "bf16", progress=False)
+    add_lora(model, "x", rank=4, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    for p in model.parameters():
+        if p.requires_grad and p.shape[1] == 4:  # the B factors
+            p.data = torch.randn(p.shape, generator=gen).to(p.dtype) * 0.2
+    return save_adapter(model, tmp_path_factory.mktemp("2k") / "2k.safetensors")
+
+
+def recipe(path: Path, tiny_flux, data, out, **extra) -> TrainConfig:
+    return load_recipe(path, recipe_overrides(tiny_flux, data, out, **extra))
+
+
+def hires_4k(model):
+    """What the 4K recipe trains with: NTK 10 and proportional attention."""
+    set_ntk(model, 10)
+    set_proportional_attention(model, True)
+    return model
+
+
+def trainer_for(cfg: TrainConfig) -> tuple[Trainer, SampleSource]:
+    model = build_model(cfg, CPU, progress=False)
+    optimizer, scheduler = build_optimizer(cfg, (p for _, p in trainable_parameters(model)))
+    source = SampleSource(open_cache(cfg.data.dir, cfg.model, RESOLUTION), cfg, *vae_factors(Path(cfg.model)),
+                          SkipLog())
+    return Trainer(model, optimizer, scheduler, cfg, CPU), source
+
+
+@torch.no_grad()
+def fixed_loss(trainer: Trainer, source: SampleSource, n: int = 16) -> float:
+    """Mean loss on n fixed samples (indices no run reaches), the yardstick for 'loss goes down'."""
+    return sum(trainer.forward_loss(source.get(10_000 + i)).item() for i in range(n)) / n
+
+
+def test_a_step_changes_only_the_adapter_and_feeds_guidance_one(tiny_flux, data, tmp_path):
+    cfg = recipe(RECIPE_2K, tiny_flux, data, tmp_path, **{"optimizer.d0": 1e-3})  # NF4 base, bf16, Prodigy
+    trainer, source = trainer_for(cfg)
+    model = trainer.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kw: seen.append((kw["guidance"], kw["timestep"])), with_kwargs=True)
+    for step in range(2):
+        trainer.micro_step(source.get(step))
+        trainer.optimizer_step()
+    after = model.state_dict()
+    trainable = {n for n, _ in trainable_parameters(model)}
+    assert trainable and all(".slices.lora." in n for n in trainable)
+    assert len(trainable) == 2 * 14  # A and B on the authors' targets: 2 double blocks x 4 + 2 single x 3
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == trainable  # every adapter factor moved, nothing else did (NF4 base bit-identical)
+    assert all(g.tolist() == [1.0] for g, _ in seen)
+    assert [t.item() for _, t in seen] == pytest.approx([source.get(i).sigma for i in range(2)])
+
+    columns = [source.get(i).column for i in range(400)]  # 20 % original captions, 80 % generated ones
+    assert 0.15 < columns.count("prompt") / len(columns) < 0.25
+    assert {source.get(i).item for i in range(8)} == {f"image_{i}" for i in range(8)}  # an epoch visits every item
+
+    cfg.training.guidance = 3.5  # the paper's ablation stays possible
+    trainer, source = trainer_for(cfg)
+    trainer.model.register_forward_pre_hook(lambda m, a, kw: seen.append((kw["guidance"], 0)), with_kwargs=True)
+    trainer.forward_loss(source.get(0))
+    assert seen[-1][0].tolist() == [3.5]
+
+
+def test_checkpointing_modes_give_the_same_gradients(tiny_flux, data, tmp_path):
+    grads = {}
+    for mode in ("off", "on", "cpu"):
+        trainer, source = trainer_for(recipe(RECIPE_2K, tiny_flux, data, tmp_path, **FAST,
+                                             **{"training.checkpointing": mode}))
+        for p in trainer.params:  # non-zero B so that every factor gets a gradient
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(p.numel()))
+        trainer.micro_step(source.get(0))
+        grads[mode] = [p.grad.clone() for p in trainer.params]
+    for mode in ("on", "cpu"):
+        for a, b in zip(grads["off"], grads[mode]):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_2k_lora_loss_goes_down(tiny_flux, data, tmp_path):
+    steps = 30
+    cfg = recipe(RECIPE_2K, tiny_flux, data, tmp_path / "run", **FAST, **{
+        "training.steps": steps, "checkpoint.every": steps, "optimizer.d0": 1e-3})
+    train(cfg, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, steps + 1)) and all(r["loss"] > 0 for r in log)
+    trainer, source = trainer_for(cfg)
+    before = fixed_loss(trainer, source)
+    load_trainable(trainer.model, load_file(tmp_path / "run" / "checkpoints" / f"step-{steps:08d}" /
+                                            "trainable.safetensors"))
+    assert fixed_loss(trainer, source) < before * 0.995
+    adapter = read_adapter(tmp_path / "run" / "adapter.safetensors")
+    assert adapter.kind == "lora" and adapter.ranks == {16} and len(adapter.modules) == 14
+
+
+def test_4k_minor_starts_at_base_plus_2k_and_loss_goes_down(tiny_flux, data, adapter_2k, tmp_path, make_inputs,
+                                                             tiny_config):
+    steps = 30
+    cfg = recipe(RECIPE_4K, tiny_flux, data, tmp_path / "run", **FAST, **{
+        "adapter.base_adapters": f"[{adapter_2k}]", "training.steps": steps, "checkpoint.every": steps,
+        "optimizer": "{_component_: bitsandbytes.optim.AdamW8bit, lr: 3.0e-3}"})
+    trainer, source = trainer_for(cfg)
+    model = trainer.model
+    layers = [m for m in model.modules() if hasattr(m, "slices") and MINOR_SLICE in m.slices]
+    assert len(layers) == 14
+    for layer in layers:  # effective weight = base + 2K exactly: the minor slice and its residual cancel
+        assert torch.equal(layer.slices[MINOR_SLICE].delta(), -layer.slices[MINOR_RESIDUAL_SLICE].delta())
+        assert not layer.slices["adapter0"].trainable and layer.slices[MINOR_SLICE].trainable
+    assert model.pos_embed.theta == 100000
+    assert {type(p) for p in model.attn_processors.values()} == {ProportionalAttnProcessor}
+    reference = hires_4k(load_transformer(tiny_flux, "bf16", dtype=torch.float32, adapters=[adapter_2k],
+                                          progress=False))
+    inputs = make_inputs(tiny_config, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).sample, reference(**inputs).sample, rtol=0, atol=1e-5)
+
+    before = fixed_loss(trainer, source)
+    train(cfg, progress=False)
+    load_trainable(model, load_file(tmp_path / "run" / "checkpoints" / f"step-{steps:08d}" / "trainable.safetensors"))
+    assert fixed_loss(trainer, source) < before * 0.995
+
+    # both exports reproduce the trained model: the plain rank-48 LoRA alone, the authors' layout with the 2K
+    plain = read_adapter(tmp_path / "run" / "adapter.safetensors")
+    assert plain.kind == "lora" and plain.ranks == {4 + 16 + 16}
+    assert read_adapter(tmp_path / "run" / "adapter_urae4k.safetensors").kind == "urae_minor"
+    with torch.no_grad():
+        want = model(**inputs).sample
+        for adapters in ([tmp_path / "run" / "adapter.safetensors"],
+                         [adapter_2k, tmp_path / "run" / "adapter_urae4k.safetensors"]):
+            loaded = hires_4k(load_transformer(tiny_flux, "bf16", dtype=torch.float32, adapters=adapters,
+                                               progress=False))
+            torch.testing.assert_close(loaded(**inputs).sample, want, rtol=0, atol=2e-2)
+
+
+def _cli(*args: str, env: dict | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`urae-lite train` in fresh processes, one intra-op thread like this one (results depend on the thread count)."""
+    command = (launcher or [sys.executable]) + ["-m", "urae_lite.cli", "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_resume_after_a_kill_is_exact(tiny_flux, data, tmp_path):
+    extra = {**FAST, "training.steps": 10, "checkpoint.every": 5, "optimizer.d0": 1e-3}
+    straight = recipe(RECIPE_2K, tiny_flux, data, tmp_path / "straight", **extra, **{
+        "checkpoint.keep": 1, "validation.every": 5, "validation.steps": 2, "validation.prompts": "[a red flower]"})
+    train(straight, progress=False)  # validation draws from its own generators: it cannot change the training
+    assert [p.name for p in (tmp_path / "straight" / "checkpoints").iterdir()] == ["step-00000010"]  # keep 1
+    from PIL import Image
+
+    for step in (5, 10):
+        assert Image.open(tmp_path / "straight" / "validation" / f"step-{step:08d}" / "00.png").size == (64, 64)
+    with pytest.raises(UraeError, match="already holds checkpoints: pass --resume"):
+        train(straight, progress=False)
+
+    killed = recipe_overrides(tiny_flux, data, tmp_path / "killed", **extra)
+    result = _cli(str(RECIPE_2K), *killed, env={DIE_AT_STEP_ENV: "7"})
+    assert result.returncode == 3, result.stderr[-2000:]
+    ckpts = tmp_path / "killed" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000005"]
+    assert not (tmp_path / "killed" / "adapter.safetensors").exists()
+    (ckpts / ".step-00000006.partial").mkdir()  # what a kill during a checkpoint write leaves behind
+    (ckpts / "step-00000006").mkdir()  # an incomplete folder (no state.json) is never resumed from
+
+    train(load_recipe(RECIPE_2K, killed), resume="auto", progress=False)
+    for name in ("trainable.safetensors", "adapter.safetensors"):
+        a = load_file(tmp_path / "straight" / "checkpoints" / "step-00000010" / name)
+        b = load_file(ckpts / "step-00000010" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    opt_a = torch.load(tmp_path / "straight" / "checkpoints" / "step-00000010" / "optimizer.pt", weights_only=False)
+    opt_b = torch.load(ckpts / "step-00000010" / "optimizer.pt", weights_only=False)
+    assert opt_a["optimizer"]["param_groups"] == opt_b["optimizer"]["param_groups"]
+    logs = [[json.loads(x)["loss"] for x in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("straight", "killed")]
+    assert len(logs[1]) == 10 and logs[0] == logs[1]  # step 6-7 lines of the killed run were replaced
+
+
+def test_two_processes_match_gradient_accumulation(tiny_flux, data, tmp_path):
+    extra = {**FAST, "training.steps": 3, "checkpoint.every": 3, "optimizer.d0": 1e-3}
+    single = recipe(RECIPE_2K, tiny_flux, data, tmp_path / "single", **extra, **{"training.gradient_accumulation": 2})
+    train(single, progress=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    result = _cli(str(RECIPE_2K), *recipe_overrides(tiny_flux, data, tmp_path / "multi", **extra),
+                  launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = load_file(tmp_path / "single" / "checkpoints" / "step-00000003" / "trainable.safetensors")
+    b = load_file(tmp_path / "multi" / "checkpoints" / "step-00000003" / "trainable.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+              for run in ("single", "multi")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    state = json.loads((tmp_path / "multi" / "checkpoints" / "step-00000003" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["samples_per_step"] == 2
+    assert {p.name for p in (tmp_path / "multi" / "checkpoints" / "step-00000003").glob("rng-*.pt")} == \
+        {"rng-0.pt", "rng-1.pt"}
+
+
+def test_bad_runs_fail_with_one_line(tiny_flux, data, tmp_path):
+    cfg = recipe(RECIPE_2K, tiny_flux, data, tmp_path, **{"data.resolution": 128, "quant": "fp8"})
+    with pytest.raises(UraeError, match="no cache at .*urae-lite cache .* --resolution 128"):
+        train(cfg, progress=False)
+    from urae_lite.cli import main
+
+    overrides = recipe_overrides(tiny_flux, data, tmp_path, **{"data.resolution": 128})
+    assert main(["train", str(RECIPE_2K), *overrides]) == 2
+    with pytest.raises(UraeError, match="CUDA out of memory during training step 3.*checkpointing=on.*"
+                                        "most effective first: training.checkpointing=cpu quant=nf4 "
+                                        "optimizer._component_=bitsandbytes.optim.AdamW8bit"):
+        with _oom_guard(cfg, CPU, "training step 3"):
+            raise torch.cuda.OutOfMemoryError("out of memory")
+    cfg.quant, cfg.training.checkpointing = "nf4", "cpu"
+    cfg.optimizer = {"_component_": "bitsandbytes.optim.AdamW8bit"}
+    text = oom_advice(cfg, "training step 1", 23.5, 24.0)
+    assert "peak 23.5 of 24.0 GiB" in text and "Every memory saving is already on" in text

@@ -1,0 +1,307 @@
+"""`urae-lite cache`: T5 + pooled CLIP per caption column and the VAE posterior per image, computed once.
+
+At 2K/4K the text encoders and the VAE cannot share a 24 GB card with the transformer, so training reads
+these files instead. Layout of a cache folder (default `DATA/.urae_cache/<resolution>`):
+
+    manifest.json                   identity (model fingerprint, resolution, format) + the finished item list
+    latents/<name>.safetensors      `mean`, `std` (16, H/8, W/8) of the VAE posterior at the item's bucket
+    text/<name>.<column>.safetensors `t5` (L, 4096), `pooled` (768)
+
+Every file is written atomically and carries what it was made from (image size + mtime, caption hash), so an
+interrupted run resumes where it stopped and an edited image or caption is recomputed. A cache made for another
+model or resolution is refused, with the command that rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from ..checkpoint import atomic_save_file, load_file_checked, write_json
+from ..errors import UraeError
+from ..loader import resolve_model
+from .data import (CAPTION_COLUMNS, Bucket, Sample, SkipLog, fit_to_bucket, make_buckets, nearest_bucket,
+                   needs_upscale, scan_dataset)
+from .encoders import clip_pooled, free_device_memory, iter_t5, load_vae
+
+logger = logging.getLogger("urae_lite.train")
+
+CACHE_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CACHE_DTYPE = torch.bfloat16
+FINGERPRINTED = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+VOLATILE_KEYS = ("_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash")
+VAE_TILING_MODES = ("auto", "on", "off")
+
+
+def default_cache_dir(data_dir: str | Path, resolution: int) -> Path:
+    return Path(data_dir) / ".urae_cache" / str(resolution)
+
+
+def model_fingerprint(root: Path) -> str:
+    """Identity of what the cache depends on: the VAE, encoders and tokenizers (configs + file sizes).
+
+    Path-independent on purpose: the same model in another folder (or FLUX.1-schnell, which shares dev's
+    encoders and VAE) can use the cache; a different VAE or encoder cannot.
+    """
+    digest = hashlib.sha256()
+    for sub in FINGERPRINTED:
+        folder = root / sub
+        if not folder.is_dir():
+            raise UraeError(f"{root} has no {sub}/ folder: --model must be a full diffusers FLUX pipeline folder")
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            rel = path.relative_to(root).as_posix()
+            if path.suffix == ".json" and path.stat().st_size < 2**20:
+                try:
+                    data = json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, json.JSONDecodeError):
+                    data = None
+                if isinstance(data, dict):
+                    data = {k: v for k, v in data.items() if k not in VOLATILE_KEYS}
+                digest.update(f"{rel}={json.dumps(data, sort_keys=True)}\n".encode())
+            else:
+                digest.update(f"{rel}:{path.stat().st_size}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def rebuild_command(data_dir: str | Path, model: str, resolution: int, cache: str | Path | None = None) -> str:
+    extra = f" --out {cache}" if cache is not None and Path(cache) != default_cache_dir(data_dir, resolution) else ""
+    return f"urae-lite cache {data_dir} --model {model} --resolution {resolution}{extra} --overwrite"
+
+
+def _identity(model: str, fingerprint: str, resolution: int, max_sequence_length: int) -> dict:
+    return {"format_version": CACHE_FORMAT_VERSION, "model": model, "fingerprint": fingerprint,
+            "resolution": resolution, "max_sequence_length": max_sequence_length}
+
+
+def _read_manifest(cache: Path) -> dict | None:
+    try:
+        return json.loads((cache / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _stale_reason(manifest: dict, fingerprint: str, resolution: int, max_sequence_length: int | None) -> str | None:
+    if manifest.get("format_version") != CACHE_FORMAT_VERSION:
+        return f"it has format version {manifest.get('format_version')}, this urae-lite writes {CACHE_FORMAT_VERSION}"
+    if manifest.get("resolution") != resolution:
+        return f"it was made at resolution {manifest.get('resolution')}, not {resolution}"
+    if manifest.get("fingerprint") != fingerprint:
+        return f"it was made with model {manifest.get('model')}, whose VAE/text encoders differ from this model's"
+    if max_sequence_length is not None and manifest.get("max_sequence_length") != max_sequence_length:
+        return f"its T5 embeddings have {manifest.get('max_sequence_length')} tokens, not {max_sequence_length}"
+    return None
+
+
+# ---- building ------------------------------------------------------------------------------------------------------
+def _source_stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _meta(path: Path) -> dict[str, str] | None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # missing, truncated or foreign: all mean "compute it again"
+        return None
+
+
+def _caption_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _latent_path(cache: Path, name: str) -> Path:
+    return cache / "latents" / f"{name}.safetensors"
+
+
+def _text_path(cache: Path, name: str, column: str) -> Path:
+    return cache / "text" / f"{name}.{column}.safetensors"
+
+
+def _open_image(path: Path):
+    """The decoded RGB image, upright (EXIF orientation applied: cameras store portraits sideways), or
+    ValueError for anything PIL cannot read completely."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(str(e) or type(e).__name__) from None
+
+
+def _image_tensor(image) -> torch.Tensor:
+    import numpy as np
+
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def _encode_images(cache: Path, samples: list[Sample], root: Path, buckets: list[Bucket], device, dtype,
+                   vae_tiling: str, skip_small: bool, skips: SkipLog, progress: bool) -> list[tuple[Sample, Bucket]]:
+    """VAE posterior (mean, std) per image; returns the usable samples with their buckets."""
+    usable, todo = [], []
+    for s in samples:
+        meta = _meta(_latent_path(cache, s.name))
+        if meta is not None and meta.get("source") == _source_stamp(s.image):
+            usable.append((s, Bucket(int(meta["width"]), int(meta["height"]))))
+        else:
+            todo.append(s)
+    if not todo:
+        return usable
+    vae = load_vae(root, dtype).to(device)
+    resolution = max(b.width * b.height for b in buckets) ** 0.5
+    if vae_tiling == "on" or (vae_tiling == "auto" and resolution > 2048):
+        logger.info("VAE encode uses diffusers' blended tiling (close to, not exactly, the untiled encode)")
+        vae.enable_tiling()
+    for s in tqdm(todo, desc="VAE encode", unit="image", disable=not progress):
+        try:
+            image = _open_image(s.image)
+        except ValueError as e:
+            skips.skip(s.image.name, "corrupt image", str(e))
+            continue
+        bucket = nearest_bucket(image.width, image.height, buckets)
+        if needs_upscale(image.width, image.height, bucket):
+            if skip_small:
+                skips.skip(s.image.name, "smaller than its bucket", f"{image.width}x{image.height} < "
+                           f"{bucket.width}x{bucket.height}")
+                continue
+            skips.warn(s.image.name, "upscaled", f"{image.width}x{image.height} to fill {bucket.width}x"
+                       f"{bucket.height}; upscaled real data hurts quality, --skip-small drops such images")
+        pixels = _image_tensor(fit_to_bucket(image, bucket)).to(device, dtype)
+        with torch.no_grad():
+            posterior = vae.encode(pixels).latent_dist
+        moments = {"mean": posterior.mean[0].to("cpu", CACHE_DTYPE), "std": posterior.std[0].to("cpu", CACHE_DTYPE)}
+        atomic_save_file(moments, _latent_path(cache, s.name),
+                         {"source": _source_stamp(s.image), "width": str(bucket.width), "height": str(bucket.height)})
+        usable.append((s, bucket))
+    del vae
+    free_device_memory()
+    return usable
+
+
+def _encode_texts(cache: Path, samples: list[Sample], root: Path, device, dtype, max_sequence_length: int,
+                  progress: bool) -> None:
+    """Pooled CLIP for every missing caption first (small, kept in memory), then T5, streamed to disk."""
+    todo = [(s.name, column, text) for s in samples for column, text in s.captions.items()
+            if (_meta(_text_path(cache, s.name, column)) or {}).get("caption") != _caption_hash(text)]
+    if not todo:
+        return
+    texts = [t for _, _, t in todo]
+    pooled = clip_pooled(root, texts, device, dtype)
+    t5 = iter_t5(root, texts, device, dtype, max_sequence_length)
+    for (name, column, text), p, e in tqdm(zip(todo, pooled, t5), total=len(todo), desc="T5 + CLIP encode",
+                                           unit="caption", disable=not progress):
+        atomic_save_file({"t5": e.to(CACHE_DTYPE), "pooled": p.to(CACHE_DTYPE)}, _text_path(cache, name, column),
+                         {"caption": _caption_hash(text)})
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_cache(data_dir: str | Path, model: str, resolution: int, out: str | Path | None = None,
+                device: str | None = None, dtype: torch.dtype | None = None, max_sequence_length: int = 512,
+                skip_small: bool = False, vae_tiling: str = "auto", overwrite: bool = False,
+                progress: bool = True) -> tuple[Path, SkipLog]:
+    """Cache everything training needs from DATA_DIR; resumable, and refuses to mix models or resolutions."""
+    if resolution % 16:
+        raise UraeError(f"--resolution must be a multiple of 16, got {resolution}")
+    if vae_tiling not in VAE_TILING_MODES:
+        raise UraeError(f"--vae-tiling must be one of {', '.join(VAE_TILING_MODES)}")
+    device = torch.device(device) if device else default_device()
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    root = resolve_model(model)
+    cache = Path(out) if out is not None else default_cache_dir(data_dir, resolution)
+    identity = _identity(str(model), model_fingerprint(root), resolution, max_sequence_length)
+    manifest = _read_manifest(cache)
+    if manifest is not None:
+        reason = _stale_reason(manifest, identity["fingerprint"], resolution, max_sequence_length)
+        if reason and not overwrite:
+            raise UraeError(f"cache {cache} cannot be extended: {reason}. Rebuild it with "
+                            f"`{rebuild_command(data_dir, model, resolution, out)}` or pass another --out")
+        if reason:
+            shutil.rmtree(cache)
+    write_json(cache / MANIFEST, {**identity, "complete": False})
+    skips = SkipLog()
+    samples = scan_dataset(data_dir, skips)
+    try:
+        usable = _encode_images(cache, samples, root, make_buckets(resolution), device, dtype, vae_tiling,
+                                skip_small, skips, progress)
+        _encode_texts(cache, [s for s, _ in usable], root, device, dtype, max_sequence_length, progress)
+    except torch.cuda.OutOfMemoryError:
+        tiling = "" if vae_tiling == "on" else "--vae-tiling on (VAE), or "
+        raise UraeError(f"CUDA out of memory while caching at {resolution}: what is done is kept; run again with "
+                        f"{tiling}--device cpu (slow, but any size fits)") from None
+    items = {s.name: {"width": b.width, "height": b.height, "columns": sorted(s.captions)} for s, b in usable}
+    if not items:
+        raise UraeError(f"no usable image in {data_dir}: {skips.summary()}")
+    write_json(cache / MANIFEST, {**identity, "complete": True, "items": items, "skipped": dict(skips.reasons),
+                                  "warned": dict(skips.warnings)})
+    return cache, skips
+
+
+# ---- reading (training) --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CachedItem:
+    name: str
+    bucket: Bucket
+    columns: tuple[str, ...]
+
+
+class CachedDataset:
+    """The finished items of a cache that matches the model and resolution being trained."""
+
+    def __init__(self, cache: Path, items: list[CachedItem]):
+        self.cache, self.items = cache, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def latent(self, item: CachedItem) -> tuple[torch.Tensor, torch.Tensor]:
+        tensors, _ = load_file_checked(_latent_path(self.cache, item.name))
+        return tensors["mean"], tensors["std"]
+
+    def text(self, item: CachedItem, column: str) -> tuple[torch.Tensor, torch.Tensor]:
+        tensors, _ = load_file_checked(_text_path(self.cache, item.name, column))
+        return tensors["t5"], tensors["pooled"]
+
+
+def open_cache(data_dir: str | Path, model: str, resolution: int, cache: str | Path | None = None,
+               columns: tuple[str, ...] = CAPTION_COLUMNS, skips: SkipLog | None = None) -> CachedDataset:
+    """The cache for (model, resolution), checked: a stale or unfinished one is refused with the fix."""
+    folder = Path(cache) if cache is not None else default_cache_dir(data_dir, resolution)
+    fix = rebuild_command(data_dir, model, resolution, cache)
+    manifest = _read_manifest(folder)
+    if manifest is None:
+        raise UraeError(f"no cache at {folder}: build it first with `{fix.removesuffix(' --overwrite')}`")
+    reason = _stale_reason(manifest, model_fingerprint(resolve_model(model)), resolution, None)
+    if reason:
+        raise UraeError(f"cache {folder} does not fit this run: {reason}. Rebuild it with `{fix}`")
+    if not manifest.get("complete"):
+        raise UraeError(f"cache {folder} is unfinished: run `{fix.removesuffix(' --overwrite')}` again to finish it")
+    skips = skips if skips is not None else SkipLog()
+    items = []
+    for name, info in sorted(manifest.get("items", {}).items()):
+        cols = tuple(c for c in info["columns"] if c in columns and _meta(_text_path(folder, name, c)) is not None)
+        if _meta(_latent_path(folder, name)) is None:
+            skips.skip(name, "missing or corrupt cache file", str(_latent_path(folder, name)))
+        elif not cols:
+            skips.skip(name, "missing or corrupt cache file", f"no readable caption embedding for {name}")
+        else:
+            items.append(CachedItem(name, Bucket(info["width"], info["height"]), cols))
+    if not items:
+        raise UraeError(f"cache {folder} has no usable item ({skips.summary()}); rebuild it with `{fix}`")
+    return CachedDataset(folder, items)

@@ -1,0 +1,56 @@
+"""`urae-lite cache` and `urae-lite train`, registered into the main CLI through FEATURE_MODULES."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(format="urae-lite: %(message)s", level=logging.INFO)
+    logging.getLogger("urae_lite.train").setLevel(logging.INFO)
+
+
+def _cmd_cache(args: argparse.Namespace) -> None:
+    from ..report import RunReport
+    from .cache import build_cache
+
+    _setup_logging()
+    report = RunReport()
+    with report.stage("cache"):
+        folder, skips = build_cache(args.data, args.model, args.resolution, out=args.out, device=args.device,
+                                    max_sequence_length=args.max_sequence_length, skip_small=args.skip_small,
+                                    vae_tiling=args.vae_tiling, overwrite=args.overwrite)
+    print(f"cache ready: {folder}; {skips.summary()}")
+    print(report.format())
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_recipe
+    from .loop import train
+
+    _setup_logging()
+    train(load_recipe(args.recipe, args.overrides), resume=args.resume)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("cache", help="cache T5/CLIP embeddings and VAE posteriors of a training dataset")
+    p.add_argument("data", help="dataset folder: name.jpg|png|webp + name.json with prompt / generated_prompt")
+    p.add_argument("--model", required=True, help="diffusers FLUX folder, hub id, or 'tiny'")
+    p.add_argument("--resolution", type=int, required=True, help="target side: buckets have about this area²")
+    p.add_argument("--out", default=None, help="cache folder (default DATA/.urae_cache/RESOLUTION)")
+    p.add_argument("--device", default=None, help="where the encoders run (default cuda when available)")
+    p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens (dev 512, schnell 256)")
+    p.add_argument("--skip-small", action="store_true", help="skip images smaller than their bucket "
+                   "instead of upscaling them with a warning")
+    p.add_argument("--vae-tiling", choices=("auto", "on", "off"), default="auto",
+                   help="diffusers' blended VAE tiling for the encode (auto: above 2048)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild a cache made for another model/resolution")
+    p.set_defaults(func=_cmd_cache)
+
+    p = subparsers.add_parser("train", help="train a URAE adapter from a recipe (recipes/train_2k_lora.yaml, ...)")
+    p.add_argument("recipe", help="YAML recipe")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. training.steps=500")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue from the newest checkpoint in output_dir (or the given checkpoint folder)")
+    p.set_defaults(func=_cmd_train)

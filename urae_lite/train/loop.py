@@ -1,0 +1,266 @@
+"""The training loop: cached samples → flow-matching loss → adapter update, with checkpoints, logs, validation.
+
+Several processes (`accelerate launch`, one GPU each) each compute their own samples; gradients of the trainable
+factors are averaged with one all-reduce per optimizer step. The model is not wrapped in DDP on purpose: DDP would
+broadcast the multi-GiB quantized base buffers, and the adapter gradients are too small (75 MiB) for DDP's
+overlapping of communication with the backward pass to matter next to a 2K/4K step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..checkpoint import atomic_write_text
+from ..errors import UraeError
+from ..loader import resolve_model
+from ..report import GiB, RunReport
+from .cache import open_cache
+from .checkpointing import (find_checkpoint, list_checkpoints, load_checkpoint, partial_dir, publish, set_rng_state,
+                            write_rng)
+from .config import TrainConfig
+from .data import SkipLog
+from .flow import flow_loss
+from .model import build_model, export_adapters, load_trainable, save_trainable, trainable_parameters
+from .optim import build_optimizer
+from .samples import SampleSource, TrainSample, vae_factors
+from .validation import run_validation, validation_embeddings
+
+logger = logging.getLogger("urae_lite.train")
+
+# Test hook: the process exits abruptly (no cleanup, like SIGKILL) in the middle of this optimizer step.
+DIE_AT_STEP_ENV = "URAE_LITE_TEST_DIE_AT_STEP"
+
+
+class Trainer:
+    """One optimizer step = G micro-steps of forward + backward, a gradient all-reduce, clipping, update."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: TrainConfig,
+                 device: torch.device, accelerator=None):
+        self.model, self.optimizer, self.scheduler, self.cfg = model, optimizer, scheduler, cfg
+        self.device, self.accelerator = device, accelerator
+        self.params = [p for _, p in trainable_parameters(model)]
+        self.input_dtype = model.x_embedder.weight.dtype
+        self.guidance = cfg.training.guidance if model.config.guidance_embeds else None
+
+    def forward_loss(self, sample: TrainSample) -> torch.Tensor:
+        s = sample.to(self.device)
+        t = self.cfg.training
+        # With checkpointing, what autograd saves are mostly the block inputs (recent torch, checked on 2.13, saves a
+        # checkpoint's inputs through saved-tensor hooks), so this keeps them in host memory instead of the GPU.
+        offload = (torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
+                   if t.checkpointing == "cpu" else contextlib.nullcontext())
+        guidance = None if self.guidance is None else torch.full((1,), self.guidance, device=self.device)
+        with offload, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+            prediction = self.model(hidden_states=s.noisy.to(self.input_dtype),
+                                    encoder_hidden_states=s.t5.to(self.input_dtype),
+                                    pooled_projections=s.pooled.to(self.input_dtype),
+                                    timestep=torch.full((1,), s.sigma, device=self.device), img_ids=s.img_ids,
+                                    txt_ids=s.txt_ids, guidance=guidance, return_dict=False)[0]
+        return flow_loss(prediction, s.target)
+
+    def micro_step(self, sample: TrainSample) -> float:
+        loss = self.forward_loss(sample)
+        (loss / self.cfg.training.gradient_accumulation).backward()
+        return loss.item()
+
+    def optimizer_step(self) -> float:
+        """Average gradients over processes, clip, update; returns the pre-clip gradient norm."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            flat = self.accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+            for p, g in zip(self.params, torch.split(flat, [g.numel() for g in grads])):
+                p.grad = g.view_as(p)
+        else:
+            for p, g in zip(self.params, grads):
+                p.grad = g
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.training.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+
+def oom_advice(cfg: TrainConfig, where: str, peak_gib: float | None = None, total_gib: float | None = None) -> str:
+    """The out-of-memory message: what ran, what peaked, and which settings use less memory (biggest first)."""
+    t = cfg.training
+    tips = []
+    if where == "validation":
+        tips += [f"validation.size={max(512, (cfg.validation.size or cfg.data.resolution) // 2)}", "validation.every=0"]
+    if t.checkpointing != "cpu":
+        tips.append("training.checkpointing=cpu")
+    if cfg.quant != "nf4":
+        tips.append("quant=nf4")
+    if "8bit" not in str(cfg.optimizer.get("_component_", "")).lower():
+        tips.append("optimizer._component_=bitsandbytes.optim.AdamW8bit optimizer.lr=1e-4")
+    peak = f"peak {peak_gib:.1f} of {total_gib:.1f} GiB; " if peak_gib is not None and total_gib is not None else ""
+    head = (f"CUDA out of memory during {where} ({peak}resolution {cfg.data.resolution}, quant={cfg.quant}, "
+            f"checkpointing={t.checkpointing}, optimizer {cfg.optimizer.get('_component_')})")
+    if tips:
+        return f"{head}. These settings use less memory, most effective first: {' '.join(tips)}"
+    return (f"{head}. Every memory saving is already on: train at a lower data.resolution (re-run `urae-lite cache`) "
+            f"or use a GPU with more memory")
+
+
+@contextlib.contextmanager
+def _oom_guard(cfg: TrainConfig, device: torch.device, where: str):
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        peak = total = None
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) / GiB
+            total = torch.cuda.get_device_properties(device).total_memory / GiB
+        raise UraeError(oom_advice(cfg, where, peak, total)) from None
+
+
+def _make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=cfg.device == "cpu", mixed_precision="no")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines of steps after the resumed checkpoint (the killed run got further than it saved)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by the kill
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _restore(path: Path, trainer: Trainer, cfg: TrainConfig, items: list[str], accelerator) -> int:
+    """Load a checkpoint into the trainer; returns its step. The data must be the cache it was trained on."""
+    ckpt = load_checkpoint(path, accelerator.process_index)
+    state = ckpt["state"]
+    if state["items"] != items:
+        raise UraeError(f"the cache changed since the checkpoint ({len(state['items'])} items then, {len(items)} "
+                        f"now): resume needs the same data, or start a new run")
+    per_step = accelerator.num_processes * cfg.training.gradient_accumulation
+    if state["samples_per_step"] != per_step:
+        logger.warning("resuming with %d samples per step instead of %d: the sample order will differ from an "
+                       "uninterrupted run", per_step, state["samples_per_step"])
+    try:
+        load_trainable(trainer.model, ckpt["trainable"])
+    except ValueError as e:
+        raise UraeError(f"cannot resume: {e} (was the adapter section of the recipe changed?)") from e
+    trainer.optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
+    trainer.scheduler.load_state_dict(ckpt["optimizer"]["scheduler"])
+    if ckpt["rng"] is not None:
+        set_rng_state(ckpt["rng"])
+    return state["step"]
+
+
+def _log_record(trainer: Trainer, step: int, loss: float, grad_norm: float, seconds: float) -> dict:
+    group = trainer.optimizer.param_groups[0]
+    record = {"step": step, "loss": loss, "lr": trainer.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+              "seconds": round(seconds, 4)}
+    if "d" in group:  # Prodigy's adapted step size: the LR it actually applies is d·lr
+        record["prodigy_d"] = group["d"]
+    if trainer.device.type == "cuda":
+        record["peak_vram_gib"] = round(torch.cuda.max_memory_allocated(trainer.device) / GiB, 3)
+    return record
+
+
+def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> Path:
+    """Run the recipe; returns the folder holding the final adapter. `resume`: `auto` or a checkpoint folder."""
+    accelerator = _make_accelerator(cfg)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    main = accelerator.is_main_process
+    out = Path(cfg.output_dir)
+    if resume is None and list_checkpoints(out):
+        raise UraeError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another "
+                        f"output_dir")
+    torch.manual_seed(cfg.seed)  # nothing in training draws from the global RNG, but keep it reproducible too
+    report, skips, root = RunReport(), SkipLog(), resolve_model(cfg.model)
+    with report.stage("open cache"):
+        dataset = open_cache(cfg.data.dir, cfg.model, cfg.data.resolution, cfg.data.cache, skips=skips)
+        source = SampleSource(dataset, cfg, *vae_factors(root), skips)
+    validate = bool(cfg.validation.every and cfg.validation.prompts)
+    embeds = []
+    if validate and main:  # before the transformer is on the device: T5 needs it alone
+        with report.stage("validation prompts"), _oom_guard(cfg, device, "prompt encoding"):
+            manifest = json.loads((dataset.cache / "manifest.json").read_text())
+            embeds = validation_embeddings(cfg, root, device, manifest["max_sequence_length"])
+    with report.stage("load model"), _oom_guard(cfg, device, "model loading"):
+        model = build_model(cfg, device, progress=progress and main)
+        optimizer, scheduler = build_optimizer(cfg, (p for _, p in trainable_parameters(model)))
+    trainer = Trainer(model, optimizer, scheduler, cfg, device, accelerator)
+    items = [item.name for item in dataset.items]
+    step = 0 if resume is None else _restore(find_checkpoint(out, resume), trainer, cfg, items, accelerator)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_log(out / "log.jsonl", step)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    t = cfg.training
+    per_step = world * t.gradient_accumulation
+    die_at = int(os.environ.get(DIE_AT_STEP_ENV, "0"))
+    bar = tqdm(total=t.steps, initial=step, desc="training", unit="step", disable=not (progress and main))
+    with report.stage("train"):
+        while step < t.steps:
+            start = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            losses = []
+            with _oom_guard(cfg, device, f"training step {step + 1}"):
+                for micro in range(t.gradient_accumulation):
+                    losses.append(trainer.micro_step(source.get(step * per_step + micro * world + rank)))
+                    if die_at == step + 1:
+                        os._exit(3)
+                grad_norm = trainer.optimizer_step()
+            step += 1
+            loss = accelerator.reduce(torch.tensor(sum(losses) / len(losses), device=device), reduction="mean").item()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if main and (step % cfg.log_every == 0 or step == t.steps):
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(_log_record(trainer, step, loss, grad_norm, time.perf_counter() - start)) + "\n")
+            if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == t.steps):
+                _save_checkpoint(trainer, cfg, step, items, accelerator)
+            if validate and step % cfg.validation.every == 0:
+                if main:
+                    with _oom_guard(cfg, device, "validation"):
+                        run_validation(model, cfg, root, embeds, step, device)
+                accelerator.wait_for_everyone()
+    bar.close()
+    if main:
+        export_adapters(model, cfg, out, {"urae_lite.steps": str(step)})
+        print(f"wrote {out / 'adapter.safetensors'}; {skips.summary()}")
+        print(report.format())
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _save_checkpoint(trainer: Trainer, cfg: TrainConfig, step: int, items: list[str], accelerator) -> Path | None:
+    """Every process writes its RNG state into the staging folder; the main process completes and publishes it."""
+    staging = partial_dir(cfg.output_dir, step)
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    write_rng(staging, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    save_trainable(trainer.model, staging / "trainable.safetensors")
+    export_adapters(trainer.model, cfg, staging, {"urae_lite.steps": str(step)})
+    state = {"step": step, "seed": cfg.seed, "items": items, "world_size": accelerator.num_processes,
+             "samples_per_step": accelerator.num_processes * cfg.training.gradient_accumulation,
+             "config": cfg.to_dict()}
+    optimizer_state = {"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict()}
+    return publish(staging, cfg.output_dir, step, optimizer_state, state, cfg.checkpoint.keep)
