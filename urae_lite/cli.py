@@ -41,7 +41,7 @@ def _cmd_tiny(args: argparse.Namespace) -> None:
 
 
 # Feature modules that add their own subcommands: each has `register(subparsers)` setting `func`.
-FEATURE_MODULES: tuple[str, ...] = ("urae_lite.train.cli", "urae_lite.generate")
+FEATURE_MODULES: tuple[str, ...] = ("urae_lite.train.cli", "urae_lite.generate", "urae_lite.plan.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

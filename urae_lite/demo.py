@@ -18,7 +18,7 @@ from .report import RunReport
 DEMO_PROMPT = "a photo of a red fox in a snowy forest at golden hour, high resolution, detailed"
 
 
-def run_demo(out: str | os.PathLike = "urae_lite_demo.png", size: int = 2048, steps: int = 4, quant: str = "nf4",
+def run_demo(out: str | os.PathLike = "urae_lite_demo.png", size: int = 2048, steps: int = 2, quant: str = "nf4",
              seed: int = 0, progress: bool = True) -> Path:
     from .pipeline import load_pipeline
 
