@@ -1,0 +1,143 @@
+"""What the planner knows about a FLUX transformer, read from its config (never from hard-coded totals).
+
+The model is built on the meta device with the loader's own `empty_transformer` (no weights, well under a second),
+so the linears the loader quantizes, the adapter targets and every other parameter are exactly the ones a real load
+would make, for FLUX.1-dev, schnell or any FLUX-shaped test config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+from . import constants as C
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One block linear: (out, in) weight quantized by the loader, bf16 bias, maybe an adapter target."""
+
+    name: str
+    out_features: int
+    in_features: int
+    bias: bool
+    target: bool  # on the authors' adapter targets (SPEC §2)
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+    def weight_bytes(self, quant: str) -> int:
+        """Bytes of the frozen base as urae_lite.quant.QuantizedWeight stores it, plus the bf16 bias."""
+        n = self.numel
+        if quant == "nf4":
+            absmax = -(-n // C.NF4_BLOCK)
+            nested = -(-absmax // C.NF4_NESTED_BLOCK)
+            w = n // 2 + absmax + nested * C.FP32 + C.NF4_PER_LINEAR
+        elif quant == "fp8":
+            w = n + self.out_features * C.BF16
+        else:
+            w = n * C.BF16
+        return w + (self.out_features * C.BF16 if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class FluxArch:
+    """Shapes that set memory: widths, depths, every block linear, and the bf16 parameters outside them."""
+
+    hidden: int
+    head_dim: int
+    n_double: int
+    n_single: int
+    in_channels: int
+    joint_dim: int
+    mlp_ratio: float  # MLP width / hidden (4 in FLUX: double-block FF and single-block proj_mlp)
+    guidance: bool
+    linears: tuple[Linear, ...]
+    other_params: int  # embedders, norms, output head: kept in bf16 by the loader
+
+    @property
+    def n_blocks(self) -> int:
+        return self.n_double + self.n_single
+
+    @property
+    def params(self) -> int:
+        return sum(l.numel + (l.out_features if l.bias else 0) for l in self.linears) + self.other_params
+
+    def weight_bytes(self, quant: str) -> int:
+        """The transformer as loaded: quantized block linears + bf16 everything else."""
+        return sum(l.weight_bytes(quant) for l in self.linears) + self.other_params * C.BF16
+
+    def largest_linear(self) -> Linear:
+        return max(self.linears, key=lambda l: l.numel)
+
+    def block_bytes(self, quant: str) -> int:
+        """The largest block's weights (group offload moves one block at a time)."""
+        per_block: dict[str, int] = {}
+        for l in self.linears:
+            block = ".".join(l.name.split(".")[:2])
+            per_block[block] = per_block.get(block, 0) + l.weight_bytes(quant)
+        return max(per_block.values())
+
+    def adapter_params(self, rank: int) -> int:
+        """Parameters of one rank-`rank` adapter on the authors' targets: r·(in + out) per target."""
+        return sum(rank * (l.in_features + l.out_features) for l in self.linears if l.target)
+
+    def targets_per_block(self, double: bool) -> int:
+        prefix = "transformer_blocks.0." if double else "single_transformer_blocks.0."
+        return sum(l.target for l in self.linears if l.name.startswith(prefix))
+
+
+def image_tokens(width: int, height: int) -> int:
+    """Transformer image tokens: 8x VAE downsampling, then 2x2 latent patches (1024² -> 4096)."""
+    side = C.VAE_DOWNSAMPLE * C.PATCH
+    return (width // side) * (height // side)
+
+
+def flux_arch(config: dict) -> FluxArch:
+    """The FluxArch of a diffusers FluxTransformer2DModel config (cached per config)."""
+    return _flux_arch(json.dumps(config, sort_keys=True, default=list))
+
+
+@lru_cache(maxsize=8)
+def _flux_arch(config_json: str) -> FluxArch:
+    from ..adapted_linear import AdaptedLinear
+    from ..loader import empty_transformer
+    from ..targets import is_adapter_target
+
+    config = json.loads(config_json)
+    model = empty_transformer(config)
+    linears = tuple(Linear(name, m.out_features, m.in_features, bool(m.has_bias), is_adapter_target(name))
+                    for name, m in model.named_modules() if isinstance(m, AdaptedLinear))
+    other = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    mlp = model.single_transformer_blocks[0].proj_mlp.out_features if config["num_single_layers"] else 4 * hidden
+    return FluxArch(hidden=hidden, head_dim=config["attention_head_dim"], n_double=config["num_layers"],
+                    n_single=config["num_single_layers"], in_channels=config["in_channels"],
+                    joint_dim=config["joint_attention_dim"], mlp_ratio=mlp / hidden,
+                    guidance=bool(config.get("guidance_embeds")), linears=linears, other_params=other)
+
+
+def t5_params() -> int:
+    """T5-v1.1-XXL encoder: embedding + 24 x (attention 4d² + gated FF 3·d·d_ff + 2 norms) + bias table + norm."""
+    d, f = C.T5_D_MODEL, C.T5_D_FF
+    return C.T5_VOCAB * d + C.T5_LAYERS * (4 * d * d + 3 * d * f + 2 * d) + 32 * C.T5_HEADS + d
+
+
+def clip_params() -> int:
+    """CLIP-L text tower: token + position embeddings + 12 x (attention with biases, MLP with biases, 2 LayerNorms)."""
+    w, m = C.CLIP_WIDTH, C.CLIP_MLP
+    layer = 4 * (w * w + w) + 2 * w * m + m + w + 4 * w
+    return (C.CLIP_VOCAB + C.CLIP_POSITIONS) * w + C.CLIP_LAYERS * layer + 2 * w
+
+
+@lru_cache(maxsize=1)
+def vae_params() -> int:
+    """FLUX.1's AutoencoderKL built from its config on the meta device."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**C.FLUX_VAE_CONFIG)
+    return sum(p.numel() for p in vae.parameters())

@@ -1,0 +1,312 @@
+"""Peak device memory of `urae-lite generate` or `train` for one configuration, phase by phase.
+
+Each phase (text encoding, denoising, VAE decode; or forward, backward, optimizer step, validation) gets the
+components resident on the device during it: weights where the offload mode puts them, activations at the phase's
+worst moment, gradients and optimizer states, the CUDA context and the caching allocator's reserve. The peak is the
+largest phase total. What each offload mode keeps where is read from urae_lite/pipeline.py and offload.py; what a
+training step keeps, from urae_lite/train/ (fp32 adapter masters, autocast, save_on_cpu for offloaded checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ..offload import OFFLOAD_MODES
+from ..presets import VAE_TILING_MODES
+from . import constants as C
+from .activations import CPU, CUDA_AUTOCAST, CUDA_INFERENCE, Precision, Tokens, inference_bytes, training_bytes
+from .arch import FluxArch, clip_params, flux_arch, image_tokens, t5_params, vae_params
+
+TASKS = ("generate", "train")
+CHECKPOINTING = ("on", "off", "cpu")  # urae_lite/train/config.py training.checkpointing
+OPTIMIZERS = ("prodigy", "adamw8bit")
+ADAPTERS = ("lora", "minor")
+VARIANTS = ("dev", "schnell")
+BACKENDS = ("cuda", "cpu")
+BASE_ADAPTER_RANK = 16  # the 4K minor recipe trains over the authors' rank-16 2K LoRA (SPEC §1.4)
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """One way to run a job; the defaults are the product's (CUDA, NF4, model offload, checkpointing on)."""
+
+    task: str = "generate"
+    width: int = 2048
+    height: int = 2048
+    quant: str = "nf4"
+    variant: str = "dev"
+    rank: int | None = None  # generate: total rank of the loaded adapters; train: trainable rank (16)
+    offload: str = "model"  # generate
+    vae_tiling: str = "auto"  # generate
+    adapter: str | None = None  # train: lora | minor (default: minor from 4096² up, as the 4K recipe)
+    checkpointing: str = "on"  # train
+    optimizer: str = "prodigy"  # train
+    validation: bool = True  # train: the recipes sample validation images at the training size
+    steps: int = 28  # generate: denoising steps (speed model only)
+    backend: str = "cuda"  # cpu: the PyTorch reference path, for checking the model against measurement
+    transformer_config: dict | None = field(default=None, compare=False)  # default: FLUX.1 of `variant`
+
+    def replace(self, **changes) -> PlanConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def adapter_kind(self) -> str:
+        """Train: the recipes' choice unless set (LoRA for 2K, minor components for 4K)."""
+        return self.adapter or ("minor" if self.width * self.height >= 4096 * 4096 else "lora")
+
+    @property
+    def adapter_rank(self) -> int:
+        """Generate: the 2K LoRA (16), or 2K + the converted 4K adapter (48) above 2048²; train: 16."""
+        if self.rank is not None:
+            return self.rank
+        return 48 if self.task == "generate" and self.width * self.height > 2048 * 2048 else 16
+
+    def arch(self) -> FluxArch:
+        from ..tiny import flux_dev_config
+
+        return flux_arch(self.transformer_config or flux_dev_config(self.variant))
+
+    def tokens(self) -> Tokens:
+        return Tokens(image_tokens(self.width, self.height), C.TEXT_TOKENS[self.variant])
+
+    def summary(self) -> str:
+        head = f"{self.task} {self.width}x{self.height}, FLUX.1-{self.variant}, {self.quant} base"
+        if self.task == "generate":
+            return f"{head}, offload {self.offload}, VAE tiling {self.vae_tiling}, adapters rank {self.adapter_rank}"
+        return (f"{head}, {self.adapter_kind} rank {self.adapter_rank}, checkpointing {self.checkpointing}, "
+                f"{self.optimizer}" + ("" if self.validation else ", no validation"))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes per component per phase; totals add the CUDA context and the allocator reserve."""
+
+    config: PlanConfig
+    phases: tuple[str, ...]
+    rows: tuple[tuple[str, tuple[int, ...]], ...]  # (component, bytes in each phase)
+    notes: tuple[str, ...] = ()
+    host: int = 0  # host memory the mode parks there: offloaded weights, or checkpointed block inputs
+
+    def allocated(self) -> tuple[int, ...]:
+        """Per phase: what torch allocates (comparable to torch.cuda.max_memory_allocated)."""
+        return tuple(sum(v[i] for _, v in self.rows) for i in range(len(self.phases)))
+
+    def totals(self) -> tuple[int, ...]:
+        """Per phase: what the card must hold (allocated + reserve + context)."""
+        if self.config.backend != "cuda":
+            return self.allocated()
+        return tuple(int(a * (1 + C.ALLOCATOR_RESERVE) + C.CUDA_CONTEXT) for a in self.allocated())
+
+    @property
+    def peak(self) -> int:
+        return max(self.totals())
+
+    @property
+    def peak_allocated(self) -> int:
+        return max(self.allocated())
+
+    @property
+    def peak_phase(self) -> str:
+        totals = self.totals()
+        return self.phases[totals.index(max(totals))]
+
+    def table(self) -> str:
+        """The per-phase table in GiB, with the peak and the phase that sets it."""
+        width = max(len(n) for n, _ in self.rows) + 2
+        cols = [max(len(p), 6) + 2 for p in self.phases]
+        lines = [self.config.summary(),
+                 " " * width + "".join(f"{p:>{w}}" for p, w in zip(self.phases, cols)) + "   (GiB)"]
+
+        def row(name: str, values) -> str:
+            return f"{name:<{width}}" + "".join(f"{(v / C.GiB):>{w}.2f}" if v else f"{'-':>{w}}"
+                                                 for v, w in zip(values, cols))
+
+        lines += [row(n, v) for n, v in self.rows]
+        if self.config.backend == "cuda":
+            alloc = self.allocated()
+            lines.append(row("CUDA context", [C.CUDA_CONTEXT] * len(alloc)))
+            lines.append(row(f"allocator reserve ({C.ALLOCATOR_RESERVE:.0%})",
+                             [int(a * C.ALLOCATOR_RESERVE) for a in alloc]))
+        lines.append(row("total", self.totals()))
+        lines.append(f"peak {self.peak / C.GiB:.2f} GiB in {self.peak_phase} "
+                     f"({self.peak_allocated / C.GiB:.2f} GiB allocated by torch)")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"config": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "transformer_config"},
+                "phases": list(self.phases), "rows": {n: list(v) for n, v in self.rows},
+                "allocated": list(self.allocated()), "totals": list(self.totals()), "peak_bytes": self.peak,
+                "peak_allocated_bytes": self.peak_allocated, "peak_phase": self.peak_phase, "host_bytes": self.host,
+                "notes": list(self.notes)}
+
+
+def estimate(cfg: PlanConfig, vram_gib: float | None = None) -> Estimate:
+    """The per-phase memory of `cfg` (validated: UraeError names the valid values). `vram_gib`, the card's size,
+    only decides what `--vae-tiling auto` will pick, as the pipeline decides it from the memory left free."""
+    check(cfg)
+    return _generate(cfg, vram_gib) if cfg.task == "generate" else _train(cfg)
+
+
+def check(cfg: PlanConfig) -> None:
+    """One UraeError line naming the valid values for anything a plan cannot be made for."""
+    from ..errors import UraeError
+    from ..presets import check_size
+    from ..quant import QUANT_FORMATS
+
+    for name, valid in (("task", TASKS), ("quant", QUANT_FORMATS), ("variant", VARIANTS), ("offload", OFFLOAD_MODES),
+                        ("vae_tiling", VAE_TILING_MODES), ("checkpointing", CHECKPOINTING),
+                        ("optimizer", OPTIMIZERS), ("backend", BACKENDS)):
+        if getattr(cfg, name) not in valid:
+            raise UraeError(f"unknown {name} '{getattr(cfg, name)}': use one of {', '.join(valid)}")
+    if cfg.adapter is not None and cfg.adapter not in ADAPTERS:
+        raise UraeError(f"unknown adapter '{cfg.adapter}': use one of {', '.join(ADAPTERS)}")
+    if cfg.rank is not None and cfg.rank < 1:
+        raise UraeError(f"rank must be at least 1, got {cfg.rank}")
+    check_size(cfg.width, cfg.height)
+
+
+# ---- shared pieces -----------------------------------------------------------------------------------------------
+def _dequant_buffer(cfg: PlanConfig, arch: FluxArch) -> int:
+    """The kernels' reused bf16 buffer, the size of the largest quantized linear (kernels/autograd.py)."""
+    if cfg.backend != "cuda" or cfg.quant == "bf16":
+        return 0
+    return arch.largest_linear().numel * C.BF16
+
+
+def _denoise_io(arch: FluxArch, tok: Tokens) -> int:
+    """FluxPipeline's loop: bf16 latents and prediction, the scheduler's fp32 step, the prompt embeddings."""
+    return tok.image * arch.in_channels * (2 * C.BF16 + 2 * C.FP32) + tok.text * arch.joint_dim * C.BF16
+
+
+def _vae_decode(cfg: PlanConfig, tiled: bool) -> int:
+    """Activation bytes of the VAE decode at the image size (bf16), plain or exact strip-tiled."""
+    import torch
+
+    from ..vae_tiling import estimate_untiled_decode_bytes
+
+    vae = C.FLUX_VAE_CONFIG
+    if not tiled:
+        return int(estimate_untiled_decode_bytes(vae, cfg.height, cfg.width, torch.bfloat16) * C.VAE_UNTILED_HEADROOM)
+    boc = vae["block_out_channels"]
+    lat = (cfg.height // C.VAE_DOWNSAMPLE) * (cfg.width // C.VAE_DOWNSAMPLE)
+    attention = 8 * boc[-1] * lat * C.BF16  # the mid-block attention runs whole at latent resolution
+    widest = max(c * (cfg.width // C.VAE_DOWNSAMPLE) << i for i, c in enumerate(reversed(boc)))
+    strips = C.VAE_TILED_STRIPS * (C.VAE_STRIP_ROWS + 2) * widest * C.FP32
+    return max(attention, strips) + 3 * cfg.height * cfg.width * C.BF16  # + the image, left on the device
+
+
+def _precision(cfg: PlanConfig, autocast: bool) -> Precision:
+    if cfg.backend == "cpu":
+        return CPU
+    return CUDA_AUTOCAST if autocast else CUDA_INFERENCE
+
+
+ROW_ORDER = ("transformer weights", "adapters", "text encoders", "VAE", "gradients", "optimizer states",
+             "dequantization buffer", "activations")
+
+
+def _build(cfg: PlanConfig, phases: dict[str, dict[str, int]], notes: list[str], host: int) -> Estimate:
+    """Rows in ROW_ORDER; a component absent from a phase is 0 there."""
+    names = sorted(dict.fromkeys(name for parts in phases.values() for name in parts),
+                   key=lambda n: next(i for i, prefix in enumerate(ROW_ORDER) if n.startswith(prefix)))
+    rows = tuple((n, tuple(int(parts.get(n, 0)) for parts in phases.values())) for n in names)
+    return Estimate(cfg, tuple(phases), tuple(r for r in rows if any(r[1])), tuple(notes), host)
+
+
+# ---- generate ----------------------------------------------------------------------------------------------------
+def _t5_activations(tokens: int) -> int:
+    """T5-XXL encoder at `tokens` (no grad): attention scores + FF + fp32 norm copies of one layer."""
+    return (C.T5_HEADS * tokens * tokens * C.T5_SCORE_BYTES + tokens * C.T5_D_FF * C.T5_FF_TENSORS * C.BF16
+            + tokens * C.T5_D_MODEL * C.T5_HIDDEN_FP32_TENSORS * C.FP32)
+
+
+def _text_encoder_weights(offload: str) -> int:
+    """Text-encoder bytes on the device while they run (bf16, as FluxPipeline loads them)."""
+    t5, clip = t5_params() * C.BF16, clip_params() * C.BF16
+    t5_layer = (4 * C.T5_D_MODEL ** 2 + 3 * C.T5_D_MODEL * C.T5_D_FF) * C.BF16
+    embedding = C.T5_VOCAB * C.T5_D_MODEL * C.BF16
+    return {"none": t5 + clip,  # every component resident
+            "model": t5,  # one component at a time: CLIP, then T5
+            "group": embedding + 2 * t5_layer,  # the unmatched top-level modules + the running and prefetched layer
+            "sequential": embedding}[offload]  # the largest leaf module
+
+
+def _generate(cfg: PlanConfig, vram_gib: float | None) -> Estimate:
+    arch, tok = cfg.arch(), cfg.tokens()
+    mode = cfg.offload
+    weights = {"none": arch.weight_bytes(cfg.quant), "model": arch.weight_bytes(cfg.quant),
+               "group": 2 * arch.block_bytes(cfg.quant) + arch.other_params * C.BF16,  # running + prefetched block
+               "sequential": arch.largest_linear().weight_bytes(cfg.quant)}[mode]  # one AdaptedLinear at a time
+    share = {"none": 1.0, "model": 1.0, "group": 2 / arch.n_blocks, "sequential": 0.0}[mode]
+    transformer = {f"transformer weights ({cfg.quant})": weights,
+                   f"adapters (rank {cfg.adapter_rank})": arch.adapter_params(cfg.adapter_rank) * C.BF16 * share}
+    text = {"text encoders (T5-XXL + CLIP)": _text_encoder_weights(mode)}
+    vae = {"VAE": vae_params() * C.BF16}
+    resident = {**transformer, **text} if mode == "none" else {}  # `none`: everything stays on the device
+    always = vae if mode in ("none", "group") else {}  # group offloading excludes the VAE: it stays on the device
+    dequant = {"dequantization buffer": _dequant_buffer(cfg, arch)}  # allocated on the first step, then held
+    denoise = inference_bytes(arch, tok, cfg.quant, _precision(cfg, autocast=False)) + _denoise_io(arch, tok)
+    phases = {
+        "text encoding": {**resident, **text, **always, "activations": _t5_activations(tok.text)},
+        "denoising": {**resident, **transformer, **always, **dequant, "activations": denoise},
+    }
+    before = [sum(p.values()) for p in phases.values()]
+    decode_held = sum({**resident, **vae, **dequant}.values())
+    tiled, note = _resolve_tiling(cfg, max(before), decode_held, vram_gib)
+    phases["VAE decode"] = {**resident, **vae, **dequant, "activations": _vae_decode(cfg, tiled)}
+    notes = [note] if note else []
+    host = 0
+    if mode != "none":  # every component waits in host memory between its turns
+        host = arch.weight_bytes(cfg.quant) + (t5_params() + clip_params() + vae_params()) * C.BF16
+        notes.append(f"offload {mode}: {host / C.GiB:.1f} GiB of weights wait in host memory"
+                     + (" (pinned)" if mode == "group" else ""))
+    return _build(cfg, phases, notes, host)
+
+
+def _resolve_tiling(cfg: PlanConfig, other_phases: int, held: int, vram_gib: float | None) -> tuple[bool, str]:
+    """`auto` tiles when the plain decode would not fit beside what the decode phase holds: in the card, or (card
+    unknown) in a card just big enough for the other phases, which is what a plan that fits guarantees."""
+    if cfg.vae_tiling != "auto":
+        return cfg.vae_tiling == "on", ""
+    plain = _vae_decode(cfg, tiled=False)
+    card = other_phases if vram_gib is None else (vram_gib * C.GiB - C.CUDA_CONTEXT) / (1 + C.ALLOCATOR_RESERVE)
+    tiled = held + plain > card
+    return tiled, (f"VAE tiling auto -> {'exact tiled' if tiled else 'plain'} decode "
+                   f"(a plain decode needs {plain / C.GiB:.2f} GiB of activations)")
+
+
+# ---- train -------------------------------------------------------------------------------------------------------
+def _train(cfg: PlanConfig) -> Estimate:
+    arch, tok = cfg.arch(), cfg.tokens()
+    r = cfg.adapter_rank
+    trainable = arch.adapter_params(r)
+    frozen_rank = BASE_ADAPTER_RANK + r if cfg.adapter_kind == "minor" else 0  # the 2K LoRA + the residual slice
+    # fp32 masters of the trained factors (urae_lite/train/model.py) + the frozen slices in bf16
+    adapters = trainable * C.FP32 + arch.adapter_params(frozen_rank) * C.BF16
+    # each forward concatenates and casts every branch to bf16; autograd keeps the copies unless blocks recompute
+    casts = arch.adapter_params(r + frozen_rank) * C.BF16 if cfg.checkpointing == "off" else 0
+    states = (trainable * C.PRODIGY_STATES * C.FP32 if cfg.optimizer == "prodigy"
+              else int(trainable * C.ADAMW8BIT_BYTES))
+    acts = training_bytes(arch, tok, cfg.quant, _precision(cfg, autocast=True), cfg.checkpointing, r + frozen_rank)
+    name = f"adapters ({cfg.adapter_kind} rank {r})"
+    held = {f"transformer weights ({cfg.quant})": arch.weight_bytes(cfg.quant), name: adapters,
+            f"optimizer states ({cfg.optimizer})": states, "dequantization buffer": _dequant_buffer(cfg, arch)}
+    grads = {"gradients (fp32)": trainable * C.FP32}
+    phases = {
+        "forward": {**held, name: adapters + casts, "activations": acts.forward_peak},
+        "backward": {**held, name: adapters + casts, **grads, "activations": acts.backward_peak},
+        "optimizer step": {**held, **grads},
+    }
+    notes = []
+    if cfg.validation:  # the recipes' validation images: the trained model samples in place, then a tiled decode
+        sample = inference_bytes(arch, tok, cfg.quant, _precision(cfg, autocast=True)) + _denoise_io(arch, tok)
+        phases["validation"] = {**held, "activations": sample}
+        phases["val. decode"] = {**held, "VAE": vae_params() * C.BF16, "activations": _vae_decode(cfg, tiled=True)}
+        notes.append("validation samples at the training size under autocast: lower validation.size (or "
+                     "validation.every=0) when it sets the peak")
+    host = arch.n_blocks * tok.total * arch.hidden * C.BF16 if cfg.checkpointing == "cpu" else 0
+    if host:
+        notes.append(f"checkpointing cpu: {host / C.GiB:.1f} GiB of block inputs in pinned host memory")
+    return _build(cfg, phases, notes, host)
