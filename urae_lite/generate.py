@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="diffusers FLUX folder, hub id, `prepare`d folder, or 'tiny' (default: %(default)s)")
     p.add_argument("--preset", default="2k",
                    help=f"{' | '.join(PRESETS)} (authors' settings for the model family) or a YAML file")
-    p.add_argument("--quant", choices=QUANT_FORMATS, default="nf4")
+    p.add_argument("--quant", choices=QUANT_FORMATS, help="frozen base format (default: nf4, or the planner's "
+                   "pick with --vram)")
     p.add_argument("--adapter", action="append", default=[], metavar="FILE",
                    help="LoRA file (ours, diffusers, kohya, the authors' 2K); the authors' 4K file goes right "
                         "after its 2K one; repeat for several")
@@ -54,6 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine-from", type=int, metavar="SIDE",
                    help="coarse-to-fine: base model at ~SIDE² first, upscale, re-noise, denoise at the target")
     p.add_argument("--strength", type=float, help="refine: re-noising strength in (0, 1] (default 0.6)")
+    p.add_argument("--vram", type=float, metavar="GIB", help="pick the fastest --quant/--offload that fits this "
+                   "many GiB (the `urae-lite plan` estimate); options you set stay")
     p.add_argument("--device", help="cuda (default when present) or cpu")
     p.add_argument("--svd-device", help="device for the one-time 4K adapter conversion (default: --device)")
     p.add_argument("--out", default="urae_lite.png", help="PNG to write (default: %(default)s)")
@@ -70,6 +73,9 @@ def run(args: argparse.Namespace) -> None:
     settings = {k: getattr(args, k) for k in SETTING_OPTIONS if getattr(args, k) is not None}
     if settings.get("shift") == "model":
         settings["shift"] = None
+    if args.vram is not None:
+        _plan_memory(args)
+    args.quant = args.quant or "nf4"
     report = RunReport()
     try:
         pipe = load_pipeline(args.model, quant=args.quant, adapters=args.adapter, preset=args.preset,
@@ -84,3 +90,15 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({result.settings.width}x{result.settings.height}, seed {args.seed})")
     print(report.format())
 
+
+
+def _plan_memory(args: argparse.Namespace) -> None:
+    """--vram: fill the unset --quant / --offload from the planner's fastest fitting configuration."""
+    from .plan.choose import choose
+    from .presets import load_preset
+
+    size = load_preset(args.preset, "dev")
+    width, height = args.width or size.width, args.height or size.height
+    pick = choose("generate", width, height, args.vram, quant=args.quant, offload=args.offload,
+                  vae_tiling=args.vae_tiling).best.config
+    args.quant, args.offload = pick.quant, pick.offload

@@ -30,7 +30,23 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .loop import train
 
     _setup_logging()
-    train(load_recipe(args.recipe, args.overrides), resume=args.resume)
+    cfg = load_recipe(args.recipe, args.overrides)
+    if args.vram is not None:
+        _plan_memory(cfg, args)
+    train(cfg, resume=args.resume)
+
+
+def _plan_memory(cfg, args: argparse.Namespace) -> None:
+    """--vram: choose quant and checkpointing from the planner, unless set as overrides on the command line."""
+    from ..plan.choose import choose
+
+    given = {o.split("=", 1)[0] for o in args.overrides}
+    fixed = {"quant": cfg.quant if "quant" in given else None,
+             "checkpointing": cfg.training.checkpointing if "training.checkpointing" in given else None}
+    pick = choose("train", cfg.data.resolution, cfg.data.resolution, args.vram, adapter=cfg.adapter.kind,
+                  rank=cfg.adapter.rank, validation=bool(cfg.validation.every and cfg.validation.prompts),
+                  **fixed).best.config
+    cfg.quant, cfg.training.checkpointing = pick.quant, pick.checkpointing
 
 
 def register(subparsers) -> None:
@@ -53,4 +69,6 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. training.steps=500")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="continue from the newest checkpoint in output_dir (or the given checkpoint folder)")
+    p.add_argument("--vram", type=float, metavar="GIB", help="choose quant and training.checkpointing that fit "
+                   "this many GiB (the `urae-lite plan` estimate), unless given as overrides")
     p.set_defaults(func=_cmd_train)
