@@ -168,6 +168,18 @@ def _loading_bars(enabled: bool) -> Iterator[None]:
             lib.enable_progress_bar() if was else lib.disable_progress_bar()
 
 
+T5_QUANTS = ("bf16", "nf4")
+
+
+def _t5_nf4(root: Path, dtype: torch.dtype):
+    """T5-XXL with NF4 linears through transformers' bitsandbytes integration (double-quantized absmax)."""
+    from transformers import BitsAndBytesConfig, T5EncoderModel
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=dtype)
+    return T5EncoderModel.from_pretrained(root / "text_encoder_2", quantization_config=config, dtype=dtype)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -176,7 +188,8 @@ def load_pipeline(model: str | os.PathLike = "tiny", *, quant: str = "nf4",
                   adapters: Sequence[str | os.PathLike] = (), preset: str | os.PathLike = "2k",
                   device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                   offload: str | None = None, minor: MinorSpec | None = None, svd_device: str | None = None,
-                  progress: bool = True, report: RunReport | None = None, **settings) -> UraePipeline:
+                  t5_quant: str = "bf16", progress: bool = True, report: RunReport | None = None,
+                  **settings) -> UraePipeline:
     """FLUX with an NF4/FP8/bf16 base carrying `adapters`, ready to generate at 2K/4K.
 
     `adapters`: our or diffusers-format LoRA files, kohya-style FLUX LoRAs, the authors' 2K file, and the authors'
@@ -184,12 +197,16 @@ def load_pipeline(model: str | os.PathLike = "tiny", *, quant: str = "nf4",
     YAML file; `**settings` (GenerationSettings fields) override it. `device` defaults to CUDA when present;
     `dtype` to bf16 on CUDA and fp32 on CPU (CPU bf16 convolutions are ~30x slower); `offload` to `model`
     (staged) on CUDA and `none` on CPU. `minor` attaches a minor-component adapter initialised from the base.
+    `t5_quant="nf4"` loads T5-XXL's linears in NF4 (bitsandbytes via transformers): 8.9 -> 3.9 GiB, the largest
+    weights on the GPU during text encoding, which otherwise set the 2K peak.
     """
     GenerationSettings().replace(**{k: v for k, v in settings.items() if k != "refine_from"})  # fail before loading
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     offload = check_offload(offload or ("model" if device.type == "cuda" else "none"))
     check_quant_format(quant)
+    if t5_quant not in T5_QUANTS:
+        raise UraeError(f"unknown T5 quantization '{t5_quant}': use one of {', '.join(T5_QUANTS)}")
     folder = resolve_model(model)  # a hub id is fetched once; everything below reads the local folder
     root = pipeline_root(folder)
     config = load_config(transformer_folder(folder))
@@ -206,7 +223,8 @@ def load_pipeline(model: str | os.PathLike = "tiny", *, quant: str = "nf4",
     with report.stage("load text encoders + vae"), _loading_bars(progress):
         from diffusers import FluxPipeline
 
-        flux = FluxPipeline.from_pretrained(root, transformer=transformer, dtype=dtype)
+        extra = {"text_encoder_2": _t5_nf4(root, dtype)} if t5_quant == "nf4" else {}
+        flux = FluxPipeline.from_pretrained(root, transformer=transformer, dtype=dtype, **extra)
         apply_offload(flux, offload, device)
     used = [{"path": str(a), "sha256": file_digest(a)} for a in adapters]
     return UraePipeline(flux, model=str(model), quant=quant, adapters=used, defaults=defaults, offload=offload,

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from .search import PlanResult
 
 # CLI option -> PlanConfig field, for the options a user can fix (None = not given: searched with --vram)
-FIXABLE = ("quant", "variant", "rank", "offload", "vae_tiling", "adapter", "checkpointing", "optimizer", "steps")
+FIXABLE = ("quant", "variant", "rank", "offload", "vae_tiling", "t5_quant", "adapter", "checkpointing", "optimizer",
+           "steps")
 SHOWN = 5  # candidates listed with --vram
 
 
@@ -33,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "train: trainable rank (default 16)")
     p.add_argument("--offload", choices=OFFLOAD_MODES, help="generate (default model)")
     p.add_argument("--vae-tiling", choices=VAE_TILING_MODES, help="generate (default auto)")
+    p.add_argument("--t5-quant", choices=("bf16", "nf4"), help="generate: T5-XXL's linears (default bf16)")
     p.add_argument("--steps", type=int, help="generate: denoising steps, for the speed ranking (default 28)")
     p.add_argument("--adapter", choices=ADAPTERS, help="train (default lora; minor from 4096²)")
     p.add_argument("--checkpointing", choices=CHECKPOINTING,

@@ -39,6 +39,7 @@ class PlanConfig:
     rank: int | None = None  # generate: total rank of the loaded adapters; train: trainable rank (16)
     offload: str = "model"  # generate
     vae_tiling: str = "auto"  # generate
+    t5_quant: str = "bf16"  # generate: T5-XXL's linears in bf16 or NF4
     adapter: str | None = None  # train: lora | minor (default: minor from 4096² up, as the 4K recipe)
     checkpointing: str = "on"  # train
     optimizer: str = "prodigy"  # train
@@ -222,10 +223,16 @@ def _t5_activations(tokens: int) -> int:
             + tokens * C.T5_D_MODEL * C.T5_HIDDEN_FP32_TENSORS * C.FP32)
 
 
-def _text_encoder_weights(offload: str) -> int:
-    """Text-encoder bytes on the device while they run (bf16, as FluxPipeline loads them)."""
-    t5, clip = t5_params() * C.BF16, clip_params() * C.BF16
-    t5_layer = (4 * C.T5_D_MODEL ** 2 + 3 * C.T5_D_MODEL * C.T5_D_FF) * C.BF16
+def _text_encoder_weights(offload: str, t5_quant: str = "bf16") -> int:
+    """Text-encoder bytes on the device while they run (bf16 as FluxPipeline loads them; T5's linears optionally
+    NF4 through transformers' bitsandbytes integration: 4 bits + absmax; the embedding, norms and the FF output
+    `wo` (T5's `_keep_in_fp32_modules`, which transformers never quantizes) stay bf16)."""
+    linear_numel = C.T5_LAYERS * (4 * C.T5_D_MODEL ** 2 + 3 * C.T5_D_MODEL * C.T5_D_FF)
+    quantized = C.T5_LAYERS * (4 * C.T5_D_MODEL ** 2 + 2 * C.T5_D_MODEL * C.T5_D_FF) if t5_quant == "nf4" else 0
+    linear_bytes = quantized * (0.5 + 1 / C.NF4_BLOCK) + (linear_numel - quantized) * C.BF16
+    t5 = int((t5_params() - linear_numel) * C.BF16 + linear_bytes)
+    clip = clip_params() * C.BF16
+    t5_layer = int(linear_bytes / C.T5_LAYERS)
     embedding = C.T5_VOCAB * C.T5_D_MODEL * C.BF16
     return {"none": t5 + clip,  # every component resident
             "model": t5,  # one component at a time: CLIP, then T5
@@ -242,7 +249,7 @@ def _generate(cfg: PlanConfig, vram_gib: float | None) -> Estimate:
     share = {"none": 1.0, "model": 1.0, "group": 2 / arch.n_blocks, "sequential": 0.0}[mode]
     transformer = {f"transformer weights ({cfg.quant})": weights,
                    f"adapters (rank {cfg.adapter_rank})": arch.adapter_params(cfg.adapter_rank) * C.BF16 * share}
-    text = {"text encoders (T5-XXL + CLIP)": _text_encoder_weights(mode)}
+    text = {f"text encoders (T5-XXL {cfg.t5_quant} + CLIP)": _text_encoder_weights(mode, cfg.t5_quant)}
     vae = {"VAE": vae_params() * C.BF16}
     resident = {**transformer, **text} if mode == "none" else {}  # `none`: everything stays on the device
     always = vae if mode in ("none", "group") else {}  # group offloading excludes the VAE: it stays on the device
