@@ -246,7 +246,8 @@ def test_two_processes_match_gradient_accumulation(tiny_flux, data, tmp_path):
 
 
 def test_bad_runs_fail_with_one_line(tiny_flux, data, tmp_path):
-    cfg = recipe(RECIPE_2K, tiny_flux, data, tmp_path, **{"data.resolution": 128, "quant": "fp8"})
+    cfg = recipe(RECIPE_2K, tiny_flux, data, tmp_path, **{"data.resolution": 128, "quant": "fp8",
+                                                              "training.checkpointing": "on"})
     with pytest.raises(UraeError, match="no cache at .*urae-lite cache .* --resolution 128"):
         train(cfg, progress=False)
     from urae_lite.cli import main
