@@ -23,10 +23,11 @@ import json
 import math
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -52,14 +53,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-vae", action="store_true", help="skip the separate 4096² tiled-vs-plain VAE decode")
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/generate_<device>.json)")
     return p.parse_args()
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 # ---- random full-size components ---------------------------------------------------------------------------------
@@ -224,7 +217,6 @@ def main() -> None:
         sys.exit("benchmarks/generate.py needs a CUDA GPU")
     sys.path.insert(0, str(ROOT))
     import diffusers
-    import transformers
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTokenizer, T5TokenizerFast
 
@@ -285,9 +277,7 @@ def main() -> None:
     out = args.out or ROOT / "benchmarks" / "results" / f"generate_{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__, "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "git_commit": git_commit(), "offload": args.offload, "rows": rows, "vae_4096": vae_result, "goals": goals,
+        "device": device, **provenance(), "offload": args.offload, "rows": rows, "vae_4096": vae_result, "goals": goals,
     }, indent=1))
     print(f"wrote {out}")
 

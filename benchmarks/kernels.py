@@ -24,11 +24,12 @@ import json
 import math
 import re
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_M = (4608, 16896, 66048)  # FLUX tokens: 1024² + 512 text, 2048² + 512, 4096² + 512
@@ -59,14 +60,6 @@ def import_kernels():
         sys.modules["urae_lite.kernels"] = kernels
         spec.loader.exec_module(kernels)
     return kernels
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 @dataclass
@@ -225,9 +218,7 @@ def main() -> None:
     out = args.out or ROOT / "benchmarks" / "results" / f"kernels_{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "device": device, "torch": torch.__version__, "triton": triton.__version__, "bitsandbytes": bnb.__version__,
-        "cuda": torch.version.cuda, "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "git_commit": git_commit(), "iters": args.iters, "warmup": args.warmup, "goal": goal, "rows": rows,
+        "device": device, **provenance(), "iters": args.iters, "warmup": args.warmup, "goal": goal, "rows": rows,
     }, indent=1))
     print(f"wrote {out}")
 

@@ -38,6 +38,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from provenance import provenance
+
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
 SIZES = (1024, 2048, 4096)
@@ -195,30 +197,6 @@ def measure_train(config: str, args) -> list[dict]:
 
 
 # ---- results -----------------------------------------------------------------------------------------------------
-def versions() -> dict:
-    import diffusers
-    import torch
-    import transformers
-
-    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
-           "transformers": transformers.__version__}
-    try:
-        import bitsandbytes
-
-        out["bitsandbytes"] = bitsandbytes.__version__
-    except ImportError:
-        out["bitsandbytes"] = None
-    return out
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def chart(rows: list[dict], device: str, path: Path) -> None:
     """Peak GiB vs resolution per mode: measured solid, estimated dashed, card sizes as horizontal lines."""
     import matplotlib
@@ -281,8 +259,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['estimated_peak_gib']:6.2f} GiB: {r['error']:+.1%}, worst phase {r['worst_phase_error']:+.1%}"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "device": device, "device_memory_gib": round(vram_gib, 2), **versions(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "git_commit": git_commit(),
+        "device": device, "device_memory_gib": round(vram_gib, 2), **provenance(),
         "tolerance": TOLERANCE, "rows_within_tolerance": sum(r["within_tolerance"] for r in measured),
         "rows_measured": len(measured), "rows": ordered,
     }, indent=1) + "\n")

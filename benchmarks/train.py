@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import provenance
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {  # name -> (recipe, resolution, quant)
     "2k-nf4": ("train_2k_lora.yaml", 2048, "nf4"),
@@ -61,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _load_kernel_bench():
-    """benchmarks/kernels.py, for its `import_kernels` (works without an install) and `git_commit`."""
+    """benchmarks/kernels.py, for its `import_kernels` (works without an install)."""
     spec = importlib.util.spec_from_file_location("urae_bench_kernels", ROOT / "benchmarks" / "kernels.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
@@ -176,22 +178,6 @@ def run_one(name: str, modes: list[str], steps: int, warmup: int, tiny: bool) ->
     return rows
 
 
-def _versions() -> dict:
-    import bitsandbytes
-    import diffusers
-    import torch
-
-    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
-           "bitsandbytes": bitsandbytes.__version__}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     names = [n for n in args.configs.split(",") if n]
@@ -234,8 +220,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{row.get('peak_allocated_gib', '?')} GiB allocated / {row.get('peak_reserved_gib', '?')} reserved"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "device": device, **_versions(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "git_commit": bench.git_commit(), "goal_gib": {"2048": GOAL_GIB[2048], "4096": GOAL_GIB[4096]},
+        "device": device, **provenance(), "goal_gib": {"2048": GOAL_GIB[2048], "4096": GOAL_GIB[4096]},
         "rows": sorted(rows.values(), key=lambda r: (r["config"], r["mode"])),
     }, indent=1) + "\n")
     print(f"wrote {out}")

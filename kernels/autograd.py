@@ -31,8 +31,9 @@ _workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 def _dense_weight(base: DequantizableWeight, dtype: torch.dtype) -> torch.Tensor:
     """base as a dense (N, K) `dtype` weight. Quantized bases dequantize into one per-device buffer that every
-    layer reuses (grown to the largest layer and held: FLUX's largest is norm1.linear, 18432 x 3072 bf16 = 108 MiB); kernels
-    run in stream order, so a layer's GEMM has read the buffer before the next layer's dequantization writes it."""
+    layer reuses (grown to the largest layer and held: FLUX's largest is norm1.linear, 18432 x 3072 bf16 =
+    108 MiB); kernels run in stream order, so a layer's GEMM has read the buffer before the next layer's
+    dequantization writes it."""
     if base.format == "bf16":
         w = base.dequantize()
     else:

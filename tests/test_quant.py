@@ -65,7 +65,8 @@ def test_serialization_round_trip_is_bit_identical(fmt):
     back = QuantizedWeight.from_state_tensors(fmt, "blocks.0.proj", tensors, (64, 128))
     assert torch.equal(back.dequantize(), qw.dequantize())
     for (name, a), (_, b) in zip(qw.named_buffers(), back.named_buffers()):
-        assert a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)), name
+        same_bits = torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+        assert a.dtype == b.dtype and same_bits, name
 
 
 def test_nf4_keys_are_bitsandbytes_serialization():
