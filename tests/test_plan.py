@@ -314,12 +314,13 @@ def test_cli_unknown_choice_lists_the_valid_values(capsys):
     assert "invalid choice: 'sometimes'" in err and "'on', 'off', 'cpu'" in err
 
 
-def test_memory_benchmark_dry_run_without_a_gpu(capsys):
+def test_memory_benchmark_dry_run_without_a_gpu(capsys, monkeypatch):
     """benchmarks/memory.py: --help and --dry-run (the planner's estimates for its matrix) work on the CPU."""
     import importlib.util
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # as when run as a script: its folder is on sys.path
     spec = importlib.util.spec_from_file_location("urae_bench_memory", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
