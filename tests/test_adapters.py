@@ -150,3 +150,33 @@ def test_adapter_errors_name_the_problem(tiny_flux, tiny_config, tmp_path):
         attach_adapter(model, read_adapter(f4), "x")
     with pytest.raises(UraeError, match="list the 2K adapter"):
         load_transformer(tiny_flux, adapters=[f4], progress=False)
+
+
+def test_default_save_of_a_minor_adapter_keeps_its_frozen_residual(tiny_flux, tmp_path):
+    from urae_lite.loader import MinorSpec
+
+    model = load_transformer(tiny_flux, quant="bf16", minor=MinorSpec(rank=3), progress=False)
+    _randomize_trainable(model, seed=4)  # B', A' moved away from B0, A0
+    saved = read_adapter(save_adapter(model, tmp_path / "minor.safetensors"))
+    for name, layer in adapted_layers(model):
+        if layer.slices:
+            # the file's update is the whole branch (B'A' − B0A0), not B'A' alone
+            torch.testing.assert_close(saved.modules[name].delta(), layer.delta(), rtol=0, atol=1e-5)
+
+
+def test_minor_init_on_top_of_a_4k_adapter_decomposes_the_current_weight(tiny_flux, tiny_config, tmp_path):
+    from urae_lite.loader import MinorSpec
+    from urae_lite.minor import MINOR_SLICE
+
+    f2 = write_authors_2k(tmp_path / "a2k.safetensors", tiny_config)
+    f4 = write_authors_4k(tmp_path / "a4k.safetensors", tiny_config, std=0.3)
+    model = load_transformer(tiny_flux, quant="bf16", dtype=torch.float32, adapters=[f2, f4],
+                             minor=MinorSpec(rank=2), progress=False)
+    name = "transformer_blocks.0.attn.to_v"
+    layer = model.get_submodule(name)
+    w0 = CheckpointReader(tiny_flux / "transformer").get(f"{name}.weight").float()
+    frozen = sum(s.delta() for n, s in layer.slices.items() if not n.startswith("urae_minor"))
+    expected = torch.linalg.svdvals((w0 + frozen).double())[-2:]  # base + 2K + 4K, as the model now computes
+    minor = layer.slices[MINOR_SLICE]
+    got = torch.linalg.svdvals(minor.B.double() @ minor.A.double())[:2]
+    torch.testing.assert_close(got, expected, rtol=3e-2, atol=1e-3)

@@ -173,8 +173,16 @@ def attach_adapter(model: nn.Module, adapter: AdapterFile, name: str, trainable:
 
 
 # ---- saving -----------------------------------------------------------------------------------------------------
+def _default_slice(layer: AdaptedLinear, name: str) -> bool:
+    """What `save_adapter` writes by default: the trainable slices, plus the frozen −B0·A0 of a minor-component
+    adapter, without which B'·A' alone would not be the trained update."""
+    from .minor import MINOR_RESIDUAL_SLICE, MINOR_SLICE
+
+    return layer.slices[name].trainable or (name == MINOR_RESIDUAL_SLICE and MINOR_SLICE in layer.slices)
+
+
 def collect_factors(model: nn.Module, slice_names: list[str] | None = None) -> dict[str, LoraFactors]:
-    """One LoRA per module from the chosen slices (default: the trainable ones), concatenated.
+    """One LoRA per module from the chosen slices (default: see `_default_slice`), concatenated.
 
     Slices of equal scale keep it (written as alpha); different scales are folded into B so the file is exact.
     """
@@ -183,7 +191,7 @@ def collect_factors(model: nn.Module, slice_names: list[str] | None = None) -> d
         if not isinstance(layer, AdaptedLinear):
             continue
         chosen = [s for n, s in layer.slices.items()
-                  if (n in slice_names if slice_names is not None else s.trainable)]
+                  if (n in slice_names if slice_names is not None else _default_slice(layer, n))]
         if not chosen:
             continue
         scales = {s.scale for s in chosen}

@@ -176,6 +176,8 @@ def _fill_linear(name: str, layer: AdaptedLinear, weight: torch.Tensor, quant: s
                                       minor.svd_device if minor else None)
             layer.add_slice(f"{slice_name}_residual", A0, -B0, trainable=False, dtype=dtype)
             layer.add_slice(slice_name, factors.A, factors.B, 1.0, trainable=False, dtype=dtype)
+            if w1 is not None or _needs_svd(name, plan, minor):  # what later SVDs see: the weight as it now is
+                w1 = base + factors.delta() - B0 @ A0
     if minor is not None and is_adapter_target(name, minor.targets):
         base = weight.float() if w1 is None else fused_like_authors(w1, weight.dtype)
         B0, A0 = minor_components(base, minor.rank, minor.svd_device)
