@@ -181,7 +181,7 @@ def _fill_linear(name: str, layer: AdaptedLinear, weight: torch.Tensor, quant: s
     if minor is not None and is_adapter_target(name, minor.targets):
         base = weight.float() if w1 is None else fused_like_authors(w1, weight.dtype)
         B0, A0 = minor_components(base, minor.rank, minor.svd_device)
-        add_minor_slices(layer, A0.to(dtype), B0.to(dtype), trainable=minor.trainable)
+        add_minor_slices(layer, A0, B0, trainable=minor.trainable, dtype=dtype)
 
 
 def fused_like_authors(w1: torch.Tensor, base_dtype: torch.dtype) -> torch.Tensor:

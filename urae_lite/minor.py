@@ -37,7 +37,8 @@ def minor_components(weight: torch.Tensor, rank: int, device: torch.device | str
 
 
 def add_minor_slices(module: AdaptedLinear, A0: torch.Tensor, B0: torch.Tensor,
-                     A: torch.Tensor | None = None, B: torch.Tensor | None = None, trainable: bool = True) -> None:
+                     A: torch.Tensor | None = None, B: torch.Tensor | None = None, trainable: bool = True,
+                     dtype: torch.dtype = torch.bfloat16) -> None:
     """Attach (B', A') (default: initialised to (B0, A0)) and the frozen residual slice (−B0, A0)."""
-    module.add_slice(MINOR_SLICE, A0 if A is None else A, B0 if B is None else B, trainable=trainable)
-    module.add_slice(MINOR_RESIDUAL_SLICE, A0, -B0, trainable=False)
+    module.add_slice(MINOR_SLICE, A0 if A is None else A, B0 if B is None else B, trainable=trainable, dtype=dtype)
+    module.add_slice(MINOR_RESIDUAL_SLICE, A0, -B0, trainable=False, dtype=dtype)

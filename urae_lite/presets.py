@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from .errors import UraeError
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(str(resources.files("urae_lite.recipes")))  # recipes/ in a checkout, installed in a wheel
 PRESETS = ("2k", "4k")
 VAE_TILING_MODES = ("auto", "on", "off")
 SIZE_MULTIPLE = 16  # 8x VAE downsampling, then 2x2 latent patches
