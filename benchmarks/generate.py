@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from provenance import provenance
+from provenance import provenance, result_path
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -273,8 +272,7 @@ def main() -> None:
                               "met": r["peak_allocated_gib"] <= limit})
                 print(f"SPEC §7: NF4 {size}² peak {r['peak_allocated_gib']:.2f} GiB (<= {limit}): "
                       f"{'MET' if goals[-1]['met'] else 'NOT MET'}")
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    out = args.out or ROOT / "benchmarks" / "results" / f"generate_{slug}.json"
+    out = args.out or result_path("generate", device)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "device": device, **provenance(), "offload": args.offload, "rows": rows, "vae_4096": vae_result, "goals": goals,

@@ -22,14 +22,13 @@ import argparse
 import importlib.util
 import json
 import math
-import re
 import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provenance import provenance
+from provenance import provenance, result_path
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_M = (4608, 16896, 66048)  # FLUX tokens: 1024² + 512 text, 2048² + 512, 4096² + 512
@@ -214,8 +213,7 @@ def main() -> None:
         print(f"SPEC §7 goal: fused NF4 rank-16 fwd+bwd at M=16896, K=N=3072 = {ratio:.3f}x floor "
               f"(target <= {GOAL['max_ratio']}): {'MET' if goal['met'] else 'NOT MET'}")
 
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    out = args.out or ROOT / "benchmarks" / "results" / f"kernels_{slug}.json"
+    out = args.out or result_path("kernels", device)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "device": device, **provenance(), "iters": args.iters, "warmup": args.warmup, "goal": goal, "rows": rows,

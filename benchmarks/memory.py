@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from provenance import provenance
+from provenance import provenance, result_path
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -243,8 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("benchmarks/memory.py measures on a CUDA GPU; --dry-run prints the estimates without one")
     device = torch.cuda.get_device_name()
     vram_gib = torch.cuda.get_device_properties(0).total_memory / GiB
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    out = args.out or ROOT / "benchmarks" / "results" / f"memory_{slug}.json"
+    out = args.out or result_path("memory", device)
     previous = json.loads(out.read_text()) if out.is_file() else {}
     rows = {r["key"]: r for r in previous.get("rows", [])}
     for offload, quants in generate_slices(args):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,9 @@ def provenance() -> dict:
     out["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     out["git_commit"] = git_commit()
     return out
+
+
+def result_path(benchmark: str, device: str) -> Path:
+    """benchmarks/results/<benchmark>_<device slug>.json: one file per benchmark and device name."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    return ROOT / "benchmarks" / "results" / f"{benchmark}_{slug}.json"

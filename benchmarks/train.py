@@ -29,14 +29,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from provenance import provenance
+from provenance import provenance, result_path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {  # name -> (recipe, resolution, quant)
@@ -198,8 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     device = "cpu-tiny" if args.tiny else torch.cuda.get_device_name()
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    out = args.out or ROOT / "benchmarks" / "results" / f"train_{slug}.json"
+    out = args.out or result_path("train", device)
     previous = json.loads(out.read_text()) if out.is_file() else {}
     rows = {(r["config"], r["mode"]): r for r in previous.get("rows", [])}
     for name in names:  # one fresh process per model: its peak counters and allocator start empty
