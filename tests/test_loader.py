@@ -141,6 +141,17 @@ def test_errors_are_one_clear_line(tiny_flux, tmp_path):
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(UraeError, match="truncated or corrupt"):
         load_transformer(broken, progress=False)
+    # a checkpoint that lacks one block linear's bias
+    from safetensors.torch import load_file, save_file
+
+    partial = tmp_path / "partial" / "transformer"
+    shutil.copytree(tiny_flux / "transformer", partial)
+    shard = next(partial.glob("*.safetensors"))
+    tensors = load_file(str(shard))
+    del tensors["transformer_blocks.1.attn.to_k.bias"]
+    save_file(tensors, str(shard))
+    with pytest.raises(UraeError, match=r"missing 1 tensors \(first: transformer_blocks.1.attn.to_k.bias\)"):
+        load_transformer(partial.parent, progress=False)
     # a folder without FLUX files
     (tmp_path / "empty").mkdir()
     with pytest.raises(UraeError, match="no transformer/config.json"):

@@ -4,13 +4,13 @@ from .adapted_linear import AdaptedLinear, LowRankSlice
 from .adapter_io import AdapterFile, attach_adapter, read_adapter, save_adapter
 from .convert import convert_urae_4k
 from .errors import UraeError
-from .loader import MinorSpec, add_lora, load_transformer, quantize_model
+from .loader import MinorSpec, add_lora, load_transformer
 from .prepare import prepare
 from .quant import QUANT_FORMATS, QuantizedWeight
 
 __all__ = [
     "AdaptedLinear", "LowRankSlice", "AdapterFile", "attach_adapter", "read_adapter", "save_adapter",
-    "convert_urae_4k", "UraeError", "MinorSpec", "add_lora", "load_transformer", "quantize_model", "prepare",
+    "convert_urae_4k", "UraeError", "MinorSpec", "add_lora", "load_transformer", "prepare",
     "load_pipeline",
     "QUANT_FORMATS", "QuantizedWeight",
 ]

@@ -12,13 +12,12 @@ the prefix [0, n_trainable).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import QuantizedWeight
+from .quant import QuantizedWeight, kernels_enabled
 
 
 class LowRankSlice(nn.Module):
@@ -63,10 +62,6 @@ class _FrozenBaseLinear(torch.autograd.Function):
         return grad_out @ ctx.base.dequantize().to(grad_out.dtype), None
 
 
-def kernels_wanted(x: torch.Tensor) -> bool:
-    return x.is_cuda and os.environ.get("URAE_LITE_KERNELS", "1") != "0"
-
-
 class AdaptedLinear(nn.Module):
     """Drop-in for nn.Linear inside FLUX blocks; the base weight lives in `self.base` (NF4/FP8/bf16 buffers)."""
 
@@ -91,7 +86,7 @@ class AdaptedLinear(nn.Module):
         if A.shape[1] != self.in_features or B.shape[0] != self.out_features:
             raise ValueError(f"adapter '{name}' has A {tuple(A.shape)}, B {tuple(B.shape)} but the layer is "
                              f"{self.out_features}x{self.in_features}")
-        device = self.bias.device if self.bias is not None else next(self.base.buffers()).device
+        device = next(self.base.buffers()).device  # the base is filled first; a bias may still be a meta placeholder
         piece = LowRankSlice(A.detach().to(device, dtype).clone(), B.detach().to(device, dtype).clone(),
                              scale, trainable)
         self.slices[name] = piece
@@ -130,7 +125,7 @@ class AdaptedLinear(nn.Module):
         x = x.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         branch = self.branch()
-        if kernels_wanted(x):
+        if kernels_enabled(x):
             from urae_lite import kernels
 
             if branch is None:

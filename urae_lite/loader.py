@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapted_linear import AdaptedLinear
-from .adapter_io import AdapterFile, LoraFactors, check_fits, read_adapter
+from .adapter_io import AdapterFile, check_fits, read_adapter
 from .checkpoint import CheckpointReader
 from .errors import UraeError
 from .minor import add_minor_slices, minor_components
@@ -85,21 +85,8 @@ def empty_transformer(config: dict) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         lin: nn.Linear = getattr(parent, child)
-        layer = AdaptedLinear(None, None, lin.in_features, lin.out_features)
-        layer.has_bias = lin.bias is not None
-        setattr(parent, child, layer)
-    return model
-
-
-def quantize_model(model: nn.Module, quant: str, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """In place: every block nn.Linear of an already materialised model becomes an AdaptedLinear."""
-    check_quant_format(quant)
-    for name in block_linear_names(model):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        lin = getattr(parent, child)
-        if isinstance(lin, nn.Linear):
-            setattr(parent, child, AdaptedLinear.from_linear(lin, quant, dtype))
+        # the meta bias is a placeholder: _check_complete reports it if the checkpoint never fills it
+        setattr(parent, child, AdaptedLinear(None, lin.bias, lin.in_features, lin.out_features))
     return model
 
 
@@ -200,9 +187,7 @@ def _needs_svd(name: str, plan: list[tuple[str, AdapterFile]], minor: MinorSpec 
 
 def _check_complete(model: nn.Module) -> None:
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    missing += [n for n, m in model.named_modules() if isinstance(m, AdaptedLinear) and m.base is None]
-    missing += [f"{n}.bias" for n, m in model.named_modules()
-                if isinstance(m, AdaptedLinear) and getattr(m, "has_bias", False) and m.bias is None]
+    missing += [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, AdaptedLinear) and m.base is None]
     if missing:
         raise UraeError(f"checkpoint is missing {len(missing)} tensors (first: {missing[0]}): "
                         f"incomplete download or a non-FLUX checkpoint")
@@ -250,8 +235,3 @@ def add_lora(model: nn.Module, name: str, rank: int, alpha: float | None = None,
             count += 1
     return count
 
-
-def factors_of(model: nn.Module, slice_name: str) -> dict[str, LoraFactors]:
-    return {n: LoraFactors(l.slices[slice_name].A.detach(), l.slices[slice_name].B.detach(),
-                           l.slices[slice_name].scale)
-            for n, l in adapted_layers(model) if slice_name in l.slices}

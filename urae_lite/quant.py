@@ -17,7 +17,6 @@ Storage layouts (what the kernels read):
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -36,7 +35,8 @@ def check_quant_format(fmt: str) -> str:
     return fmt
 
 
-def _kernels_enabled(t: torch.Tensor) -> bool:
+def kernels_enabled(t: torch.Tensor) -> bool:
+    """The Triton path runs for CUDA tensors unless URAE_LITE_KERNELS=0; elsewhere the libraries' code does."""
     return t.is_cuda and os.environ.get("URAE_LITE_KERNELS", "1") != "0"
 
 
@@ -110,9 +110,6 @@ class QuantizedWeight(nn.Module):
     def shape(self) -> torch.Size:
         return torch.Size((self.out_features, self.in_features))
 
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
     def bnb_quant_state(self):
         """The bitsandbytes QuantState describing our NF4 buffers (cheap; no copies)."""
         from bitsandbytes.functional import QuantState
@@ -127,7 +124,7 @@ class QuantizedWeight(nn.Module):
         if self.format == "bf16":
             w = self.weight if self.weight.dtype == self.dtype else self.weight.to(self.dtype)
             return w if out is None else out.copy_(w)
-        if _kernels_enabled(self.weight):
+        if kernels_enabled(self.weight):
             from urae_lite import kernels
 
             if self.format == "nf4":
@@ -186,7 +183,3 @@ class QuantizedWeight(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.format}, out_features={self.out_features}, in_features={self.in_features}"
 
-
-def quant_state_json(fmt: str) -> str:
-    """Metadata stored in prepared checkpoints so a load can check what it reads."""
-    return json.dumps({"format": fmt, "blocksize": NF4_BLOCKSIZE, "nested_blocksize": NF4_NESTED_BLOCKSIZE})
