@@ -108,9 +108,12 @@ def _flux_arch(config_json: str) -> FluxArch:
 
     config = json.loads(config_json)
     model = empty_transformer(config)
-    linears = tuple(Linear(name, m.out_features, m.in_features, bool(m.has_bias), is_adapter_target(name))
+    linears = tuple(Linear(name, m.out_features, m.in_features, m.bias is not None, is_adapter_target(name))
                     for name, m in model.named_modules() if isinstance(m, AdaptedLinear))
-    other = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    adapted = {name for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+    # everything outside the quantized linears (whose meta bias placeholders are counted in `linears`)
+    other = sum(t.numel() for n, t in [*model.named_parameters(), *model.named_buffers()]
+                if n.rpartition(".")[0] not in adapted)
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     mlp = model.single_transformer_blocks[0].proj_mlp.out_features if config["num_single_layers"] else 4 * hidden
     return FluxArch(hidden=hidden, head_dim=config["attention_head_dim"], n_double=config["num_layers"],
