@@ -63,13 +63,6 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self.key_to_file)
 
-    def metadata(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for file in sorted(set(self.key_to_file.values())):
-            with _open(file) as f:
-                out.update(f.metadata() or {})
-        return out
-
     def get(self, key: str) -> torch.Tensor:
         if key not in self.key_to_file:
             raise UraeError(f"tensor {key} missing from {self.folder}")
