@@ -2,6 +2,8 @@
 
 Saved for backward: x (only when A trains) and xa = x·Aᵀ (only when B trains), plus the small A and B.
 The reference path (F.linear on the dequantized weight) would keep the dense (N, K) weight alive per layer.
+Every kernel runs through a `torch.ops.urae_lite` custom op, so the whole function also runs on fake tensors
+(FakeTensorMode, torch.compile tracing).
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+from torch._guards import detect_fake_mode
 
-from .lowrank_gemm import lowrank_backward, lowrank_forward
+from .lowrank_gemm import lowrank_backward
 
 
 class DequantizableWeight(Protocol):
@@ -29,21 +32,34 @@ class DequantizableWeight(Protocol):
 _workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
+def _tracing(t: torch.Tensor) -> bool:
+    """True under torch.compile or a fake mode: a buffer made now is a fake (or graph) tensor and must not
+    enter the global workspace cache, where a later real call would pick it up."""
+    return torch.compiler.is_compiling() or detect_fake_mode((t,)) is not None
+
+
+def _workspace(base: DequantizableWeight) -> torch.Tensor:
+    """A flat `base.dtype` buffer of at least the base's size on its device. Real calls share one per device
+    (grown to the largest layer and held: FLUX's largest is norm1.linear, 18432 x 3072 bf16 = 108 MiB); kernels
+    run in stream order, so a layer's GEMM has read the buffer before the next layer's dequantization writes it.
+    Traced calls get a fresh buffer of the same size, so memory accounting still sees it."""
+    device, numel = base.weight.device, base.shape.numel()
+    if _tracing(base.weight):
+        return torch.empty(numel, dtype=base.dtype, device=device)
+    key = (device, base.dtype)
+    buf = _workspaces.get(key)
+    if buf is None or buf.numel() < numel:
+        _workspaces.pop(key, None)  # free the old buffer before allocating the larger one
+        buf = _workspaces[key] = torch.empty(numel, dtype=base.dtype, device=device)
+    return buf
+
+
 def _dense_weight(base: DequantizableWeight, dtype: torch.dtype) -> torch.Tensor:
-    """base as a dense (N, K) `dtype` weight. Quantized bases dequantize into one per-device buffer that every
-    layer reuses (grown to the largest layer and held: FLUX's largest is norm1.linear, 18432 x 3072 bf16 =
-    108 MiB); kernels run in stream order, so a layer's GEMM has read the buffer before the next layer's
-    dequantization writes it."""
+    """base as a dense (N, K) `dtype` weight; quantized bases dequantize into the shared workspace."""
     if base.format == "bf16":
         w = base.dequantize()
     else:
-        key = (base.weight.device, base.dtype)
-        numel = base.shape.numel()
-        buf = _workspaces.get(key)
-        if buf is None or buf.numel() < numel:
-            _workspaces.pop(key, None)  # free the old buffer before allocating the larger one
-            buf = _workspaces[key] = torch.empty(numel, dtype=base.dtype, device=base.weight.device)
-        w = base.dequantize(out=buf[:numel].view(base.shape))
+        w = base.dequantize(out=_workspace(base)[: base.shape.numel()].view(base.shape))
     return w if w.dtype == dtype else w.to(dtype)
 
 
@@ -56,7 +72,7 @@ class AdaptedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None,
                 base: DequantizableWeight, n_trainable: int) -> torch.Tensor:
-        y, xa = lowrank_forward(x, _dense_weight(base, x.dtype), A, B, bias)
+        y, xa = torch.ops.urae_lite.lowrank_forward(x, _dense_weight(base, x.dtype), A, B, bias)
         need_A, need_B = ctx.needs_input_grad[1:3]
         train_A, train_B = need_A and n_trainable > 0, need_B and n_trainable > 0
         ctx.base, ctx.n_trainable, ctx.train = base, n_trainable, (train_A, train_B)

@@ -3,6 +3,10 @@
 Both kernels are bit-exact with the owning library: fp32 products in the library's order, no FMA contraction
 (`enable_fp_fusion=False`; bitsandbytes multiplies and adds the nested absmax in two separate kernels), one
 round-to-nearest-even into the output dtype.
+
+The launches are registered as torch.library custom ops (`torch.ops.urae_lite.nf4_dequantize`,
+`nf4_dequantize_into`, `fp8_dequantize`, `fp8_dequantize_into`) with fake implementations, so FakeTensorMode
+and torch.compile trace through them; each launch runs on its tensors' device.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import check_launchable, interpreting, round_to
+from .triton_utils import check_launchable, device_guard, interpreting, round_to
 
 NF4_BLOCK = 64  # elements per absmax (bitsandbytes blocksize; 256 absmax codes share a nested absmax)
 _NF4_ROWS = 16 if interpreting() else 64  # quant blocks per program: 64 x 64 elements = 8 KiB of bf16 out
@@ -77,15 +81,110 @@ def _fp8_dequant_kernel(
     tl.store(out_ptr + idx, round_to(value * scale[:, None], out_ptr.dtype.element_ty), mask=mask)
 
 
-def _output(out: torch.Tensor | None, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if out is None:
-        return torch.empty(tuple(shape), dtype=dtype, device=device)
+def _check_out(out: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """The kernels write `out` flat, in `dtype`."""
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)}, got "
                          f"{out.dtype} {tuple(out.shape)} (contiguous={out.is_contiguous()})")
     return out
 
 
+# ---- launches (the real implementations of the custom ops below) -------------------------------------------------
+def nf4_kernel_args(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor,
+                    nested_quant_map: torch.Tensor, offset: torch.Tensor, quant_map: torch.Tensor,
+                    out: torch.Tensor) -> tuple[tuple, dict]:
+    """(positional args, meta kwargs) of the NF4 launch; the compile tests build their kernels from this too."""
+    args = (packed.contiguous().view(torch.uint8), absmax.contiguous(), nested_absmax.float().contiguous(),
+            nested_quant_map.float().contiguous(), offset.float(), quant_map.float().contiguous(), out, out.numel())
+    return args, {"ROWS": _NF4_ROWS, "num_warps": 4, "enable_fp_fusion": False}
+
+
+def fp8_kernel_args(data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> tuple[tuple, dict]:
+    """(positional args, meta kwargs) of the FP8 launch; the compile tests build their kernels from this too."""
+    block_n, block_k = _FP8_TILE
+    args = (data.contiguous().view(torch.uint8), scale.contiguous().view(-1), out, data.shape[0], data.shape[1])
+    return args, {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "enable_fp_fusion": False}
+
+
+def _launch_nf4(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor,
+                nested_quant_map: torch.Tensor, offset: torch.Tensor, quant_map: torch.Tensor,
+                out: torch.Tensor) -> None:
+    """Dequantize into `out` on the buffers' GPU (Triton launches on the *current* device otherwise)."""
+    check_launchable(packed, absmax, nested_absmax, nested_quant_map, offset, quant_map, out)
+    if out.numel() == 0:
+        return
+    grid = (triton.cdiv(triton.cdiv(out.numel(), NF4_BLOCK), _NF4_ROWS),)
+    args, meta = nf4_kernel_args(packed, absmax, nested_absmax, nested_quant_map, offset, quant_map, out)
+    with device_guard(out.device):
+        _nf4_dequant_kernel[grid](*args, **meta)
+
+
+def _launch_fp8(data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+    """Dequantize into `out` on the data's GPU (Triton launches on the *current* device otherwise)."""
+    check_launchable(data, scale, out)
+    if out.numel() == 0:
+        return
+    block_n, block_k = _FP8_TILE
+    grid = (triton.cdiv(data.shape[0], block_n), triton.cdiv(data.shape[1], block_k))
+    args, meta = fp8_kernel_args(data, scale, out)
+    with device_guard(out.device):
+        _fp8_dequant_kernel[grid](*args, **meta)
+
+
+# ---- custom ops: what autograd, FakeTensorMode and torch.compile see --------------------------------------------
+@torch.library.custom_op("urae_lite::nf4_dequantize", mutates_args=())
+def _nf4_dequantize_op(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor,
+                       nested_quant_map: torch.Tensor, offset: torch.Tensor, quant_map: torch.Tensor,
+                       shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """NF4 buffers -> a new dense `shape` tensor in `dtype`."""
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    _launch_nf4(packed, absmax, nested_absmax, nested_quant_map, offset, quant_map, out)
+    return out
+
+
+@_nf4_dequantize_op.register_fake
+def _(packed, absmax, nested_absmax, nested_quant_map, offset, quant_map, shape, dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("urae_lite::nf4_dequantize_into", mutates_args=("out",))
+def _nf4_dequantize_into_op(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor,
+                            nested_quant_map: torch.Tensor, offset: torch.Tensor, quant_map: torch.Tensor,
+                            out: torch.Tensor) -> None:
+    """NF4 buffers -> `out` (a reused workspace; declared mutated, so tracing orders it correctly)."""
+    _launch_nf4(packed, absmax, nested_absmax, nested_quant_map, offset, quant_map, out)
+
+
+@_nf4_dequantize_into_op.register_fake
+def _(packed, absmax, nested_absmax, nested_quant_map, offset, quant_map, out):
+    return None
+
+
+@torch.library.custom_op("urae_lite::fp8_dequantize", mutates_args=())
+def _fp8_dequantize_op(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 data and row scales -> a new dense tensor in `dtype`."""
+    out = torch.empty(data.shape, dtype=dtype, device=data.device)
+    _launch_fp8(data, scale, out)
+    return out
+
+
+@_fp8_dequantize_op.register_fake
+def _(data, scale, dtype):
+    return data.new_empty(data.shape, dtype=dtype)
+
+
+@torch.library.custom_op("urae_lite::fp8_dequantize_into", mutates_args=("out",))
+def _fp8_dequantize_into_op(data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> None:
+    """FP8 data and row scales -> `out` (declared mutated, so tracing orders it correctly)."""
+    _launch_fp8(data, scale, out)
+
+
+@_fp8_dequantize_into_op.register_fake
+def _(data, scale, out):
+    return None
+
+
+# ---- public entry points ------------------------------------------------------------------------------------------
 def nf4_dequantize(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -101,20 +200,15 @@ def nf4_dequantize(
 
     Bit-exact with `bitsandbytes.functional.dequantize_4bit(..., quant_type="nf4")` (which reads its built-in
     NF4 table; `quant_map` is the state's copy of it). `offset` stays a tensor so nothing waits on the host.
+    Runs as `torch.ops.urae_lite.nf4_dequantize` (or `nf4_dequantize_into` with `out`).
     """
-    check_launchable(packed, absmax, nested_absmax, nested_quant_map, offset, quant_map)
     n = math.prod(shape)
     if packed.numel() * packed.element_size() < (n + 1) // 2 or absmax.numel() < -(-n // NF4_BLOCK):
         raise ValueError(f"NF4 buffers too small for shape {tuple(shape)}")
-    out = _output(out, shape, dtype, packed.device)
-    if n == 0:
-        return out
-    grid = (triton.cdiv(triton.cdiv(n, NF4_BLOCK), _NF4_ROWS),)
-    _nf4_dequant_kernel[grid](
-        packed.contiguous().view(torch.uint8), absmax.contiguous(), nested_absmax.float().contiguous(),
-        nested_quant_map.float().contiguous(), offset.float(), quant_map.float().contiguous(), out, n,
-        ROWS=_NF4_ROWS, num_warps=4, enable_fp_fusion=False,
-    )
+    buffers = (packed, absmax, nested_absmax, nested_quant_map, offset, quant_map)
+    if out is None:
+        return torch.ops.urae_lite.nf4_dequantize(*buffers, [int(d) for d in shape], dtype)
+    torch.ops.urae_lite.nf4_dequantize_into(*buffers, _check_out(out, shape, dtype))
     return out
 
 
@@ -127,20 +221,13 @@ def fp8_dequantize(
     """Dense (N, K) weight from quanto qfloat8_e4m3fn (axis 0) data (N, K) and scale (N, 1), into `out` if given.
 
     Equals quanto's `scale * data.to(scale.dtype)` bit for bit (the e4m3 x bf16 product is exact in fp32, so
-    the single rounding to `dtype` is the only one).
+    the single rounding to `dtype` is the only one). Runs as `torch.ops.urae_lite.fp8_dequantize` (or
+    `fp8_dequantize_into` with `out`).
     """
-    check_launchable(data, scale)
     if data.dim() != 2 or scale.numel() != data.shape[0]:
         raise ValueError(f"fp8 data must be (N, K) with one scale per row, got {tuple(data.shape)} and "
                          f"{tuple(scale.shape)}")
-    n_rows, n_cols = data.shape
-    out = _output(out, data.shape, dtype, data.device)
-    if out.numel() == 0:
-        return out
-    block_n, block_k = _FP8_TILE
-    grid = (triton.cdiv(n_rows, block_n), triton.cdiv(n_cols, block_k))
-    _fp8_dequant_kernel[grid](
-        data.contiguous().view(torch.uint8), scale.contiguous().view(-1), out, n_rows, n_cols,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, enable_fp_fusion=False,
-    )
+    if out is None:
+        return torch.ops.urae_lite.fp8_dequantize(data, scale, dtype)
+    torch.ops.urae_lite.fp8_dequantize_into(data, scale, _check_out(out, data.shape, dtype))
     return out

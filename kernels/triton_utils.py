@@ -1,6 +1,9 @@
-"""What every kernel shares: the interpreter switch, exact fp32 -> storage-dtype rounding, launch checks."""
+"""What every kernel shares: the interpreter switch, exact fp32 -> storage-dtype rounding, launch checks and the
+device guard."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -26,6 +29,14 @@ def check_launchable(*tensors: torch.Tensor) -> None:
     """Compiled kernels need CUDA tensors; the interpreter takes any device (it copies to the host)."""
     if not _INTERPRET and not all(t.is_cuda for t in tensors):
         raise RuntimeError("urae_lite.kernels needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make `device` current for a launch: Triton launches on the current CUDA device, not the tensors', so
+    `--device cuda:1` would otherwise run on GPU 0 with pointers into GPU 1. A no-op off CUDA (interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 @triton.jit

@@ -44,12 +44,16 @@ BF16 = torch.bfloat16
 M, K, N = 37, 70, 50
 
 
-@pytest.fixture
-def gen(request) -> torch.Generator:
+def seeded_generator(test_name: str) -> torch.Generator:
     """A fresh seed per test, printed (pytest shows it on failure); URAE_TEST_SEED=<int> replays one."""
     seed = int(os.environ.get("URAE_TEST_SEED", int.from_bytes(os.urandom(4), "little") % 2**31))
-    print(f"{request.node.name}: URAE_TEST_SEED={seed}")
+    print(f"{test_name}: URAE_TEST_SEED={seed}")
     return torch.Generator(DEVICE).manual_seed(seed)
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    return seeded_generator(request.node.name)
 
 
 def randn(*shape: int, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
@@ -182,6 +186,51 @@ def test_gemm_lowrank_strided_operands(gen):
     ref = a64 @ w64.t() + l64 @ u64.t()
     full = a64.abs() @ w64.abs().t() + l64.abs() @ u64.abs().t()
     assert_within(gemm_lowrank(a, w, l, u), ref, full, 23)
+
+
+@pytest.mark.parametrize("rank", [300, 520])
+def test_large_stacked_rank_forward_and_dx_match_float64(rank, gen):
+    """Stacked adapters past one rank chunk (R > BLOCK_R_MAX, not a chunk multiple): the kernel walks R in
+    chunks; forward (L = x·Aᵀ, U = B) and the dx layout (L = dy·B, U = Aᵀ through a transposed view)."""
+    from urae_lite.kernels.lowrank_gemm import BLOCK_R_MAX
+
+    assert rank > BLOCK_R_MAX and rank % BLOCK_R_MAX
+    x, w = randn(M, K, gen=gen), randn(N, K, gen=gen, scale=K**-0.5)
+    A, B = randn(rank, K, gen=gen, scale=K**-0.5), randn(N, rank, gen=gen, scale=rank**-0.5)
+    bias = randn(N, gen=gen)
+    y, _ = lowrank_forward(x, w, A, B, bias)
+    x64, w64, A64, B64, b64 = (t.double() for t in (x, w, A, B, bias))
+    full = x64.abs() @ w64.abs().t() + (x64.abs() @ A64.abs().t()) @ B64.abs().t() + b64.abs()
+    assert_within(y, lowrank_forward_ref(x64, w64, A64, B64, b64), full, K + rank, rounded=(x64 @ A64.t(), B64.t()))
+
+    dy = randn(M, N, gen=gen)
+    dyB = dy @ B  # (M, R), rounded to bf16 as in backward
+    dx = torch.full((M, K), float("nan"), dtype=BF16, device=DEVICE)  # poisoned
+    gemm_lowrank(dy, w.t(), dyB, A.t(), out=dx)
+    dy64, dyB64 = dy.double(), dy.double() @ B64
+    assert_within(dx, dy64 @ w64 + dyB64 @ A64, dy64.abs() @ w64.abs() + (dy64.abs() @ B64.abs()) @ A64.abs(),
+                  N + rank, rounded=(dyB64, A64))
+
+
+@pytest.mark.parametrize("rank", [0, 16, 300])
+def test_gemm_fp32_inputs_match_float64(rank, gen):
+    """fp32 compute (exact ieee products, one fp32 rounding per accumulation) against float64."""
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=DEVICE) * scale
+
+    x, w, bias = rand(M, K), rand(N, K, scale=K**-0.5), rand(N)
+    A, B = rand(rank, K, scale=K**-0.5), rand(N, rank, scale=0.5)
+    y, xa = lowrank_forward(x, w, A, B, bias)
+    out = torch.full((M, N), float("nan"), device=DEVICE)  # poisoned
+    gemm_lowrank(x, w, xa, B, bias, out=out)
+    assert y.dtype == out.dtype == torch.float32 and torch.equal(out, y)
+
+    x64, w64, A64, B64, b64 = (t.double() for t in (x, w, A, B, bias))
+    ref = lowrank_forward_ref(x64, w64, A64, B64, b64)
+    full = x64.abs() @ w64.abs().t() + (x64.abs() @ A64.abs().t()) @ B64.abs().t() + b64.abs()
+    err = (y.double() - ref).abs()
+    # fp32: u = 2^-24 per rounding, <= K + R + 1 roundings on any path (x·Aᵀ included); doubled for margin
+    assert (err <= (K + rank + 2) * 2**-23 * full + 2**-23 * ref.abs()).all(), err.max().item()
 
 
 # ---- adapted_linear: forward + gradients through autograd ----------------------------------------------------

@@ -1,0 +1,148 @@
+"""benchmarks/gpu_check.py stays runnable without a GPU: its dry run on the tiny model writes the report a GPU
+session relies on, its budget and pytest parsing behave, and a plain (not pip-installed) checkout imports."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.py"
+HEAVY = [f"{task}-{size}-{quant}" for task in ("generate", "train") for size in (2048, 4096)
+         for quant in ("nf4", "fp8")]
+RAN = ["generate-2048-nf4", "train-2048-nf4"]  # one slice of each kind: every runner and parser, no 4K, no kernels
+# A Python that sees the checkout the way the GPU machine does: no editable-install finder, so urae_lite.kernels
+# and urae_lite.recipes (package-dir mappings of the install) are missing unless gpu_check maps them.
+NO_EDITABLE_INSTALL = """import sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+"""
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_check
+
+        yield gpu_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+
+@pytest.fixture(scope="module")
+def plain_checkout_env(tmp_path_factory) -> dict:
+    """Environment of a child that imports urae_lite from the checkout with no install's finder."""
+    site = tmp_path_factory.mktemp("plain_checkout")
+    (site / "sitecustomize.py").write_text(NO_EDITABLE_INSTALL)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory, plain_checkout_env):
+    """One dry run from a plain checkout, two slices run; its exit, output folder and report."""
+    out = tmp_path_factory.mktemp("gpu_check")
+    result = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--only", ",".join(RAN)],
+                            capture_output=True, text=True, timeout=600, cwd=out, check=False, env=plain_checkout_env)
+    files = sorted(out.glob("gpu_check_*.json"))
+    report = json.loads(files[0].read_text()) if len(files) == 1 else None
+    return result, files, report
+
+
+def test_dry_run_exits_0_and_writes_one_report(dry_run):
+    result, files, report = dry_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert len(files) == 1 and report is not None
+    assert not list(files[0].parent.glob("*.tmp"))  # written atomically
+    assert "generate-2048-nf4" in result.stdout and "wrote" in result.stdout
+
+
+def test_report_records_device_versions_command_and_commit(dry_run):
+    _, _, report = dry_run
+    assert report["device"] and report["dry_run"] is True and report["complete"] is True
+    assert report["versions"]["torch"] and "diffusers" in report["versions"]
+    assert "gpu_check.py" in report["command"] and "--dry-run" in report["command"]
+    assert "git_commit" in report
+
+
+def test_every_heavy_row_has_the_planner_estimate_and_it_grows_with_resolution(dry_run):
+    _, _, report = dry_run
+    rows = {r["slice"]: r for r in report["rows"]}
+    assert set(HEAVY) <= set(rows) and {"kernel-tests", "kernel-bench"} <= set(rows)
+    for name in HEAVY:
+        p = rows[name]["planner"]
+        assert 0 < p["allocated_gib"] < p["reserved_gib"] < p["total_gib"], name
+        assert p["phases"] and p["peak_phase"] in p["phases"]
+    for task in ("generate", "train"):
+        for quant in ("nf4", "fp8"):
+            small, large = rows[f"{task}-2048-{quant}"]["planner"], rows[f"{task}-4096-{quant}"]["planner"]
+            assert large["allocated_gib"] > small["allocated_gib"]
+
+
+def test_selected_slices_ran_and_the_others_say_why_not(dry_run):
+    _, _, report = dry_run
+    summary = report["summary"]
+    assert sorted(summary["passed"]) == sorted(RAN) and summary["failed"] == []
+    for row in report["rows"]:
+        if row["slice"] in RAN:
+            assert row["status"] == "passed" and row["wall_s"] > 0 and row["command"]
+            assert row["measured"]["peak_allocated_gib"] is None  # no CUDA: no counters
+            assert row["measured"]["seconds_per_step"] > 0
+        else:
+            assert row["status"] == "skipped" and row["reason"]
+
+
+def test_budget_skips_what_does_not_fit_and_bounds_the_timeout(gpu_check):
+    budget = gpu_check.Budget(total_s=100.0)
+    timeout, _, reason = gpu_check.decide(budget, expected_s=500.0)
+    assert timeout is None and "budget" in reason
+    timeout, budget_bound, reason = gpu_check.decide(budget, expected_s=10.0)
+    assert reason is None and 0 < timeout <= budget.total_s - gpu_check.MARGIN_S and budget_bound
+    budget.record(expected_s=10.0, wall_s=100.0)  # this machine is slower than expected ...
+    assert budget.scale() == 2.0  # ... by a bounded factor
+
+
+def test_a_slice_that_breaks_gpu_check_fails_alone(gpu_check, monkeypatch, tmp_path):
+    def broken(ctx, sl, timeout_s):
+        raise KeyError("rows")
+
+    monkeypatch.setitem(gpu_check.RUNNERS, "train", broken)
+    sl = next(s for s in gpu_check.slices() if s.task == "train")
+    row = {"slice": sl.name, "status": "pending", "planner": None}
+    ctx = gpu_check.Context(dry_run=True, work=tmp_path, vram_gib=None)
+    gpu_check.run_slice(sl, row, ctx, gpu_check.Budget(total_s=600.0), known={})
+    assert row["status"] == "failed" and "KeyError" in row["reason"]
+
+
+def test_pytest_summary_counts(gpu_check):
+    counts = gpu_check.pytest_counts("....\n3 passed, 1 failed, 2 skipped, 1 error, 5 deselected in 4.50s\n")
+    assert counts == {"passed": 3, "failed": 1, "errors": 1, "skipped": 2, "deselected": 5}
+
+
+def test_every_process_below_gpu_check_maps_kernels_and_recipes(gpu_check, plain_checkout_env, tmp_path,
+                                                                 monkeypatch):
+    """What the GPU run relies on, in a subprocess of a subprocess (a test's own worker) that puts the checkout
+    first on sys.path as the benchmark scripts do."""
+    editable = "import sys; print(any(getattr(f, '__module__', '').startswith('__editable__') for f in sys.meta_path))"
+    plain = subprocess.run([sys.executable, "-c", editable], capture_output=True, text=True, env=plain_checkout_env,
+                           timeout=60, check=False)
+    assert plain.stdout.strip() == "False"  # the simulation holds: no install maps kernels/ and recipes/
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", plain_checkout_env["PYTHONPATH"])
+    gpu_check.map_checkout_everywhere(tmp_path / "site")
+    probe = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+             "import importlib.util, urae_lite.recipes\n"
+             f"{editable}\n"
+             "print(importlib.util.find_spec('urae_lite.kernels').origin, urae_lite.recipes.__file__)\n")
+    nested = f"import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', {probe!r}]).returncode)"
+    child = subprocess.run([sys.executable, "-c", nested], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                           env={**plain_checkout_env, "PYTHONPATH": os.environ["PYTHONPATH"]}, check=False)
+    assert child.returncode == 0, child.stderr[-2000:]
+    still_editable, kernels, recipes = child.stdout.split()
+    assert still_editable == "False"  # the sitecustomize gpu_check hid still ran
+    assert Path(kernels) == REPO / "kernels" / "__init__.py" and Path(recipes) == REPO / "recipes" / "__init__.py"
