@@ -2,7 +2,7 @@
 
     python benchmarks/generate.py [--quants nf4 fp8 bf16] [--sizes 1024 2048 4096] [--steps 4] [--offload model]
 
-No weights are downloaded (SPEC §5: values change neither memory nor speed). The transformer is streamed tensor
+No weights are downloaded (weight values change neither memory nor speed). The transformer is streamed tensor
 by tensor from `urae_lite.tiny.iter_random_transformer_tensors(flux_dev_config(), device="cuda")` into
 `empty_transformer` + `fill_transformer` (quantized as it arrives); T5-XXL, CLIP-L and the FLUX VAE are built
 from their real configs with random weights; tokenizers and scheduler come from the tiny offline model. The
@@ -13,7 +13,7 @@ Per (quant, size) row: time and peak CUDA memory (allocated and reserved) of eac
 the preset's settings (text encoders, denoise, VAE decode) and seconds per denoising step (median interval
 between the ends of consecutive transformer forwards, so model transfers are not counted). Separately: the
 4096² VAE decode, exact tiled vs plain. Results go to benchmarks/results/generate_<device>.json with versions,
-command and git commit; SPEC §7 goals (NF4: 2K <= 10 GiB, 4K <= 14 GiB peak) are checked.
+command and git commit; the README's goals (NF4: 2K <= 10 GiB, 4K <= 14 GiB peak) are checked.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from provenance import provenance, result_path
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
-GOALS_GIB = {2048: 10.0, 4096: 14.0}  # SPEC §7, NF4 base, whole generation
+GOALS_GIB = {2048: 10.0, 4096: 14.0}  # the README's goals, NF4 base, whole generation
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
               dense_act_fn="gelu_new", is_gated_act=True, layer_norm_epsilon=1e-6, tie_word_embeddings=False)
@@ -270,7 +270,7 @@ def main() -> None:
             if r["quant"] == "nf4" and r["size"] == size and "peak_allocated_gib" in r and "error" not in r:
                 goals.append({"size": size, "quant": "nf4", "limit_gib": limit, "peak_gib": r["peak_allocated_gib"],
                               "met": r["peak_allocated_gib"] <= limit})
-                print(f"SPEC §7: NF4 {size}² peak {r['peak_allocated_gib']:.2f} GiB (<= {limit}): "
+                print(f"goal: NF4 {size}² peak {r['peak_allocated_gib']:.2f} GiB (<= {limit}): "
                       f"{'MET' if goals[-1]['met'] else 'NOT MET'}")
     out = args.out or result_path("generate", device)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ Needs CUDA, torch, triton and bitsandbytes only; urae_lite.kernels is imported f
 straight from this checkout's kernels/ folder. Rows, per (M, K, N, rank) and for `fwd` (inference, no_grad)
 and `fwd+bwd` (training: x and the adapter need grad, the base and bias are frozen):
 
-* floor          -- bf16 F.linear(x, W, bias), no adapter: what the SPEC §7 ratios divide by
+* floor          -- bf16 F.linear(x, W, bias), no adapter: what the README's goal ratios divide by
 * bnb+lora       -- bitsandbytes matmul_4bit + separate LoRA, as peft runs it (lora_B(lora_A(x)) * scaling)
 * torch-ref      -- our PyTorch path: bnb dequantize_4bit, F.linear, two small linears
 * fused-nf4/fp8  -- urae_lite.kernels.adapted_linear on an NF4 / FP8 base
@@ -210,7 +210,7 @@ def main() -> None:
     if goal_rows:
         ratio = goal_rows[0]["ratio_to_floor"]
         goal = {**GOAL, "ratio": ratio, "met": ratio <= GOAL["max_ratio"]}
-        print(f"SPEC §7 goal: fused NF4 rank-16 fwd+bwd at M=16896, K=N=3072 = {ratio:.3f}x floor "
+        print(f"goal: fused NF4 rank-16 fwd+bwd at M=16896, K=N=3072 = {ratio:.3f}x floor "
               f"(target <= {GOAL['max_ratio']}): {'MET' if goal['met'] else 'NOT MET'}")
 
     out = args.out or result_path("kernels", device)

@@ -3,6 +3,7 @@
     python benchmarks/memory.py                      # the whole matrix on a CUDA GPU
     python benchmarks/memory.py --only train --configs 4k-nf4 --modes cpu   # one slice of it
     python benchmarks/memory.py --dry-run            # the planner's estimates for the matrix, no GPU needed
+    python benchmarks/memory.py --fake --out F.json  # no GPU: live bytes of the real code on fake tensors
 
 The measurements are made by the feature benchmarks, each slice in a fresh process so peak counters and the
 allocator start empty: benchmarks/generate.py (the real UraePipeline stages with the real offload mechanisms:
@@ -17,7 +18,7 @@ streamed model, recipes' adapters, Prodigy). Matrix:
 Every measured phase (text encoding, denoising, VAE decode; a training step) gets the planner's estimate for the same
 configuration on a card of this GPU's size: `urae_lite.plan.estimate`. Recorded per row: torch.cuda
 max_memory_allocated and max_memory_reserved, seconds per step, the estimate (allocated, and the card total with
-the allocator reserve and the CUDA context) and the error. The SPEC §7 goal is the allocated estimate within ±10% of
+the allocator reserve and the CUDA context) and the error. The README's goal is the allocated estimate within ±10% of
 the measured allocated peak on every row. Results merge into benchmarks/results/memory_<device>.json (keyed by row),
 with device, versions, command and git commit, and the chart memory_<device>.png: peak GiB against resolution per
 mode, measured (solid) and estimated (dashed), with the 12/16/24/48 GB card sizes.
@@ -62,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", default=",".join(MODES), help="train: checkpointing modes (on, cpu, off)")
     p.add_argument("--steps", type=int, default=3, help="denoising steps per generation / optimizer steps per mode")
     p.add_argument("--dry-run", action="store_true", help="print the planner's estimates for the matrix and exit")
+    p.add_argument("--fake", action="store_true", help="no GPU: measure live tensor bytes of the real code at full "
+                   "size on fake tensors (benchmarks/memory_fake.py); default --out benchmarks/results/memory_fake.json")
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/memory_<device>.json)")
     args = p.parse_args(argv)
     unknown = [c for c in args.configs.split(",") if c not in TRAIN]
@@ -235,6 +238,11 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(ROOT))
     if args.dry_run:
         dry_run(args)
+        return
+    if args.fake:
+        from memory_fake import main_fake
+
+        main_fake(args)
         return
     import torch
 

@@ -4,7 +4,7 @@
 
 Weights are streamed from `urae_lite.tiny.iter_random_transformer_tensors(flux_dev_config(), device="cuda")`
 into the loader's own skeleton (`empty_transformer` + `fill_transformer`): same shapes, quantization, adapters and
-memory as a real FLUX.1-dev download (SPEC §5: weight values change neither memory nor speed). Each config is a
+memory as a real FLUX.1-dev download (weight values change neither memory nor speed). Each config is a
 recipe (recipes/train_2k_lora.yaml or train_4k_minor.yaml) with its quant and checkpointing mode overridden:
 
 * 2k-*: 2048² (16384 image + 512 text tokens), a fresh rank-16 LoRA on the 190 authors' targets, Prodigy.
@@ -16,7 +16,7 @@ Batches are synthetic (VAE posterior mean/std, T5 512x4096, pooled CLIP 768) wit
 training code's own `build_sample`; steps run through the training `Trainer` (bf16 autocast, fp32 loss, clipping,
 Prodigy update). Each (resolution, quant) runs in a fresh process, so peaks never mix; its modes share the loaded
 model and reset the peak counters between them. Results merge into benchmarks/results/train_<device>.json (keyed
-by config and mode), so configs can be measured in separate invocations. Goals (SPEC §7): 2K ≤ 16 GiB, 4K ≤ 24 GiB.
+by config and mode), so configs can be measured in separate invocations. Goals (README): 2K ≤ 16 GiB, 4K ≤ 24 GiB.
 `--tiny` runs the same code on the tiny test transformer on the CPU: a smoke test of this script, not a measurement.
 
 Time: loading streams 12 B random parameters (a 4K config also runs 190 SVDs of 3072² on the GPU); a 4K step is

@@ -1,4 +1,4 @@
-"""Synthetic adapter files in the authors' exact key layouts (SPEC §2), sized to a given transformer config."""
+"""Synthetic adapter files in the authors' exact key layouts, sized to a given transformer config."""
 
 from __future__ import annotations
 

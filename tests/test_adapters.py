@@ -44,7 +44,7 @@ def test_diffusers_load_lora_weights_matches_our_bf16_model(tiny_flux, tiny_conf
     add_lora(ours, "mine", rank=4, alpha=8.0, targets="all")
     _randomize_trainable(ours, seed=2, std=0.3)
     path = save_adapter(ours, tmp_path / "mine.safetensors")
-    pipe = FluxPipeline.from_pretrained(tiny_flux, torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
     pipe.load_lora_weights(str(path))
     inputs = make_inputs(tiny_config, dtype=torch.float32)
     with torch.no_grad():

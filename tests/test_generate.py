@@ -155,7 +155,7 @@ def test_matches_plain_diffusers_with_urae_switched_off(tiny_flux):
 
 # ---- adapters -------------------------------------------------------------------------------------------------
 def _authors_files(folder, shapes, targets, rank=4):
-    """Synthetic authors' 2K (peft keys, bf16, no alpha) and 4K (processor keys, no prefix) files (SPEC §2)."""
+    """Synthetic authors' 2K (peft keys, bf16, no alpha) and 4K (processor keys, no prefix) files."""
     two = _lora_factors(targets, shapes, rank, seed=2)
     four = _lora_factors(targets, shapes, rank, seed=3)
     sd2 = {}

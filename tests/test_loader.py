@@ -23,7 +23,7 @@ from urae_lite.targets import adapter_target_names
 @pytest.fixture(scope="module")
 def reference(tiny_flux, tiny_config, make_inputs):
     """Unquantized diffusers transformer output, bf16 like ours, so differences come from the weight format."""
-    model = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer", torch_dtype=torch.bfloat16)
+    model = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer", dtype=torch.bfloat16)
     with torch.no_grad():
         return model(**make_inputs(tiny_config)).sample
 
@@ -52,7 +52,7 @@ def test_quantized_model_has_no_trainable_parameters(tiny_flux):
     assert not any(p.requires_grad for p in model.parameters())
     n_linear = sum(isinstance(m, AdaptedLinear) for m in model.modules())
     cfg = model.config
-    assert n_linear == cfg.num_layers * 14 + cfg.num_single_layers * 6  # FLUX: 19*14 + 38*6 = 494 (SPEC §5)
+    assert n_linear == cfg.num_layers * 14 + cfg.num_single_layers * 6  # FLUX: 19*14 + 38*6 = 494
 
 
 def test_minor_adapter_initialised_while_streaming(tiny_flux, tiny_config, make_inputs):

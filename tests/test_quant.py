@@ -86,3 +86,84 @@ def test_missing_tensor_and_unknown_format_are_user_errors():
     del tensors["m.weight._scale"]
     with pytest.raises(UraeError, match="re-run `urae-lite prepare`"):
         QuantizedWeight.from_state_tensors("fp8", "m", tensors, (32, 64))
+
+
+@pytest.mark.parametrize("shape", [(3, 33), (5, 100), (7, 31)])
+def test_nf4_odd_widths_match_bitsandbytes(shape):
+    """in_features that are not a multiple of the 64-element block (tiny or derived models): blocks span rows and
+    the last one is partial, exactly as bitsandbytes quantizes the flattened weight; the Triton dequant agrees."""
+    from urae_lite import kernels
+    from urae_lite.quant import nf4_quantize
+
+    w = _weight(*shape, seed=torch.seed() % 2**31)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    qw = QuantizedWeight.quantize(w, "nf4")
+    assert torch.equal(qw.weight, packed) and torch.equal(qw.absmax, state.absmax)
+    chunked = nf4_quantize(w, chunk_elems=64)  # one block per chunk, the last one partial
+    assert torch.equal(chunked[0], packed) and torch.equal(chunked[1], state.absmax)
+    expected = bnbf.dequantize_4bit(packed, state)
+    assert torch.equal(qw.dequantize(), expected)
+    out = torch.full(shape, float("nan"), dtype=torch.bfloat16)
+    kernels.nf4_dequantize(qw.weight, qw.absmax, qw.nested_absmax, qw.nested_quant_map, qw.offset, qw.quant_map,
+                           qw.shape, out=out, dtype=torch.bfloat16)
+    assert torch.equal(out, expected)
+    absmax = torch.nn.functional.pad(w.float().reshape(-1), (0, -w.numel() % 64)).reshape(-1, 64).abs().amax(1)
+    err = (expected.float() - w.float()).reshape(-1)
+    assert (err.abs() <= 0.16 * absmax.repeat_interleave(64)[: w.numel()] + 1e-6).all()
+
+
+def test_fp8_never_takes_quantos_optimized_layout(monkeypatch):
+    """quanto's `WeightQBytesTensor.create` picks a Marlin layout on CUDA GPUs of compute capability >= 8 for every
+    FLUX shape; we must never go through that selection, on any device, and must get plain e4m3 (N, K) bytes."""
+    from optimum.quanto.tensor.weights import qbytes
+
+    def optimized_create(*args, **kwargs):
+        raise AssertionError("quanto's device-optimized layout selection was used")
+
+    monkeypatch.setattr(qbytes.WeightQBytesTensor, "create", staticmethod(optimized_create))
+    w = _weight(256, 128, seed=torch.seed() % 2**31)  # in/out multiples of 64/128: Marlin-eligible on a GPU
+    qw = QuantizedWeight.quantize(w, "fp8")
+    assert qw.weight.dtype == torch.float8_e4m3fn and qw.weight.shape == (256, 128) and qw.weight.is_contiguous()
+    assert qw.scale.shape == (256, 1) and qw.scale.dtype == torch.bfloat16
+    rel = (qw.weight.float() * qw.scale.float() - w.float()).abs() / w.float().abs().clamp_min(1e-3)
+    assert rel[w.float().abs() > 1e-2].max() <= 2**-4 + 2**-8
+
+
+def test_kernels_switch(monkeypatch):
+    from urae_lite.quant import kernels_enabled, kernels_mode
+
+    cpu = torch.zeros(2)
+    for value, mode in [("auto", "auto"), ("1", "auto"), ("0", "off"), ("off", "off"), ("ON", "on")]:
+        monkeypatch.setenv("URAE_LITE_KERNELS", value)
+        assert kernels_mode() == mode
+    monkeypatch.setenv("URAE_LITE_KERNELS", "auto")
+    assert not kernels_enabled(cpu)  # auto: CUDA tensors only
+    monkeypatch.setenv("URAE_LITE_KERNELS", "on")
+    assert kernels_enabled(cpu)
+    monkeypatch.setenv("URAE_LITE_KERNELS", "sometimes")
+    with pytest.raises(UraeError, match="URAE_LITE_KERNELS=sometimes is not one of auto, off, on"):
+        kernels_mode()
+
+
+def test_without_triton_the_library_path_runs_and_says_so_once(monkeypatch, caplog):
+    import sys
+
+    from urae_lite import quant
+    from urae_lite.adapted_linear import AdaptedLinear
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now fails, as on Windows
+    monkeypatch.setenv("URAE_LITE_KERNELS", "on")  # would pick the kernels for any tensor
+    quant.triton_available.cache_clear()
+    try:
+        layer = AdaptedLinear.from_linear(torch.nn.Linear(64, 32), "nf4", torch.float32)
+        layer.add_lora("style", 4)
+        x = torch.randn(3, 64)
+        with caplog.at_level("WARNING", logger="urae_lite"):
+            y1, y2 = layer(x), layer(x)
+        assert not quant.kernels_enabled(x)
+        torch.testing.assert_close(y1, layer.forward_reference(x, layer.bias, layer.branch()))
+        assert torch.equal(y1, y2)
+        notes = [r for r in caplog.records if "Triton is not installed" in r.getMessage()]
+        assert len(notes) == 1
+    finally:
+        quant.triton_available.cache_clear()

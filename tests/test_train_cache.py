@@ -44,7 +44,9 @@ def test_cache_contents_and_bad_input(dataset, tiny_flux, tmp_path):
         assert (latents["std"] > 0).all()
         for column in info["columns"]:
             text = load_file(cache / "text" / f"{name}.{column}.safetensors")
-            assert text["t5"].shape == (512, 32) and text["pooled"].shape == (32,)
+            t5_width = json.loads((tiny_flux / "text_encoder_2" / "config.json").read_text())["d_model"]
+            clip_width = json.loads((tiny_flux / "text_encoder" / "config.json").read_text())["hidden_size"]
+            assert text["t5"].shape == (512, t5_width) and text["pooled"].shape == (clip_width,)
     assert (manifest["items"]["image_2"]["width"], manifest["items"]["image_2"]["height"]) == (32, 128)  # 1:4
 
     # --skip-small drops the image that would need upscaling instead of warning
@@ -59,12 +61,55 @@ def test_cache_matches_the_pipeline_encoders(dataset, tiny_flux, tmp_path):
     from diffusers import FluxPipeline
 
     cache, _ = build_cache(dataset, str(tiny_flux), RESOLUTION, out=tmp_path / "c", progress=False)
-    pipe = FluxPipeline.from_pretrained(tiny_flux, torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
     caption = json.loads((dataset / "image_1.json").read_text())["generated_prompt"]
     t5, pooled, _ = pipe.encode_prompt(caption, caption, device="cpu", max_sequence_length=512)
     text = load_file(cache / "text" / "image_1.generated_prompt.safetensors")
     torch.testing.assert_close(text["t5"].float(), t5[0], atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(text["pooled"].float(), pooled[0], atol=2e-2, rtol=1e-2)
+
+
+def _with_tokenizer_2(tiny_flux, folder, source: str, declared: str):
+    """A copy of the tiny folder whose tokenizer_2 holds `source`'s files, declared as `declared` in the index."""
+    shutil.copytree(tiny_flux, folder)
+    shutil.rmtree(folder / "tokenizer_2")
+    shutil.copytree(tiny_flux / source, folder / "tokenizer_2")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "tokenizer_2": ["transformers", declared]}))
+    return folder
+
+
+def _cover_vocabulary(folder, tokenizer_folder) -> None:
+    """Grow the folder's T5 embedding to the new tokenizer's vocabulary (as a derivative that swaps it must)."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2")
+    t5.resize_token_embeddings(len(AutoTokenizer.from_pretrained(tokenizer_folder)))
+    t5.save_pretrained(folder / "text_encoder_2")
+
+
+def test_cache_loads_the_tokenizer_classes_the_folder_declares(dataset, tiny_flux, tmp_path):
+    """A derivative whose tokenizer_2 is another kind of fast tokenizer (here a byte-level BPE, which
+    T5TokenizerFast cannot read): the cache encodes with it exactly as the generation pipeline does."""
+    from diffusers import FluxPipeline
+
+    model = _with_tokenizer_2(tiny_flux, tmp_path / "derived", "tokenizer", "CLIPTokenizerFast")
+    _cover_vocabulary(model, model / "tokenizer_2")
+    cache, _ = build_cache(dataset, str(model), RESOLUTION, out=tmp_path / "c", progress=False)
+    pipe = FluxPipeline.from_pretrained(model, dtype=torch.float32)
+    caption = json.loads((dataset / "image_0.json").read_text())["generated_prompt"]
+    t5, _, _ = pipe.encode_prompt(caption, caption, device="cpu", max_sequence_length=512)
+    text = load_file(cache / "text" / "image_0.generated_prompt.safetensors")
+    torch.testing.assert_close(text["t5"].float(), t5[0], atol=2e-2, rtol=1e-2)
+
+
+def test_cache_with_an_unreadable_tokenizer_is_one_line(dataset, tiny_flux, tmp_path, capsys):
+    model = _with_tokenizer_2(tiny_flux, tmp_path / "broken", "tokenizer", "T5TokenizerFast")
+    args = ["cache", str(dataset), "--model", str(model), "--resolution", str(RESOLUTION), "--out", str(tmp_path / "c")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("urae-lite: error: cannot load") and "tokenizer_2 as T5TokenizerFast" in err[-1]
+    assert not any("Traceback" in line for line in err)
 
 
 def test_cache_resumes_and_recomputes_only_what_changed(dataset, tiny_flux, tmp_path):

@@ -28,7 +28,7 @@ def test_shipped_recipes_hold_the_authors_settings():
     assert (cfg.hires.ntk, cfg.hires.proportional_attention) == (1.0, False)
     assert cfg.training.guidance == 1.0 and cfg.training.timesteps == "uniform" and cfg.training.max_grad_norm == 1.0
     assert cfg.data.caption_mix == {"prompt": 0.2, "generated_prompt": 0.8} and cfg.data.resolution == 2048
-    assert _planned_peak_gib(cfg) <= 16  # SPEC §7: 2K training within 16 GiB, by the planner's estimate
+    assert _planned_peak_gib(cfg) <= 16  # README goal: 2K training within 16 GiB, by the planner's estimate
     assert cfg.optimizer == {"_component_": "prodigyopt.Prodigy", "lr": 1.0, "weight_decay": 1e-4, "decouple": True,
                              "use_bias_correction": True, "safeguard_warmup": True}
     cfg4 = load_recipe(RECIPE_4K, REQUIRED + ["adapter.base_adapters=[/a/2k.safetensors]"])

@@ -1,10 +1,10 @@
 """Adapter lists for generation: every URAE 4K file becomes its exact LoRA conversion, made once and cached.
 
-The authors' 4K file holds minor-component factors that only mean something against the SVD of (base + 2K LoRA)
-(SPEC §2). `convert_urae_4k` turns the pair into one exact LoRA; doing that on every run would cost one SVD per
+The authors' 4K file holds minor-component factors that only mean something against the SVD of (base + 2K LoRA).
+`convert_urae_4k` turns the pair into one exact LoRA; doing that on every run would cost one SVD per
 target, so the result is written beside the 4K file as `<4k stem>.<key>.converted.safetensors`, where `key`
 hashes the 2K and 4K file contents and a fingerprint of the base weights (the conversion is specific to dev or
-schnell). If that folder is read-only the cache goes to `$URAE_LITE_CACHE/converted`.
+schnell). If that folder is read-only the cache goes to `$URAE_LITE_CACHE/converted`. See docs/adapter-formats.md.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def full_precision_folder(model: str | os.PathLike) -> Path:
     if not marker.is_file():
         return folder
     source = Path(json.loads(marker.read_text()).get("source", ""))
-    if not (source / "config.json").is_file():
+    if not (source / "config.json").is_file() and not source.is_file():  # prepared from a folder or a file
         raise UraeError(f"{folder} is a prepared (quantized) checkpoint and its source {source} is gone; a URAE 4K "
                         f"adapter needs the full-precision base once: pass the original model folder")
     return source
@@ -41,7 +41,7 @@ def base_fingerprint(folder: Path) -> str:
     """Content fingerprint of a (possibly 22 GiB) checkpoint without reading it all: each weight file's size,
     safetensors header (names, shapes, dtypes) and 1 MiB samples every GiB and at the end."""
     h = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")):
+    for path in [folder] if folder.is_file() else sorted(folder.glob("*.safetensors")):
         size = path.stat().st_size
         h.update(f"{path.name}:{size}".encode())
         with open(path, "rb") as f:

@@ -44,14 +44,15 @@ def load_file_checked(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
 
 
 class CheckpointReader:
-    """Tensor-at-a-time access to a diffusers-style checkpoint folder (single or sharded safetensors)."""
+    """Tensor-at-a-time access to a diffusers-style checkpoint folder (single or sharded safetensors), or to
+    one .safetensors file."""
 
     def __init__(self, folder: str | os.PathLike, reopen_bytes: int = 256 * 2**20):
         self.folder = Path(folder)
         self.reopen_bytes = reopen_bytes
-        if not self.folder.is_dir():
+        if not self.folder.is_dir() and not self.folder.is_file():
             raise UraeError(f"model folder not found: {self.folder}")
-        files = sorted(self.folder.glob("*.safetensors"))
+        files = [self.folder] if self.folder.is_file() else sorted(self.folder.glob("*.safetensors"))
         if not files:
             raise UraeError(f"no .safetensors weights in {self.folder}: point --model at a diffusers FLUX folder")
         self.key_to_file: dict[str, Path] = {}

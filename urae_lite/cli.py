@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from . import console
 from .errors import UraeError
 from .quant import QUANT_FORMATS
 
@@ -22,7 +23,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
     report = RunReport()
     with report.stage("prepare"):
-        out = prepare(args.model, args.out, quant=args.quant, device=args.device)
+        out = prepare(args.model, args.out, quant=args.quant, device=args.device, base_pipeline=args.base_pipeline)
     print(f"wrote {out}")
     print(report.format())
 
@@ -35,13 +36,16 @@ def _cmd_convert(args: argparse.Namespace) -> None:
 
 
 def _cmd_tiny(args: argparse.Namespace) -> None:
+    from .destinations import check_output_dir
     from .tiny import build_tiny_flux
 
+    check_output_dir(args.out)
     print(build_tiny_flux(args.out, seed=args.seed, variant=args.variant, overwrite=args.overwrite))
 
 
 # Feature modules that add their own subcommands: each has `register(subparsers)` setting `func`.
-FEATURE_MODULES: tuple[str, ...] = ("urae_lite.train.cli", "urae_lite.generate", "urae_lite.plan.cli")
+FEATURE_MODULES: tuple[str, ...] = ("urae_lite.train.cli", "urae_lite.generate", "urae_lite.plan.cli",
+                                    "urae_lite.export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("prepare", help="quantize a FLUX transformer once and save it")
-    p.add_argument("--model", required=True, help="diffusers FLUX folder, hub id, or 'tiny'")
+    p.add_argument("--model", required=True, help="diffusers FLUX folder, hub id, single FLUX transformer "
+                   ".safetensors, or 'tiny'")
+    p.add_argument("--base-pipeline", help="with a single file as --model: the diffusers FLUX folder or hub id it "
+                   "belongs to (only its transformer/config.json is read; default: FLUX.1 defaults)")
     p.add_argument("--quant", choices=QUANT_FORMATS, default="nf4")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu", help="where to quantize (cuda is much faster)")
@@ -71,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="the authors' 4K adapter -> one exact plain LoRA for this base")
     p.add_argument("adapter_2k", help="urae_2k_adapter.safetensors")
     p.add_argument("adapter_4k", help="urae_4k_adapter.safetensors")
-    p.add_argument("--model", required=True, help="the FLUX base the adapters are used with")
+    p.add_argument("--model", required=True, help="the FLUX base the adapters are used with (diffusers folder, "
+                   "hub id, or single transformer .safetensors)")
     p.add_argument("--out", required=True)
     p.add_argument("--svd-device", default=None, help="device for the SVDs (e.g. cuda)")
     p.set_defaults(func=_cmd_convert)
@@ -88,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the subcommand
+    console.setup(debug)
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         args.func(args)

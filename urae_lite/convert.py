@@ -20,9 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapter_io import AdapterFile, LoraFactors, read_adapter, save_adapter
-from .checkpoint import CheckpointReader
+from .destinations import check_output_file, write_with_fallback
 from .errors import UraeError
-from .loader import fused_like_authors, resolve_model, transformer_folder
+from .loader import fused_like_authors, transformer_reader
 from .minor import minor_components
 
 
@@ -30,13 +30,14 @@ def convert_urae_4k(model: str | os.PathLike, adapter_2k: str | os.PathLike | Ad
                     adapter_4k: str | os.PathLike | AdapterFile, out: str | os.PathLike,
                     svd_device: str | None = None, progress: bool = True) -> Path:
     """Write the exact rank-48 (for r = 16) LoRA equivalent of base + 2K + 4K; returns `out`."""
+    check_output_file(out)
     lora = adapter_2k if isinstance(adapter_2k, AdapterFile) else read_adapter(adapter_2k)
     minor = adapter_4k if isinstance(adapter_4k, AdapterFile) else read_adapter(adapter_4k)
     if lora.kind != "lora":
         raise UraeError(f"{lora.path} is not a LoRA file (the 2K adapter comes first, then the 4K one)")
     if minor.kind != "urae_minor":
         raise UraeError(f"{minor.path} is not a URAE 4K minor-component file (keys ...attn.processor.to_q_a.weight)")
-    reader = CheckpointReader(transformer_folder(resolve_model(model)))
+    reader = transformer_reader(model)  # a diffusers folder or a single (BFL) file: same tensors
     factors: dict[str, LoraFactors] = {}
     for name, f4 in tqdm(minor.modules.items(), desc="SVD per target", disable=not progress):
         w0 = reader.get(f"{name}.weight")
@@ -54,7 +55,7 @@ def convert_urae_4k(model: str | os.PathLike, adapter_2k: str | os.PathLike | Ad
     for name, f2 in lora.modules.items():  # 2K-only modules keep their LoRA
         factors.setdefault(name, LoraFactors(f2.A.float(), f2.B.float() * f2.scale, 1.0))
     meta = {"converted_from": f"{Path(lora.path).name} + {Path(minor.path).name}", "base": str(model)}
-    return save_adapter(factors, out, metadata=meta)
+    return write_with_fallback(out, lambda path: save_adapter(factors, path, metadata=meta), "converted adapter")
 
 
 def file_digest(path: str | os.PathLike, chunk: int = 2**20) -> str:

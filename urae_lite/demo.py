@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .destinations import check_output_file, write_with_fallback
 from .loader import MinorSpec
 from .report import RunReport
 
@@ -22,13 +23,14 @@ def run_demo(out: str | os.PathLike = "urae_lite_demo.png", size: int = 2048, st
              seed: int = 0, progress: bool = True) -> Path:
     from .pipeline import load_pipeline
 
+    check_output_file(out)
     report = RunReport()
     pipe = load_pipeline("tiny", quant=quant, preset="2k", minor=MinorSpec(rank=4, trainable=False),
                          progress=progress, report=report, width=size, height=size, steps=steps,
                          vae_tiling="on", vae_strip_rows=512, ntk=10.0, proportional_attention=True)
     result = pipe(DEMO_PROMPT, seed=seed, report=report)
     with report.stage("save png"):
-        path = result.save(out)
+        path = write_with_fallback(out, result.save, "image")
     n_adapted = sum(1 for m in pipe.transformer.modules() if getattr(m, "slices", None))
     print(f"wrote {path}: {size}x{size}, tiny FLUX with a {quant} base and a rank-4 minor-component adapter on "
           f"{n_adapted} linears, {steps} steps, proportional attention + NTK x10 + static shift "

@@ -7,7 +7,9 @@ import argparse
 
 from .offload import OFFLOAD_MODES
 from .presets import PRESETS, VAE_TILING_MODES
+from .destinations import check_output_file, write_with_fallback
 from .quant import QUANT_FORMATS
+from .text_encoders import T5_QUANTS
 
 # CLI option -> GenerationSettings field, for the options that override the preset
 SETTING_OPTIONS = ("width", "height", "steps", "guidance", "shift", "ntk", "proportional_attention",
@@ -29,7 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__)
     p.add_argument("prompt")
     p.add_argument("--model", default="black-forest-labs/FLUX.1-dev",
-                   help="diffusers FLUX folder, hub id, `prepare`d folder, or 'tiny' (default: %(default)s)")
+                   help="diffusers FLUX folder, hub id, `prepare`d folder, single FLUX transformer .safetensors "
+                        "(ComfyUI/Forge), or 'tiny' (default: %(default)s)")
+    p.add_argument("--base-pipeline", metavar="FOLDER_OR_HUB_ID",
+                   help="with a single transformer file as --model: the diffusers FLUX pipeline for the VAE, text "
+                        "encoders and scheduler (default: the matching FLUX.1 hub id from the Hugging Face cache)")
     p.add_argument("--preset", default="2k",
                    help=f"{' | '.join(PRESETS)} (authors' settings for the model family) or a YAML file")
     p.add_argument("--quant", choices=QUANT_FORMATS, help="frozen base format (default: nf4, or the planner's "
@@ -55,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine-from", type=int, metavar="SIDE",
                    help="coarse-to-fine: base model at ~SIDE² first, upscale, re-noise, denoise at the target")
     p.add_argument("--strength", type=float, help="refine: re-noising strength in (0, 1] (default 0.6)")
-    p.add_argument("--t5-quant", choices=("bf16", "nf4"), default="bf16",
+    p.add_argument("--t5-quant", choices=T5_QUANTS, default="bf16",
                    help="T5-XXL's linears: nf4 cuts text encoding from 8.9 to 3.9 GiB (default: %(default)s)")
     p.add_argument("--vram", type=float, metavar="GIB", help="pick the fastest --quant/--offload that fits this "
                    "many GiB (the `urae-lite plan` estimate); options you set stay")
@@ -72,6 +78,7 @@ def run(args: argparse.Namespace) -> None:
     from .pipeline import load_pipeline
     from .report import RunReport
 
+    check_output_file(args.out)
     settings = {k: getattr(args, k) for k in SETTING_OPTIONS if getattr(args, k) is not None}
     if settings.get("shift") == "model":
         settings["shift"] = None
@@ -82,14 +89,14 @@ def run(args: argparse.Namespace) -> None:
     try:
         pipe = load_pipeline(args.model, quant=args.quant, adapters=args.adapter, preset=args.preset,
                              device=args.device, offload=args.offload, svd_device=args.svd_device,
-                             t5_quant=args.t5_quant, report=report,
+                             t5_quant=args.t5_quant, report=report, base_pipeline=args.base_pipeline,
                              **settings)
     except torch.cuda.OutOfMemoryError as e:
         raise UraeError(f"CUDA out of memory while loading the model (quant {args.quant}, offload "
                         f"{args.offload or 'default'}); try --quant nf4 and --offload model") from e
     result = pipe(args.prompt, seed=args.seed, report=report)
     with report.stage("save png"):
-        out = result.save(args.out)
+        out = write_with_fallback(args.out, result.save, "image")
     print(f"wrote {out} ({result.settings.width}x{result.settings.height}, seed {args.seed})")
     print(report.format())
 

@@ -1,4 +1,4 @@
-"""URAE's three high-resolution inference changes to FLUX (SPEC §3), as plain switches on a diffusers model.
+"""URAE's three high-resolution inference changes to FLUX, as plain switches on a diffusers model.
 
 * Proportional attention: the softmax scale grows with the token count N (text + image) so attention entropy at
   2K/4K stays what the model saw at 1024²: ``scale = sqrt(log N / log 4608) / sqrt(head_dim)``, 4608 = 512 text
@@ -8,7 +8,7 @@
 * Static time shift: dynamic (resolution-dependent) shifting off, ``σ' = s·σ / (1 + (s−1)·σ)`` on
   σ = linspace(1, 1/N, N). The authors' notebooks set ``time_shift = 10`` on the scheduler config, but no code
   reads that name: their images were made with the scheduler's own ``shift`` (3.0 for dev, 1.0 for schnell),
-  so that is our default and ``shift`` is a setting.
+  so that is our default and ``shift`` is a setting. See docs/high-resolution.md.
 """
 
 from __future__ import annotations

@@ -24,6 +24,12 @@ from .checkpoint import CheckpointReader
 from .errors import UraeError
 from .minor import add_minor_slices, minor_components
 from .quant import QuantizedWeight, check_quant_format
+from .single_file import (
+    SingleFileReader,
+    base_pipeline_root,
+    is_single_file,
+    open_single_file,
+)
 from .targets import block_linear_names, is_adapter_target
 
 PREPARED_MARKER = "urae_lite_quant.json"
@@ -32,7 +38,8 @@ HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 # ---- where the weights are ----------------------------------------------------------------------------------------
 def resolve_model(model: str | os.PathLike) -> Path:
-    """`tiny`, a local diffusers FLUX folder, or a Hugging Face hub id -> local pipeline (or transformer) folder."""
+    """`tiny`, a local diffusers FLUX folder, or a Hugging Face hub id -> local pipeline (or transformer) folder;
+    a single transformer .safetensors file (ComfyUI / Forge layout) is returned as is."""
     text = str(model)
     if text in ("tiny", "tiny-dev", "tiny-schnell"):
         from .tiny import tiny_flux_path
@@ -40,9 +47,12 @@ def resolve_model(model: str | os.PathLike) -> Path:
         return tiny_flux_path("schnell" if text == "tiny-schnell" else "dev")
     path = Path(text).expanduser()
     if path.exists():
-        if not path.is_dir():
-            raise UraeError(f"--model {text} is a file; pass the diffusers folder that holds model_index.json")
+        if not path.is_dir() and path.suffix != ".safetensors":
+            raise UraeError(f"--model {text} is a file but not .safetensors; pass a FLUX transformer .safetensors "
+                            f"file or the diffusers folder that holds model_index.json")
         return path
+    if text.endswith(".safetensors"):
+        raise UraeError(f"model file not found: {text}")
     if HUB_ID.match(text) and not text.startswith((".", "/")):
         from huggingface_hub import snapshot_download
 
@@ -58,7 +68,10 @@ def resolve_model(model: str | os.PathLike) -> Path:
 
 
 def transformer_folder(root: Path) -> Path:
-    """The folder holding the transformer's config.json and weights (pipeline root or the subfolder itself)."""
+    """The folder holding the transformer's config.json and weights (pipeline root or the subfolder itself); a
+    single transformer file stands for itself."""
+    if root.is_file():
+        return root
     for cand in (root / "transformer", root):
         if (cand / "config.json").is_file() or (cand / PREPARED_MARKER).is_file():
             return cand
@@ -70,6 +83,32 @@ def load_config(folder: Path) -> dict:
         return json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UraeError(f"cannot read {folder / 'config.json'}: {e}") from e
+
+
+def open_transformer(model: str | os.PathLike, base_pipeline: str | os.PathLike | None = None
+                     ) -> tuple[dict, CheckpointReader | SingleFileReader]:
+    """(config, reader of diffusers-named tensors) for a diffusers folder, hub id, or single transformer file.
+
+    `base_pipeline` is only read for a single file (RoPE axes, and a check that its widths match the file).
+    """
+    if is_single_file(model):
+        return open_single_file(model, base_pipeline)
+    folder = transformer_folder(resolve_model(model))
+    return load_config(folder), CheckpointReader(folder)
+
+
+def transformer_reader(model: str | os.PathLike) -> CheckpointReader | SingleFileReader:
+    """Diffusers-named tensors of a folder, hub id or single transformer file, when no config is needed."""
+    return SingleFileReader(model) if is_single_file(model) else CheckpointReader(transformer_folder(resolve_model(model)))
+
+
+def components_root(model: str | os.PathLike, base_pipeline: str | os.PathLike | None = None) -> Path:
+    """The folder whose VAE, text encoders, tokenizers and scheduler go with `model` (the base pipeline of a
+    single transformer file, or `base_pipeline` when given)."""
+    if base_pipeline is None and not is_single_file(model):
+        return resolve_model(model)
+    variant = SingleFileReader(model).variant if is_single_file(model) else "dev"
+    return base_pipeline_root(base_pipeline, variant, model)
 
 
 # ---- building the skeleton -----------------------------------------------------------------------------------
@@ -196,10 +235,12 @@ def _check_complete(model: nn.Module) -> None:
 # ---- public entry points -------------------------------------------------------------------------------------------
 def load_transformer(model: str | os.PathLike, quant: str = "nf4", device: torch.device | str = "cpu",
                      dtype: torch.dtype = torch.bfloat16, adapters: Sequence[str | os.PathLike | AdapterFile] = (),
-                     minor: MinorSpec | None = None, progress: bool = True) -> nn.Module:
+                     minor: MinorSpec | None = None, progress: bool = True,
+                     base_pipeline: str | os.PathLike | None = None) -> nn.Module:
     """FLUX transformer with NF4/FP8/bf16 block linears and the given adapters attached as frozen slices.
 
-    `model`: a diffusers folder, hub id, `tiny`, or a folder written by `urae-lite prepare`. `adapters` are loaded in
+    `model`: a diffusers folder, hub id, `tiny`, a folder written by `urae-lite prepare`, or a single transformer
+    file (BFL or diffusers keys; `base_pipeline` as in `open_transformer`). `adapters` are loaded in
     order as frozen slices `adapter0, adapter1, ...` (a URAE 4K file must follow its 2K LoRA). `minor` adds a
     trainable minor-component adapter initialised from the (base + adapters) weights.
     """
@@ -209,8 +250,7 @@ def load_transformer(model: str | os.PathLike, quant: str = "nf4", device: torch
         from .prepare import load_prepared
 
         return load_prepared(folder, quant, device, dtype, adapters, minor, progress)
-    config = load_config(folder)
-    reader = CheckpointReader(folder)
+    config, reader = open_transformer(folder, base_pipeline)
     skeleton = empty_transformer(config)
     filled = fill_transformer(skeleton, reader.iter_tensors(), quant, device, dtype, adapters, minor,
                               total=len(reader.keys()), progress=progress)

@@ -26,7 +26,7 @@ def minor_components(weight: torch.Tensor, rank: int, device: torch.device | str
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B0 (N, r), A0 (r, K)) from the r smallest singular triplets of `weight`, SVD in fp32.
 
-    B0 = U[:, -r:]·sqrt(S[-r:]),  A0 = sqrt(S[-r:])·Vh[-r:, :]  (SPEC §1.4).
+    B0 = U[:, -r:]·sqrt(S[-r:]),  A0 = sqrt(S[-r:])·Vh[-r:, :]  (docs/method.md).
     """
     w = weight.detach().to(device or weight.device, torch.float32)
     if not 0 < rank <= min(w.shape):

@@ -9,8 +9,7 @@ time, which is what keeps 2K under 10 GiB with an NF4 base (T5-XXL alone is 8.9 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,15 +17,18 @@ from PIL import Image
 
 from .adapter_cache import full_precision_folder, resolve_adapters
 from .convert import file_digest
+from .console import library_bars_off
 from .errors import UraeError
 from .hires import set_ntk, set_proportional_attention, static_shift_scheduler
-from .loader import MinorSpec, load_config, load_transformer, resolve_model, transformer_folder
+from .loader import MinorSpec, components_root, load_transformer, open_transformer, resolve_model
+from .single_file import is_single_file
 from .offload import apply_offload, check_offload
 from .output import GenerationResult
 from .presets import GenerationSettings, load_preset
 from .quant import check_quant_format
 from .refine import adapters_disabled, coarse_size, tiled_encode, upscale
 from .report import RunReport
+from .text_encoders import check_t5_quant, load_t5_nf4
 from .vae_tiling import decode as vae_decode
 
 Embeds = tuple[torch.Tensor, torch.Tensor]  # T5 (1, L, 4096), pooled CLIP (1, 768) for FLUX.1
@@ -139,8 +141,10 @@ def oom_advice(s: GenerationSettings, offload: str, quant: str, stage: str) -> s
             f"to use less memory try: {', '.join(tips)}")
 
 
-def pipeline_root(model: str | os.PathLike) -> Path:
+def pipeline_root(model: str | os.PathLike, base_pipeline: str | os.PathLike | None = None) -> Path:
     """The diffusers pipeline folder (model_index.json) whose text encoders, tokenizers, VAE and scheduler we use."""
+    if base_pipeline is not None or is_single_file(model):
+        return components_root(model, base_pipeline)
     root = resolve_model(model)
     if (root / "model_index.json").is_file():
         return root
@@ -152,34 +156,6 @@ def pipeline_root(model: str | os.PathLike) -> Path:
                     f"diffusers FLUX folder (with model_index.json); pass that folder or hub id as --model")
 
 
-@contextmanager
-def _loading_bars(enabled: bool) -> Iterator[None]:
-    """diffusers' and transformers' loading progress bars follow `progress` (they are global switches)."""
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    before = [(lib, lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
-    for lib, _ in before:
-        lib.enable_progress_bar() if enabled else lib.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib, was in before:
-            lib.enable_progress_bar() if was else lib.disable_progress_bar()
-
-
-T5_QUANTS = ("bf16", "nf4")
-
-
-def _t5_nf4(root: Path, dtype: torch.dtype):
-    """T5-XXL with NF4 linears through transformers' bitsandbytes integration (double-quantized absmax)."""
-    from transformers import BitsAndBytesConfig, T5EncoderModel
-
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=dtype)
-    return T5EncoderModel.from_pretrained(root / "text_encoder_2", quantization_config=config, dtype=dtype)
-
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -189,7 +165,7 @@ def load_pipeline(model: str | os.PathLike = "tiny", *, quant: str = "nf4",
                   device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                   offload: str | None = None, minor: MinorSpec | None = None, svd_device: str | None = None,
                   t5_quant: str = "bf16", progress: bool = True, report: RunReport | None = None,
-                  **settings) -> UraePipeline:
+                  base_pipeline: str | os.PathLike | None = None, **settings) -> UraePipeline:
     """FLUX with an NF4/FP8/bf16 base carrying `adapters`, ready to generate at 2K/4K.
 
     `adapters`: our or diffusers-format LoRA files, kohya-style FLUX LoRAs, the authors' 2K file, and the authors'
@@ -198,18 +174,18 @@ def load_pipeline(model: str | os.PathLike = "tiny", *, quant: str = "nf4",
     `dtype` to bf16 on CUDA and fp32 on CPU (CPU bf16 convolutions are ~30x slower); `offload` to `model`
     (staged) on CUDA and `none` on CPU. `minor` attaches a minor-component adapter initialised from the base.
     `t5_quant="nf4"` loads T5-XXL's linears in NF4 (bitsandbytes via transformers): 8.9 -> 3.9 GiB, the largest
-    weights on the GPU during text encoding, which otherwise set the 2K peak.
+    weights on the GPU during text encoding, which otherwise set the 2K peak. `model` may be a single FLUX
+    transformer file (ComfyUI / Forge); the rest of the pipeline then comes from `base_pipeline`.
     """
     GenerationSettings().replace(**{k: v for k, v in settings.items() if k != "refine_from"})  # fail before loading
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     offload = check_offload(offload or ("model" if device.type == "cuda" else "none"))
     check_quant_format(quant)
-    if t5_quant not in T5_QUANTS:
-        raise UraeError(f"unknown T5 quantization '{t5_quant}': use one of {', '.join(T5_QUANTS)}")
+    check_t5_quant(t5_quant)
     folder = resolve_model(model)  # a hub id is fetched once; everything below reads the local folder
-    root = pipeline_root(folder)
-    config = load_config(transformer_folder(folder))
+    root = pipeline_root(folder, base_pipeline)
+    config = open_transformer(folder, base_pipeline)[0]
     defaults = load_preset(preset, "dev" if config.get("guidance_embeds") else "schnell").replace(**settings)
     report = report if report is not None else RunReport()
     with report.stage("adapters"):
@@ -219,11 +195,11 @@ def load_pipeline(model: str | os.PathLike = "tiny", *, quant: str = "nf4",
     load_device = torch.device("cpu") if quant == "bf16" and offload != "none" else device
     with report.stage(f"load transformer ({quant})"):
         transformer = load_transformer(folder, quant, load_device, dtype, adapters=files, minor=minor,
-                                       progress=progress)
-    with report.stage("load text encoders + vae"), _loading_bars(progress):
+                                       progress=progress, base_pipeline=base_pipeline)
+    with report.stage("load text encoders + vae"), library_bars_off():
         from diffusers import FluxPipeline
 
-        extra = {"text_encoder_2": _t5_nf4(root, dtype)} if t5_quant == "nf4" else {}
+        extra = {"text_encoder_2": load_t5_nf4(root, dtype)} if t5_quant == "nf4" else {}
         flux = FluxPipeline.from_pretrained(root, transformer=transformer, dtype=dtype, **extra)
         apply_offload(flux, offload, device)
     used = [{"path": str(a), "sha256": file_digest(a)} for a in adapters]

@@ -18,10 +18,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapter_io import AdapterFile, attach_adapter, read_adapter
+from .destinations import check_output_dir
 from .checkpoint import CheckpointReader, atomic_save_file, write_json
 from .errors import UraeError
-from .loader import (PREPARED_MARKER, MinorSpec, _check_complete, empty_transformer, load_config, resolve_model,
-                     transformer_folder)
+from .loader import (PREPARED_MARKER, MinorSpec, _check_complete, empty_transformer, load_config, open_transformer,
+                     resolve_model, transformer_folder)
 from .quant import QuantizedWeight, check_quant_format
 from .targets import block_linear_names
 
@@ -29,15 +30,16 @@ FORMAT_VERSION = 1
 
 
 def prepare(model: str | os.PathLike, out: str | os.PathLike, quant: str = "nf4", device: str = "cpu",
-            shard_bytes: int = 2 * 2**30, progress: bool = True) -> Path:
+            shard_bytes: int = 2 * 2**30, progress: bool = True,
+            base_pipeline: str | os.PathLike | None = None) -> Path:
     """Stream the checkpoint, quantize block linears on `device`, write shards; never holds the whole model."""
     check_quant_format(quant)
+    check_output_dir(out)
     src = transformer_folder(resolve_model(model))
     if (src / PREPARED_MARKER).is_file():
         raise UraeError(f"{src} is already a prepared checkpoint; pass the original model folder")
-    config = load_config(src)
+    config, reader = open_transformer(src, base_pipeline)  # a folder or a single (BFL) transformer file
     linears = set(block_linear_names(empty_transformer(config)))
-    reader = CheckpointReader(src)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("quantized-*.safetensors"):

@@ -1,4 +1,4 @@
-"""Generation settings and the YAML presets in `recipes/` that hold the authors' defaults (SPEC §3).
+"""Generation settings and the YAML presets in `recipes/` that hold the authors' defaults (docs/high-resolution.md).
 
 A preset is `2k` or `4k` (resolved per model family: `recipes/generate_{dev|schnell}_{2k|4k}.yaml`) or a path
 to a YAML file with the same keys. Explicit settings override the preset; every value is checked here, so a bad

@@ -17,12 +17,16 @@ Storage layouts (what the kernels read):
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 
 import torch
 from torch import nn
 
 from .errors import UraeError
+
+logger = logging.getLogger(__name__)
 
 QUANT_FORMATS = ("nf4", "fp8", "bf16")
 NF4_BLOCKSIZE = 64
@@ -35,9 +39,39 @@ def check_quant_format(fmt: str) -> str:
     return fmt
 
 
+KERNELS_ENV = "URAE_LITE_KERNELS"
+KERNEL_MODES = ("auto", "off", "on")
+
+
+def kernels_mode() -> str:
+    """`URAE_LITE_KERNELS`: `auto` (default; also `1`) runs the Triton kernels for CUDA tensors, `off` (or `0`)
+    never, `on` for every tensor (on the CPU that needs TRITON_INTERPRET=1: Triton's interpreter, for checking)."""
+    value = os.environ.get(KERNELS_ENV, "auto").strip().lower()
+    mode = {"1": "auto", "0": "off"}.get(value, value)
+    if mode not in KERNEL_MODES:
+        raise UraeError(f"{KERNELS_ENV}={value} is not one of {', '.join(KERNEL_MODES)}")
+    return mode
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Triton installs on Linux only; elsewhere the libraries' PyTorch paths run, and we say so once."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        logger.warning("Triton is not installed (it ships for Linux only): the adapted linears run through "
+                       "PyTorch (bitsandbytes / optimum-quanto dequantization + F.linear), with the same results "
+                       "up to rounding")
+        return False
+    return True
+
+
 def kernels_enabled(t: torch.Tensor) -> bool:
-    """The Triton path runs for CUDA tensors unless URAE_LITE_KERNELS=0; elsewhere the libraries' code does."""
-    return t.is_cuda and os.environ.get("URAE_LITE_KERNELS", "1") != "0"
+    """Whether the fused Triton path runs for `t` (see `kernels_mode`); the libraries' code runs otherwise."""
+    mode = kernels_mode()
+    if mode == "off" or (mode == "auto" and not t.is_cuda):
+        return False
+    return triton_available()
 
 
 def nf4_quantize(w: torch.Tensor, chunk_elems: int = 2**18) -> tuple[torch.Tensor, ...]:
@@ -47,12 +81,13 @@ def nf4_quantize(w: torch.Tensor, chunk_elems: int = 2**18) -> tuple[torch.Tenso
     row chunks with the same op and then double-quantize the whole absmax exactly as `quantize_4bit` does (blocks of
     64 never straddle a chunk, and the offset is the mean over the full absmax). Returns
     (packed, absmax_u8, quant_map, nested_absmax, nested_quant_map, offset).
+
+    Blocks run over the row-major flattened weight, as in bitsandbytes, so `in_features` need not be a multiple of
+    the block size: a block may span two rows, and the last block may be partial (its absmax covers what is there).
     """
     import bitsandbytes.functional as bnbf
 
     flat = w.reshape(-1)
-    if flat.numel() % NF4_BLOCKSIZE:
-        raise ValueError(f"NF4 needs a multiple of {NF4_BLOCKSIZE} elements, got shape {tuple(w.shape)}")
     step = chunk_elems // NF4_BLOCKSIZE * NF4_BLOCKSIZE if w.device.type == "cpu" else flat.numel()
     packed, absmax = [], []
     for start in range(0, flat.numel(), step):
@@ -90,7 +125,13 @@ class QuantizedWeight(nn.Module):
             from optimum.quanto.calibrate import absmax_scale
 
             scale = absmax_scale(w, qfloat8_e4m3fn, axis=0)
-            q = quantize_weight(w, qtype=qfloat8_e4m3fn, axis=0, scale=scale)
+            # optimized=False: quanto's plain layout. With the default, a CUDA GPU of compute capability >= 8
+            # gets a Marlin tensor (int32-packed data, permuted scales, a JIT-built extension) for every FLUX shape,
+            # which neither our kernel nor the reference path reads.
+            q = quantize_weight(w, qtype=qfloat8_e4m3fn, axis=0, scale=scale, optimized=False)
+            if q._data.dtype != torch.float8_e4m3fn or q._data.shape != w.shape:
+                raise RuntimeError(f"optimum-quanto returned {type(q).__name__} with {q._data.dtype} data "
+                                   f"{tuple(q._data.shape)}; urae-lite reads plain e4m3 (N, K)")
             qw.register_buffer("weight", q._data.contiguous())
             qw.register_buffer("scale", q._scale.contiguous())
         else:

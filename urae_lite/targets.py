@@ -2,7 +2,7 @@
 
 Every nn.Linear inside the 19 double and 38 single blocks (494 in FLUX.1-dev) gets a quantized base; the
 embedders and the output projection outside the blocks stay bf16, as in diffusers' NF4 recipes.
-Adapters go on the authors' targets by default (SPEC §2: 190 attention projections), or on every block linear.
+Adapters go on the authors' targets by default (190 attention projections, docs/method.md), or on every block linear.
 """
 
 from __future__ import annotations

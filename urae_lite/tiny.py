@@ -1,6 +1,6 @@
 """Offline stand-ins for FLUX.1: a tiny complete pipeline folder and random full-size checkpoints.
 
-Tests and benchmarks never download weights (SPEC §5). Two tools cover what they need:
+Tests and benchmarks never download weights. Two tools cover what they need:
 
 * ``build_tiny_flux`` writes a complete FLUX.1-dev/-schnell folder in diffusers layout (transformer, VAE,
   CLIP and T5 encoders, both tokenizers, scheduler) with the real architecture *shapes of interfaces*
@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .console import library_bars_off
+
 if TYPE_CHECKING:
     from diffusers import FluxTransformer2DModel
 
@@ -46,13 +48,13 @@ __all__ = [
 ]
 
 #: Bump when the tiny model's contents change, so cached folders are rebuilt instead of reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: Written last into a tiny folder; its presence (with matching fields) means the folder is complete.
 MARKER_NAME = "urae_tiny.json"
 VARIANTS = ("dev", "schnell")
 
 # Tiny widths. The text widths feed the transformer's joint_attention_dim / pooled_projection_dim.
-_T5_D_MODEL = 32
+_T5_D_MODEL = 64  # a multiple of the NF4 block, so `--t5-quant nf4` quantizes the tiny T5 too
 _CLIP_HIDDEN = 32
 _CLIP_MAX_POSITIONS = 77
 _T5_MAX_LENGTH = 512
@@ -111,7 +113,7 @@ def tiny_transformer_config(variant: str = "dev") -> dict:
 
 
 def flux_dev_config(variant: str = "dev") -> dict:
-    """The full-size FLUX.1 transformer config (SPEC §5): 11.90 B parameters, 504 Linear layers.
+    """The full-size FLUX.1 transformer config: 11.90 B parameters, 504 Linear layers.
 
     Schnell has the same shapes but no guidance embedder (it is timestep-distilled, not guidance-distilled).
     """
@@ -520,20 +522,6 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-@contextlib.contextmanager
-def _no_transformers_progress_bars() -> Iterator[None]:
-    """Silence transformers' per-save progress bars while building, restoring the caller's setting after."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _write_text_encoders(root: Path, clip_vocab: int, t5_vocab: int) -> None:
     """Tiny CLIP-L-like and T5-v1.1-like encoders, default-initialised, saved in fp32."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -543,16 +531,16 @@ def _write_text_encoders(root: Path, clip_vocab: int, t5_vocab: int) -> None:
         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=_CLIP_MAX_POSITIONS,
         hidden_act="quick_gelu", bos_token_id=clip_vocab - 2, eos_token_id=clip_vocab - 1, pad_token_id=clip_vocab - 1,
     )
-    with _no_transformers_progress_bars():
+    with library_bars_off():
         CLIPTextModel(clip_config).save_pretrained(root / "text_encoder")
 
     t5_config = T5Config(
-        vocab_size=_round_up(t5_vocab, 64), d_model=_T5_D_MODEL, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        vocab_size=_round_up(t5_vocab, 64), d_model=_T5_D_MODEL, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
         relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
         dropout_rate=0.0, is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
         decoder_start_token_id=0, tie_word_embeddings=False,
     )
-    with _no_transformers_progress_bars():
+    with library_bars_off():
         T5EncoderModel(t5_config).save_pretrained(root / "text_encoder_2")
 
 

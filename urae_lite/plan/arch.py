@@ -22,7 +22,7 @@ class Linear:
     out_features: int
     in_features: int
     bias: bool
-    target: bool  # on the authors' adapter targets (SPEC §2)
+    target: bool  # on the authors' adapter targets (docs/method.md)
 
     @property
     def numel(self) -> int:

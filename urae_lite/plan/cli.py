@@ -8,6 +8,7 @@ import json
 from typing import TYPE_CHECKING
 
 from ..quant import QUANT_FORMATS
+from ..text_encoders import T5_QUANTS
 from . import constants as C
 from .estimate import (ADAPTERS, CHECKPOINTING, OFFLOAD_MODES, OPTIMIZERS, TASKS, VAE_TILING_MODES, VARIANTS,
                        PlanConfig)
@@ -25,20 +26,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="peak GPU memory of generate/train per phase; with --vram N, what fits N GiB",
                        description=__doc__)
     p.add_argument("--task", choices=TASKS, default="generate")
-    p.add_argument("--resolution", type=int, default=2048, help="image side in pixels (default: %(default)s)")
+    p.add_argument("--resolution", type=int, help="image side in pixels (default 2048, or the recipe's)")
     p.add_argument("--width", type=int, help="overrides --resolution")
     p.add_argument("--height", type=int, help="overrides --resolution")
     p.add_argument("--variant", choices=VARIANTS, help="FLUX.1 model (default dev)")
+    p.add_argument("--model", help="plan for this transformer: a diffusers folder, hub id, prepared folder or single "
+                   ".safetensors file (its widths and variant are read from it; no weights are loaded)")
+    p.add_argument("--base-pipeline", help="with a single-file --model: the diffusers folder or hub id it belongs to")
     p.add_argument("--quant", choices=QUANT_FORMATS, help="frozen base format (default nf4)")
     p.add_argument("--rank", type=int, help="generate: total adapter rank (default 16, 48 above 2048²); "
                    "train: trainable rank (default 16)")
     p.add_argument("--offload", choices=OFFLOAD_MODES, help="generate (default model)")
     p.add_argument("--vae-tiling", choices=VAE_TILING_MODES, help="generate (default auto)")
-    p.add_argument("--t5-quant", choices=("bf16", "nf4"), help="generate: T5-XXL's linears (default bf16)")
+    p.add_argument("--t5-quant", choices=T5_QUANTS, help="generate: T5-XXL's linears (default bf16)")
     p.add_argument("--steps", type=int, help="generate: denoising steps, for the speed ranking (default 28)")
     p.add_argument("--adapter", choices=ADAPTERS, help="train (default lora; minor from 4096²)")
     p.add_argument("--checkpointing", choices=CHECKPOINTING,
-                   help="train: gradient checkpointing, cpu = checkpoints in pinned host memory (default on)")
+                   help="train: gradient checkpointing, cpu = checkpoints in pinned host memory "
+                   "(default: the recipe's)")
+    p.add_argument("--recipe", help="train: plan this recipe (default: the shipped 2K LoRA recipe, or the 4K "
+                   "minor-component one from 4096² or with --adapter minor)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="train: recipe overrides, as `urae-lite train` "
+                   "takes them (e.g. training.checkpointing=on)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="train (default prodigy)")
     p.add_argument("--no-validation", dest="validation", action="store_false",
                    help="train: leave out the recipes' validation images")
@@ -50,19 +59,53 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _model_fields(model: str, base_pipeline: str | None) -> dict:
+    """PlanConfig fields of a model's transformer: its config (widths, depth) and variant, read from the config or
+    the single file's tensor shapes."""
+    from ..loader import open_transformer
+
+    config, _ = open_transformer(model, base_pipeline)
+    return {"transformer_config": config, "variant": "dev" if config.get("guidance_embeds") else "schnell"}
+
+
+def _job(args: argparse.Namespace) -> tuple[int, int, dict, dict]:
+    """(width, height, options the user set, defaults from the recipe) for the job to plan."""
+    from ..errors import UraeError
+
+    given = {k: getattr(args, k) for k in FIXABLE if getattr(args, k) is not None}
+    if args.model is not None:
+        given.update(_model_fields(args.model, args.base_pipeline))
+    if not args.validation:
+        given["validation"] = False
+    if args.task != "train":
+        if args.recipe or args.overrides:
+            raise UraeError("--recipe and key=value overrides plan training: add --task train")
+        size = args.resolution or 2048
+        return args.width or size, args.height or size, given, {}
+    from .recipe import overridden_fields, recipe_plan_fields, shipped_recipe
+
+    asked = args.resolution or max(args.width or 0, args.height or 0) or 2048
+    defaults = recipe_plan_fields(args.recipe or shipped_recipe(asked, args.adapter), args.overrides)
+    given.update({k: defaults[k] for k in overridden_fields(args.overrides)})  # key=value counts as set by the user
+    recipe_size = defaults.pop("width"), defaults.pop("height")
+    size = args.resolution or recipe_size[0]  # a --recipe plans at its own data.resolution
+    return args.width or size, args.height or size, given, defaults
+
+
 def run(args: argparse.Namespace) -> None:
     from .estimate import estimate
-    from .search import best_config
+    from .search import SEARCHED, best_config
 
-    width, height = args.width or args.resolution, args.height or args.resolution
-    fixed = {k: getattr(args, k) for k in FIXABLE if getattr(args, k) is not None}
-    fixed["validation"] = args.validation
+    width, height, given, defaults = _job(args)
     if args.vram is None:
+        fixed = {**defaults, **given}
         est = estimate(PlanConfig(task=args.task, width=width, height=height, **fixed))
         print(json.dumps(est.as_dict(), indent=1) if args.json else est.table())
         return
     from ..errors import UraeError
 
+    # the search tries every value of its options (quant, checkpointing / offload) that the user did not set
+    fixed = {**{k: v for k, v in defaults.items() if k not in SEARCHED[args.task]}, **given}
     result = best_config(args.task, width, height, args.vram, args.ram, **fixed)
     if result.best is None:
         raise UraeError(result.impossible())

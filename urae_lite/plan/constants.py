@@ -19,10 +19,10 @@ NF4_PER_LINEAR = 16 * FP32 + 256 * FP32 + FP32  # quant_map (16 NF4 levels) + ne
 
 # ---- text encoders and VAE of FLUX.1 (their configs are not available offline: published architectures) ----------
 # T5-v1.1-XXL encoder (google/t5-v1_1-xxl, FLUX's text_encoder_2): d_model 4096, d_ff 10240 (gated: wi_0, wi_1, wo),
-# 24 layers, 64 heads x 64, vocab 32128 -> 4.76 B parameters (SPEC §5: "4.7 B").
+# 24 layers, 64 heads x 64, vocab 32128 -> 4.76 B parameters (usually quoted as "4.7 B").
 T5_D_MODEL, T5_D_FF, T5_LAYERS, T5_HEADS, T5_VOCAB = 4096, 10240, 24, 64, 32128
 # CLIP ViT-L/14 text tower (openai/clip-vit-large-patch14): width 768, mlp 3072, 12 layers, vocab 49408, 77 positions
-# -> 123 M parameters (SPEC §5).
+# -> 123 M parameters.
 CLIP_WIDTH, CLIP_MLP, CLIP_LAYERS, CLIP_VOCAB, CLIP_POSITIONS = 768, 3072, 12, 49408, 77
 # FLUX.1 AutoencoderKL (black-forest-labs/FLUX.1-dev vae/config.json; 83.8 M parameters when built from it).
 FLUX_VAE_CONFIG = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -39,7 +39,7 @@ VAE_UNTILED_HEADROOM = 1.25
 # fp32 statistics copy): counted as this many fp32 strips of the widest level (vae_tiling.py keeps a few).
 VAE_TILED_STRIPS = 6
 
-# ---- text tokens (SPEC §3) ---------------------------------------------------------------------------------------
+# ---- text tokens -------------------------------------------------------------------------------------------------
 TEXT_TOKENS = {"dev": 512, "schnell": 256}  # max_sequence_length defaults
 
 # ---- CUDA overheads ----------------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ REF_FLOPS = 0.7 * 82.6e12
 REF_PCIE_PINNED = 22e9
 REF_PCIE_PAGEABLE = 10e9
 # Quantized bases run the same bf16 GEMM after dequantizing into a reused buffer: the kernels' goal is <= 1.10x bf16
-# for NF4 including the adapter (SPEC §7); fp8 dequantization is one multiply per weight, NF4 adds table lookups.
+# for NF4 including the adapter (see README); fp8 dequantization is one multiply per weight, NF4 adds table lookups.
 QUANT_SLOWDOWN = {"bf16": 1.00, "fp8": 1.03, "nf4": 1.06}
 # Per-module hook and synchronisation costs of the offload mechanisms (accelerate / diffusers hooks), seconds.
 GROUP_OVERHEAD_PER_BLOCK = 2e-4  # one onload per block group, overlapped transfer on a side stream

@@ -24,7 +24,7 @@ OPTIMIZERS = ("prodigy", "adamw8bit")
 ADAPTERS = ("lora", "minor")
 VARIANTS = ("dev", "schnell")
 BACKENDS = ("cuda", "cpu")
-BASE_ADAPTER_RANK = 16  # the 4K minor recipe trains over the authors' rank-16 2K LoRA (SPEC §1.4)
+BASE_ADAPTER_RANK = 16  # the 4K minor recipe trains over the authors' rank-16 2K LoRA (docs/training.md)
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,9 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_save_file, load_file_checked, write_json
+from ..destinations import check_output_dir
 from ..errors import UraeError
-from ..loader import resolve_model
+from ..loader import components_root
 from .data import (CAPTION_COLUMNS, Bucket, Sample, SkipLog, fit_to_bucket, make_buckets, nearest_bucket,
                    needs_upscale, scan_dataset)
 from .encoders import clip_pooled, free_device_memory, iter_t5, load_vae
@@ -215,7 +216,7 @@ def default_device() -> torch.device:
 def build_cache(data_dir: str | Path, model: str, resolution: int, out: str | Path | None = None,
                 device: str | None = None, dtype: torch.dtype | None = None, max_sequence_length: int = 512,
                 skip_small: bool = False, vae_tiling: str = "auto", overwrite: bool = False,
-                progress: bool = True) -> tuple[Path, SkipLog]:
+                progress: bool = True, base_pipeline: str | None = None) -> tuple[Path, SkipLog]:
     """Cache everything training needs from DATA_DIR; resumable, and refuses to mix models or resolutions."""
     if resolution % 16:
         raise UraeError(f"--resolution must be a multiple of 16, got {resolution}")
@@ -223,8 +224,8 @@ def build_cache(data_dir: str | Path, model: str, resolution: int, out: str | Pa
         raise UraeError(f"--vae-tiling must be one of {', '.join(VAE_TILING_MODES)}")
     device = torch.device(device) if device else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    root = resolve_model(model)
-    cache = Path(out) if out is not None else default_cache_dir(data_dir, resolution)
+    cache = check_output_dir(out if out is not None else default_cache_dir(data_dir, resolution))
+    root = components_root(model, base_pipeline)  # a single transformer file: its base pipeline's encoders + VAE
     identity = _identity(str(model), model_fingerprint(root), resolution, max_sequence_length)
     manifest = _read_manifest(cache)
     if manifest is not None:
@@ -280,14 +281,15 @@ class CachedDataset:
 
 
 def open_cache(data_dir: str | Path, model: str, resolution: int, cache: str | Path | None = None,
-               columns: tuple[str, ...] = CAPTION_COLUMNS, skips: SkipLog | None = None) -> CachedDataset:
+               columns: tuple[str, ...] = CAPTION_COLUMNS, skips: SkipLog | None = None,
+               base_pipeline: str | None = None) -> CachedDataset:
     """The cache for (model, resolution), checked: a stale or unfinished one is refused with the fix."""
     folder = Path(cache) if cache is not None else default_cache_dir(data_dir, resolution)
     fix = rebuild_command(data_dir, model, resolution, cache)
     manifest = _read_manifest(folder)
     if manifest is None:
         raise UraeError(f"no cache at {folder}: build it first with `{fix.removesuffix(' --overwrite')}`")
-    reason = _stale_reason(manifest, model_fingerprint(resolve_model(model)), resolution, None)
+    reason = _stale_reason(manifest, model_fingerprint(components_root(model, base_pipeline)), resolution, None)
     if reason:
         raise UraeError(f"cache {folder} does not fit this run: {reason}. Rebuild it with `{fix}`")
     if not manifest.get("complete"):

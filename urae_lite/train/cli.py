@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import logging
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(format="urae-lite: %(message)s", level=logging.INFO)
-    logging.getLogger("urae_lite.train").setLevel(logging.INFO)
 
 
 def _cmd_cache(args: argparse.Namespace) -> None:
     from ..report import RunReport
     from .cache import build_cache
 
-    _setup_logging()
     report = RunReport()
     with report.stage("cache"):
         folder, skips = build_cache(args.data, args.model, args.resolution, out=args.out, device=args.device,
                                     max_sequence_length=args.max_sequence_length, skip_small=args.skip_small,
-                                    vae_tiling=args.vae_tiling, overwrite=args.overwrite)
+                                    vae_tiling=args.vae_tiling, overwrite=args.overwrite,
+                                    base_pipeline=args.base_pipeline)
     print(f"cache ready: {folder}; {skips.summary()}")
     print(report.format())
 
@@ -29,7 +23,6 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .config import load_recipe
     from .loop import train
 
-    _setup_logging()
     cfg = load_recipe(args.recipe, args.overrides)
     if args.vram is not None:
         _plan_memory(cfg, args)
@@ -39,20 +32,24 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _plan_memory(cfg, args: argparse.Namespace) -> None:
     """--vram: choose quant and checkpointing from the planner, unless set as overrides on the command line."""
     from ..plan.choose import choose
+    from ..plan.recipe import overridden_fields, plan_fields
+    from ..plan.search import SEARCHED
 
-    given = {o.split("=", 1)[0] for o in args.overrides}
-    fixed = {"quant": cfg.quant if "quant" in given else None,
-             "checkpointing": cfg.training.checkpointing if "training.checkpointing" in given else None}
-    pick = choose("train", cfg.data.resolution, cfg.data.resolution, args.vram, adapter=cfg.adapter.kind,
-                  rank=cfg.adapter.rank, validation=bool(cfg.validation.every and cfg.validation.prompts),
-                  **fixed).best.config
+    fields = plan_fields(cfg)
+    width, height = fields.pop("width"), fields.pop("height")
+    user_set = overridden_fields(args.overrides)
+    fixed = {k: v for k, v in fields.items() if k not in SEARCHED["train"] or k in user_set}
+    pick = choose("train", width, height, args.vram, **fixed).best.config
     cfg.quant, cfg.training.checkpointing = pick.quant, pick.checkpointing
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("cache", help="cache T5/CLIP embeddings and VAE posteriors of a training dataset")
     p.add_argument("data", help="dataset folder: name.jpg|png|webp + name.json with prompt / generated_prompt")
-    p.add_argument("--model", required=True, help="diffusers FLUX folder, hub id, or 'tiny'")
+    p.add_argument("--model", required=True, help="diffusers FLUX folder, hub id, single FLUX transformer "
+                   ".safetensors (with --base-pipeline), or 'tiny'")
+    p.add_argument("--base-pipeline", help="with a single file as --model: the diffusers FLUX folder or hub id "
+                   "whose VAE and text encoders to use (default: the matching FLUX.1 from the Hugging Face cache)")
     p.add_argument("--resolution", type=int, required=True, help="target side: buckets have about this area²")
     p.add_argument("--out", default=None, help="cache folder (default DATA/.urae_cache/RESOLUTION)")
     p.add_argument("--device", default=None, help="where the encoders run (default cuda when available)")

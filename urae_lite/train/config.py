@@ -72,7 +72,7 @@ class ValidationConfig:
     prompts: list[str] = field(default_factory=list)
     steps: int = 28
     guidance: float = 3.5
-    shift: float = 3.0  # static time shift (SPEC §3)
+    shift: float = 3.0  # static time shift (docs/high-resolution.md)
     size: int | None = None  # default: data.resolution
     seed: int = 0
 
@@ -81,7 +81,8 @@ class ValidationConfig:
 class TrainConfig:
     model: str = REQUIRED  # diffusers FLUX folder, hub id or `tiny`: VAE + text encoders (+ transformer)
     output_dir: str = REQUIRED
-    transformer: str | None = None  # optional `urae-lite prepare` folder to load the base from
+    transformer: str | None = None  # optional `urae-lite prepare` folder or single FLUX file to load the base from
+    base_pipeline: str | None = None  # VAE + text encoders when `model` is a single transformer file
     quant: str = "nf4"
     device: str | None = None  # cpu forces the CPU; default: accelerate's pick (this process's GPU when present)
     seed: int = 0
@@ -204,8 +205,10 @@ def _missing(obj: Any, prefix: str = "") -> list[str]:
     return out
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> TrainConfig:
-    """Recipe file + `key=value` overrides (dotted keys, YAML values) -> a checked TrainConfig."""
+def load_recipe(path: str | os.PathLike, overrides: list[str] = (), require_paths: bool = True) -> TrainConfig:
+    """Recipe file + `key=value` overrides (dotted keys, YAML values) -> a checked TrainConfig.
+
+    `require_paths=False` (planning memory) accepts a recipe whose data, output and base adapter paths are unset."""
     path = Path(path)
     try:
         tree = yaml.safe_load(path.read_text()) or {}
@@ -216,14 +219,14 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> TrainConf
     for text in overrides:
         _set_path(tree, *_parse_override(text))
     cfg = _build(TrainConfig, tree)
-    missing = _missing(cfg)
+    missing = _missing(cfg) if require_paths else []
     if missing:
         raise UraeError(f"the recipe needs {missing[0]}: pass {missing[0]}=... on the command line")
-    check_config(cfg)
+    check_config(cfg, require_paths)
     return cfg
 
 
-def check_config(cfg: TrainConfig) -> None:
+def check_config(cfg: TrainConfig, require_paths: bool = True) -> None:
     """Reject values that would fail later, with the accepted choices."""
     from ..quant import QUANT_FORMATS
     from ..targets import TARGET_CHOICES
@@ -256,7 +259,7 @@ def check_config(cfg: TrainConfig) -> None:
                         f"{', '.join(CAPTION_COLUMNS)})")
     if any(w < 0 for w in cfg.data.caption_mix.values()) or sum(cfg.data.caption_mix.values()) <= 0:
         raise UraeError("data.caption_mix needs at least one caption column with a positive weight")
-    if cfg.adapter.kind == "minor" and not cfg.adapter.base_adapters:
+    if require_paths and cfg.adapter.kind == "minor" and not cfg.adapter.base_adapters:
         raise UraeError("adapter.kind=minor trains on base + a 2K adapter: set adapter.base_adapters=[PATH]")
     for section in ("optimizer", "lr_scheduler"):
         if "_component_" not in getattr(cfg, section):

@@ -1,5 +1,6 @@
-"""FLUX's text encoders and VAE, loaded one at a time: T5-XXL alone is 9.4 GiB in bf16, so caching and
-validation load an encoder, run it over everything, and free it before the next one (or the transformer) comes."""
+"""FLUX's text encoders and VAE (the classes the folder declares), loaded one at a time: T5-XXL alone is
+9.4 GiB in bf16, so caching and validation load an encoder, run it over everything, and free it before the next
+one (or the transformer) comes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+
+from ..text_encoders import load_component
 
 CLIP_MAX_LENGTH = 77
 
@@ -22,10 +25,8 @@ def free_device_memory() -> None:
 @torch.no_grad()
 def clip_pooled(root: Path, texts: Sequence[str], device, dtype: torch.dtype, batch_size: int = 16) -> torch.Tensor:
     """(n, 768) pooled CLIP-L embeddings, as FluxPipeline computes them (77 tokens, padded, truncated)."""
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
-    model = CLIPTextModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).to(device).eval()
+    tokenizer = load_component(root, "tokenizer")
+    model = load_component(root, "text_encoder", dtype=dtype).to(device).eval()
     out = []
     for i in range(0, len(texts), batch_size):
         ids = tokenizer(list(texts[i:i + batch_size]), padding="max_length", max_length=CLIP_MAX_LENGTH,
@@ -40,10 +41,8 @@ def clip_pooled(root: Path, texts: Sequence[str], device, dtype: torch.dtype, ba
 def iter_t5(root: Path, texts: Sequence[str], device, dtype: torch.dtype, max_sequence_length: int,
             batch_size: int = 4) -> Iterator[torch.Tensor]:
     """(max_sequence_length, 4096) T5 embeddings per text, yielded as computed so callers can stream them to disk."""
-    from transformers import T5EncoderModel, T5TokenizerFast
-
-    tokenizer = T5TokenizerFast.from_pretrained(root / "tokenizer_2")
-    model = T5EncoderModel.from_pretrained(root / "text_encoder_2", torch_dtype=dtype).to(device).eval()
+    tokenizer = load_component(root, "tokenizer_2")
+    model = load_component(root, "text_encoder_2", dtype=dtype).to(device).eval()
     try:
         for i in range(0, len(texts), batch_size):
             ids = tokenizer(list(texts[i:i + batch_size]), padding="max_length", max_length=max_sequence_length,
@@ -64,4 +63,4 @@ def encode_prompts(root: Path, texts: Sequence[str], device, dtype: torch.dtype,
 def load_vae(root: Path, dtype: torch.dtype):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype).eval()
+    return AutoencoderKL.from_pretrained(root / "vae", dtype=dtype).eval()

@@ -1,4 +1,4 @@
-"""Rectified-flow training math (SPEC §1, §4), independent of models and files.
+"""Rectified-flow training math (docs/training.md), independent of models and files.
 
 Every random draw of a training sample (caption column, σ, posterior ε, noise) comes from a generator seeded by
 (seed, global sample index). A sample therefore gets the same draws whichever process, step, gradient-accumulation
@@ -74,6 +74,6 @@ def flow_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def shifted_sigmas(steps: int, shift: float) -> list[float]:
-    """Inference schedule: σ = linspace(1, 1/N, N), static shift s·σ/(1+(s−1)·σ), then 0 (SPEC §3)."""
+    """Inference schedule: σ = linspace(1, 1/N, N), static shift s·σ/(1+(s−1)·σ), then 0 (docs/high-resolution.md)."""
     base = [1.0 - i * (1.0 - 1.0 / steps) / max(steps - 1, 1) for i in range(steps)]
     return [shift * s / (1.0 + (shift - 1.0) * s) for s in base] + [0.0]

@@ -22,8 +22,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write_text
+from ..destinations import check_output_dir
 from ..errors import UraeError
-from ..loader import resolve_model
+from ..loader import components_root
 from ..report import GiB, RunReport
 from .cache import open_cache
 from .checkpointing import (find_checkpoint, list_checkpoints, load_checkpoint, partial_dir, publish, set_rng_state,
@@ -179,6 +180,7 @@ def _log_record(trainer: Trainer, step: int, loss: float, grad_norm: float, seco
 
 def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> Path:
     """Run the recipe; returns the folder holding the final adapter. `resume`: `auto` or a checkpoint folder."""
+    check_output_dir(cfg.output_dir, "output_dir")
     accelerator = _make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
@@ -187,9 +189,10 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         raise UraeError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another "
                         f"output_dir")
     torch.manual_seed(cfg.seed)  # nothing in training draws from the global RNG, but keep it reproducible too
-    report, skips, root = RunReport(), SkipLog(), resolve_model(cfg.model)
+    report, skips, root = RunReport(), SkipLog(), components_root(cfg.model, cfg.base_pipeline)
     with report.stage("open cache"):
-        dataset = open_cache(cfg.data.dir, cfg.model, cfg.data.resolution, cfg.data.cache, skips=skips)
+        dataset = open_cache(cfg.data.dir, cfg.model, cfg.data.resolution, cfg.data.cache, skips=skips,
+                             base_pipeline=cfg.base_pipeline)
         source = SampleSource(dataset, cfg, *vae_factors(root), skips)
     validate = bool(cfg.validation.every and cfg.validation.prompts)
     embeds = []

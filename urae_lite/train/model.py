@@ -29,8 +29,9 @@ def build_model(cfg: TrainConfig, device: torch.device, progress: bool = True) -
     if a.kind == "minor":
         minor = MinorSpec(a.rank, a.targets, trainable=True, svd_device=str(device) if device.type == "cuda" else None)
     dtype = torch.float32 if cfg.training.precision == "fp32" else torch.bfloat16
+    base_pipeline = cfg.base_pipeline or (cfg.model if cfg.transformer else None)  # for a single-file base
     model = load_transformer(cfg.transformer or cfg.model, cfg.quant, device, dtype, adapters=a.base_adapters,
-                             minor=minor, progress=progress)
+                             minor=minor, progress=progress, base_pipeline=base_pipeline)
     return prepare_for_training(model, cfg)
 
 
@@ -79,7 +80,7 @@ def export_adapters(model: nn.Module, cfg: TrainConfig, folder: str | Path, meta
 
     LoRA: `adapter.safetensors` holds the trained slice only, like the authors' 2K file.
     Minor: `adapter.safetensors` is the exact plain LoRA W0 + B2·A2 − B0·A0 + B'·A' (rank 48 over the base,
-    loads anywhere, base-specific, SPEC §2), and `adapter_urae4k.safetensors` holds only (A', B') with the
+    loads anywhere, base-specific), and `adapter_urae4k.safetensors` holds only (A', B') with the
     authors' keys (authors' targets only), for their loader or `load_transformer(adapters=[2k, this])`.
     """
     folder = Path(folder)

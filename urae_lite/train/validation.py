@@ -2,7 +2,7 @@
 
 Prompts are embedded once, before the transformer is on the device (T5 never shares it), and kept in the
 output folder so a resumed run does not need T5 again. The sampler is FLUX's Euler flow sampler with a static
-time shift (SPEC §3): σ_i → σ_{i+1}, x += (σ_{i+1} − σ_i)·v, guidance input 3.5 by default.
+time shift (docs/high-resolution.md): σ_i → σ_{i+1}, x += (σ_{i+1} − σ_i)·v, guidance input 3.5 by default.
 """
 
 from __future__ import annotations

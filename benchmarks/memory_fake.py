@@ -1,0 +1,146 @@
+"""`python benchmarks/memory.py --fake`: the planner against the real code's live tensor bytes on fake tensors.
+
+No GPU: full-size FLUX.1-dev, T5-XXL, CLIP-L and the VAE run on the CPU under FakeTensorMode
+(urae_lite/plan/fake.py), the adapted linears through the kernels' `torch.ops.urae_lite` custom ops
+(URAE_LITE_KERNELS=on, their fake implementations), and every phase's peak of live device storage bytes is put
+beside the planner's allocated-bytes estimate for the same configuration. Rows: generate 1024², 2048², 4096²
+(presets 2k / 4k, `model` offload, one denoising step) and train 2048² (2K LoRA recipe) and 4096² (4K minor
+recipe), NF4 and FP8. Writes JSON (rows + provenance) and a chart of measured vs planned per row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from provenance import provenance
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 2**30
+SIZES = (1024, 2048, 4096)
+TRAIN_SIZES = (2048, 4096)
+QUANTS = ("nf4", "fp8")
+OUT = ROOT / "benchmarks" / "results" / "memory_fake.json"
+
+
+def generate_rows(quant: str, sizes: tuple[int, ...]) -> list[dict]:
+    """Measured and planned bytes per phase of generation at each size (one fake pipeline per adapter rank)."""
+    from urae_lite.plan import PlanConfig, estimate
+    from urae_lite.plan.fake import (
+        fake_mode,
+        fake_pipeline,
+        forget_fake_workspaces,
+        generate_rank,
+        measure_generate,
+    )
+    from urae_lite.presets import load_preset
+
+    rows = []
+    for rank in sorted({generate_rank(s) for s in sizes}):
+        with fake_mode():
+            pipe = fake_pipeline(quant, rank)
+            for size in [s for s in sizes if generate_rank(s) == rank]:
+                preset = load_preset("4k" if size >= 4096 else "2k", "dev").vae_tiling
+                cfg = PlanConfig(task="generate", width=size, height=size, quant=quant, offload="model", rank=rank,
+                                 vae_tiling=preset)
+                tiling = resolved_tiling(cfg)
+                est = estimate(cfg.replace(vae_tiling=tiling))
+                options = {"offload": "model", "adapter_rank": rank, "vae_tiling": f"{preset} -> {tiling}",
+                           "denoising_steps": 1, "t5_quant": "bf16", "kernels": os.environ.get("URAE_LITE_KERNELS")}
+                if tiling == "on":
+                    options["vae_home"] = "host (the tiled decode's full-size maps)"
+                rows += pair("generate", size, quant, options, measure_generate(pipe, size, tiling), est)
+        forget_fake_workspaces()
+    return rows
+
+
+def resolved_tiling(cfg) -> str:
+    """`auto` as the planner resolves it (card unknown): the decode estimate equals the tiled or the plain one."""
+    from urae_lite.plan import estimate
+
+    if cfg.vae_tiling != "auto":
+        return cfg.vae_tiling
+    decode = estimate(cfg).allocated()[-1]
+    return "on" if decode == estimate(cfg.replace(vae_tiling="on")).allocated()[-1] else "off"
+
+
+def train_rows(quant: str, size: int) -> list[dict]:
+    from urae_lite.plan import PlanConfig, estimate
+    from urae_lite.plan.fake import (
+        fake_mode,
+        forget_fake_workspaces,
+        measure_train,
+        train_recipe,
+    )
+
+    with fake_mode():
+        cfg = train_recipe(size, quant)
+        phases, options = measure_train(cfg, size)
+    forget_fake_workspaces()
+    est = estimate(PlanConfig(task="train", width=size, height=size, quant=quant, adapter=cfg.adapter.kind,
+                              rank=cfg.adapter.rank, checkpointing=cfg.training.checkpointing))
+    options = {"recipe": cfg.adapter.kind, "checkpointing": cfg.training.checkpointing,
+               "saved_tensors": "host (save_on_cpu copies on the uncounted meta device)"
+               if cfg.training.checkpointing == "cpu" else "device", "autocast": "cpu bf16", **options}
+    return pair("train", size, quant, options, phases, est)
+
+
+def pair(task: str, size: int, quant: str, options: dict, phases, est) -> list[dict]:
+    """One row per measured phase, beside the planner's allocated bytes for that phase and its card total."""
+    planned = dict(zip(est.phases, est.allocated()))
+    rows = []
+    for ph in phases:
+        rows.append({"task": task, "width": size, "height": size, "quant": quant, "options": options,
+                     "phase": ph.name, "measured_bytes": ph.peak, "planner_bytes": planned[ph.name],
+                     "planner_total_bytes": est.peak, "ratio": round(ph.peak / planned[ph.name], 4)})
+        print(f"{task:8} {size:5}² {quant:4} {ph.name:15} measured {ph.peak / GiB:6.2f} GiB  planner "
+              f"{planned[ph.name] / GiB:6.2f} GiB  ratio {ph.peak / planned[ph.name]:.3f}", flush=True)
+    return rows
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    """Measured (bars) vs planned allocated (markers) GiB for every row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['task'][:3]} {r['width']} {r['quant']} {r['phase']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(10, len(rows) * 0.32), 6))
+    ax.bar(x, [r["measured_bytes"] / GiB for r in rows], color="C0", label="measured (fake tensors, live bytes)")
+    ax.plot(x, [r["planner_bytes"] / GiB for r in rows], "_", color="C3", markersize=14, mew=2,
+            label="planner (allocated)")
+    ax.set_xticks(list(x), labels, rotation=90, fontsize=7)
+    ax.set_ylabel("peak GiB")
+    ax.set_title("urae-lite on full-size FLUX.1-dev: fake-tensor measurement vs planner, per phase")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main_fake(args) -> None:
+    """Run the fake matrix (generate and/or train, per --only / --quants / --sizes) and write JSON + chart."""
+    os.environ.setdefault("URAE_LITE_KERNELS", "on")  # the fused path a GPU runs (fake impls of the custom ops)
+    start = time.perf_counter()
+    quants = [q for q in (args.quants or QUANTS) if q in QUANTS]
+    rows: list[dict] = []
+    for quant in quants:
+        if args.only != "train":
+            rows += generate_rows(quant, tuple(sorted(s for s in args.sizes if s in SIZES)))
+        if args.only != "generate":
+            for size in TRAIN_SIZES:
+                if size in args.sizes:
+                    rows += train_rows(quant, size)
+    out = args.out or OUT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": "cpu (FakeTensorMode; fake CPU tensors stand for the GPU)", **provenance(),
+                               "seconds": round(time.perf_counter() - start, 1), "rows": rows}, indent=1) + "\n")
+    try:
+        chart(rows, out.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib is not installed: no chart")
+    print(f"wrote {out} ({len(rows)} rows, {time.perf_counter() - start:.0f} s)")

@@ -1,0 +1,119 @@
+"""`urae-lite export`: kohya (ComfyUI / Forge) LoRAs that diffusers' own kohya reader loads to the same model."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from synthetic_adapters import write_authors_2k
+
+from urae_lite.cli import main
+from urae_lite.errors import UraeError
+
+
+def _all_targets_lora(path, config, seed=0):
+    """diffusers-keyed LoRA on every block linear, alpha = 2·rank, uneven ranks and a missing to_v (padding)."""
+    from diffusers import FluxTransformer2DModel
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(config)
+    state = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear) or not name.startswith(("transformer_blocks", "single_transformer")):
+            continue
+        if name == "transformer_blocks.0.attn.to_v":
+            continue
+        rank = 2 if name.endswith("to_k") else 4
+        state[f"transformer.{name}.lora_A.weight"] = (torch.randn(rank, m.in_features, generator=g) * .1).bfloat16()
+        state[f"transformer.{name}.lora_B.weight"] = (torch.randn(m.out_features, rank, generator=g) * .1).bfloat16()
+        state[f"transformer.{name}.alpha"] = torch.tensor(2.0 * rank)
+    save_file(state, str(path))
+    return path
+
+
+@pytest.fixture
+def tiny_kohya_reader(monkeypatch, tiny_config):
+    """diffusers' kohya reader hard-codes FLUX.1's linear1 split (3072 x 3, 12288); use the tiny widths."""
+    from diffusers.loaders import lora_conversion_utils as lcu
+    from diffusers.loaders import lora_pipeline
+
+    h = tiny_config["num_attention_heads"] * tiny_config["attention_head_dim"]
+    src = inspect.getsource(lcu._convert_kohya_flux_lora_to_diffusers)
+    assert "dims=[3072, 3072, 3072, 12288]" in src
+    namespace = dict(vars(lcu))
+    exec(src.replace("dims=[3072, 3072, 3072, 12288]", f"dims=[{h}, {h}, {h}, {4 * h}]"), namespace)  # noqa: S102 -- diffusers' own source, one constant changed
+    for module in (lcu, lora_pipeline):
+        monkeypatch.setattr(module, "_convert_kohya_flux_lora_to_diffusers",
+                            namespace["_convert_kohya_flux_lora_to_diffusers"])
+
+
+def _output_with_lora(tiny_flux, lora, inputs):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
+    pipe.load_lora_weights(str(lora))
+    with torch.no_grad():
+        return pipe.transformer(**inputs).sample
+
+
+@pytest.mark.parametrize("which", ["all_targets", "authors_2k"])
+def test_kohya_export_loads_in_diffusers_to_same_output(tmp_path, tiny_flux, tiny_config, make_inputs,
+                                                        tiny_kohya_reader, which):
+    src = tmp_path / "lora.safetensors"
+    _all_targets_lora(src, tiny_config) if which == "all_targets" else write_authors_2k(src, tiny_config)
+    out = tmp_path / "lora_kohya.safetensors"
+    assert main(["export", str(src), "--format", "kohya", "--out", str(out)]) == 0
+    keys = load_file(str(out))
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
+    assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in keys
+    assert all(k.startswith("lora_unet_") for k in keys)
+    inputs = make_inputs(tiny_config, dtype=torch.float32)
+    ref = _output_with_lora(tiny_flux, src, inputs)
+    got = _output_with_lora(tiny_flux, out, inputs)
+    with torch.no_grad():
+        from diffusers import FluxTransformer2DModel
+
+        base = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer")(**inputs).sample
+    assert (ref - base).abs().max() > 1e-3  # the LoRA does something
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_diffusers_export_roundtrip(tmp_path, tiny_config):
+    from urae_lite.adapter_io import read_adapter
+
+    src = write_authors_2k(tmp_path / "urae_2k_adapter.safetensors", tiny_config)
+    out = tmp_path / "d.safetensors"
+    assert main(["export", str(src), "--format", "diffusers", "--out", str(out)]) == 0
+    a, b = read_adapter(src), read_adapter(out)
+    assert set(a.modules) == set(b.modules)
+    assert all(torch.equal(a.modules[k].B, b.modules[k].B) and a.modules[k].scale == b.modules[k].scale
+               for k in a.modules)
+
+
+def test_fused_parts_are_exact():
+    from urae_lite.adapter_io import LoraFactors
+    from urae_lite.export import fuse_parts
+
+    g = torch.Generator().manual_seed(0)
+    parts = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+    present = {0: LoraFactors(torch.randn(3, 8, generator=g), torch.randn(8, 3, generator=g), 0.5),
+               3: LoraFactors(torch.randn(2, 8, generator=g), torch.randn(32, 2, generator=g), 2.0)}
+    fused = fuse_parts(parts, present)
+    delta = fused.delta()
+    assert delta.shape == (8 * 3 + 32, 8)
+    torch.testing.assert_close(delta[:8], present[0].delta())
+    assert delta[8:24].abs().max() == 0
+    torch.testing.assert_close(delta[24:], present[3].delta())
+
+
+def test_export_refuses_unconverted_4k(tmp_path, tiny_config):
+    from synthetic_adapters import write_authors_4k
+
+    src = write_authors_4k(tmp_path / "urae_4k_adapter.safetensors", tiny_config)
+    with pytest.raises(UraeError, match="urae-lite convert"):
+        from urae_lite.export import export_adapter
+
+        export_adapter(src, "kohya", tmp_path / "x.safetensors")
