@@ -117,3 +117,43 @@ def test_export_refuses_unconverted_4k(tmp_path, tiny_config):
         from urae_lite.export import export_adapter
 
         export_adapter(src, "kohya", tmp_path / "x.safetensors")
+
+
+def _same_tensors(a_path, b_path) -> bool:
+    a, b = load_file(str(a_path)), load_file(str(b_path))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_convert_and_train_write_kohya_too(tmp_path, tiny_flux, tiny_config):
+    """`convert --format kohya` and `train --format kohya` write exactly what `export --format kohya` makes of their
+    diffusers-format output."""
+    from synthetic_adapters import write_authors_4k
+
+    from urae_lite.loader import add_lora, load_transformer
+    from urae_lite.train.config import load_recipe
+    from urae_lite.train.model import export_adapters
+
+    f2 = write_authors_2k(tmp_path / "a2k.safetensors", tiny_config)
+    f4 = write_authors_4k(tmp_path / "a4k.safetensors", tiny_config)
+    for fmt in ("diffusers", "kohya"):
+        args = ["convert", str(f2), str(f4), "--model", str(tiny_flux), "--out", str(tmp_path / f"{fmt}.safetensors")]
+        assert main(args + ["--format", fmt]) == 0
+    exported = tmp_path / "exported.safetensors"
+    assert main(["export", str(tmp_path / "diffusers.safetensors"), "--out", str(exported)]) == 0
+    kohya_keys = load_file(tmp_path / "kohya.safetensors")
+    assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in kohya_keys)
+    assert _same_tensors(tmp_path / "kohya.safetensors", tmp_path / "exported.safetensors")
+
+    model = load_transformer(tiny_flux, "bf16", progress=False)
+    add_lora(model, "lora", 4, seed=1)
+    for layer in model.modules():
+        if hasattr(layer, "slices") and "lora" in layer.slices:
+            torch.nn.init.normal_(layer.slices["lora"].B, std=0.1)
+    recipe = "recipes/train_2k_lora.yaml"
+    cfg = load_recipe(recipe, ["data.dir=d", f"output_dir={tmp_path}", "output_format=kohya"])
+    files = export_adapters(model, cfg, tmp_path / "run", {})
+    assert [f.name for f in files] == ["adapter.safetensors", "adapter_kohya.safetensors"]
+    assert main(["export", str(files[0]), "--out", str(tmp_path / "run_exported.safetensors")]) == 0
+    assert _same_tensors(files[1], tmp_path / "run_exported.safetensors")
+    with pytest.raises(UraeError, match="output_format=ckpt is not one of"):
+        load_recipe(recipe, ["data.dir=d", f"output_dir={tmp_path}", "output_format=ckpt"])

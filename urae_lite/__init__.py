@@ -2,16 +2,18 @@
 
 from .adapted_linear import AdaptedLinear, LowRankSlice
 from .adapter_io import AdapterFile, attach_adapter, read_adapter, save_adapter
+from .component_files import ComponentFiles
 from .convert import convert_urae_4k
 from .errors import UraeError
-from .loader import MinorSpec, add_lora, load_transformer
+from .loader import add_lora, load_transformer
+from .minor import MinorSpec
 from .prepare import prepare
 from .quant import QUANT_FORMATS, QuantizedWeight
 
 __all__ = [
     "AdaptedLinear", "LowRankSlice", "AdapterFile", "attach_adapter", "read_adapter", "save_adapter",
     "convert_urae_4k", "UraeError", "MinorSpec", "add_lora", "load_transformer", "prepare",
-    "load_pipeline",
+    "load_pipeline", "ComponentFiles",
     "QUANT_FORMATS", "QuantizedWeight",
 ]
 __version__ = "0.1.0"

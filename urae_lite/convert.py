@@ -12,7 +12,6 @@ converted file is specific to the base it was made from (dev or schnell). One ma
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -22,15 +21,18 @@ from tqdm.auto import tqdm
 from .adapter_io import AdapterFile, LoraFactors, read_adapter, save_adapter
 from .destinations import check_output_file, write_with_fallback
 from .errors import UraeError
+from .export import check_format, write_lora
 from .loader import fused_like_authors, transformer_reader
 from .minor import minor_components
 
 
 def convert_urae_4k(model: str | os.PathLike, adapter_2k: str | os.PathLike | AdapterFile,
                     adapter_4k: str | os.PathLike | AdapterFile, out: str | os.PathLike,
-                    svd_device: str | None = None, progress: bool = True) -> Path:
-    """Write the exact rank-48 (for r = 16) LoRA equivalent of base + 2K + 4K; returns `out`."""
+                    svd_device: str | None = None, progress: bool = True, fmt: str = "diffusers") -> Path:
+    """Write the exact rank-48 (for r = 16) LoRA equivalent of base + 2K + 4K; returns `out`. `fmt`: diffusers
+    keys (default) or kohya keys for ComfyUI / Forge."""
     check_output_file(out)
+    check_format(fmt)
     lora = adapter_2k if isinstance(adapter_2k, AdapterFile) else read_adapter(adapter_2k)
     minor = adapter_4k if isinstance(adapter_4k, AdapterFile) else read_adapter(adapter_4k)
     if lora.kind != "lora":
@@ -55,13 +57,7 @@ def convert_urae_4k(model: str | os.PathLike, adapter_2k: str | os.PathLike | Ad
     for name, f2 in lora.modules.items():  # 2K-only modules keep their LoRA
         factors.setdefault(name, LoraFactors(f2.A.float(), f2.B.float() * f2.scale, 1.0))
     meta = {"converted_from": f"{Path(lora.path).name} + {Path(minor.path).name}", "base": str(model)}
+    if fmt == "kohya":  # ComfyUI / Forge keys on the original (fused) module names, bf16 like the diffusers file
+        stored = {n: LoraFactors(f.A.to(torch.bfloat16), f.B.to(torch.bfloat16), f.scale) for n, f in factors.items()}
+        return write_lora(stored, out, fmt, meta)
     return write_with_fallback(out, lambda path: save_adapter(factors, path, metadata=meta), "converted adapter")
-
-
-def file_digest(path: str | os.PathLike, chunk: int = 2**20) -> str:
-    """Short content hash, used to name cached conversions beside their source."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()[:16]

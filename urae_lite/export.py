@@ -79,21 +79,32 @@ def kohya_state_dict(modules: dict[str, LoraFactors]) -> dict[str, torch.Tensor]
     return state
 
 
-def export_adapter(adapter: str | os.PathLike, fmt: str, out: str | os.PathLike) -> Path:
-    """Write `adapter` (ours, diffusers/peft, the authors' 2K, a converted 4K) as a `fmt` LoRA file."""
+def check_format(fmt: str) -> str:
     if fmt not in FORMATS:
         raise UraeError(f"unknown export format '{fmt}': use one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def write_lora(modules: dict[str, LoraFactors], out: str | os.PathLike, fmt: str, metadata: dict[str, str]) -> Path:
+    """Write LoRA factors as a `fmt` file (atomically; a failed write goes to the fallback file)."""
+    check_format(fmt)
+    if fmt == "kohya":
+        state = kohya_state_dict(modules)
+    else:
+        state = lora_state_dict(modules, dtype=next(iter(modules.values())).A.dtype)
+    meta = {"format": f"urae_lite.{fmt}", **metadata}
+    return write_with_fallback(out, lambda path: atomic_save_file(state, path, meta), f"{fmt} LoRA")
+
+
+def export_adapter(adapter: str | os.PathLike, fmt: str, out: str | os.PathLike) -> Path:
+    """Write `adapter` (ours, diffusers/peft, the authors' 2K, a converted 4K) as a `fmt` LoRA file."""
+    check_format(fmt)
     check_output_file(out)
     f = read_adapter(adapter)
     if f.kind != "lora":
         raise UraeError(f"{adapter} is a URAE 4K minor-component file, which only means something against its base: "
                         f"run `urae-lite convert 2K_FILE {adapter} --model BASE --out FILE` and export that FILE")
-    if fmt == "kohya":
-        state = kohya_state_dict(f.modules)
-    else:
-        state = lora_state_dict(f.modules, dtype=next(iter(f.modules.values())).A.dtype)
-    meta = {"format": f"urae_lite.{fmt}", "exported_from": Path(adapter).name}
-    return write_with_fallback(out, lambda path: atomic_save_file(state, path, meta), f"{fmt} LoRA")
+    return write_lora(f.modules, out, fmt, {"exported_from": Path(adapter).name})
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from .component_files import add_component_options
 from .offload import OFFLOAD_MODES
 from .presets import PRESETS, VAE_TILING_MODES
 from .destinations import check_output_file, write_with_fallback
@@ -36,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-pipeline", metavar="FOLDER_OR_HUB_ID",
                    help="with a single transformer file as --model: the diffusers FLUX pipeline for the VAE, text "
                         "encoders and scheduler (default: the matching FLUX.1 hub id from the Hugging Face cache)")
+    add_component_options(p)
     p.add_argument("--preset", default="2k",
                    help=f"{' | '.join(PRESETS)} (authors' settings for the model family) or a YAML file")
     p.add_argument("--quant", choices=QUANT_FORMATS, help="frozen base format (default: nf4, or the planner's "
@@ -74,6 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     import torch
 
+    from .component_files import component_files
     from .errors import UraeError
     from .pipeline import load_pipeline
     from .report import RunReport
@@ -90,7 +93,7 @@ def run(args: argparse.Namespace) -> None:
         pipe = load_pipeline(args.model, quant=args.quant, adapters=args.adapter, preset=args.preset,
                              device=args.device, offload=args.offload, svd_device=args.svd_device,
                              t5_quant=args.t5_quant, report=report, base_pipeline=args.base_pipeline,
-                             **settings)
+                             component_files=component_files(args), **settings)
     except torch.cuda.OutOfMemoryError as e:
         raise UraeError(f"CUDA out of memory while loading the model (quant {args.quant}, offload "
                         f"{args.offload or 'default'}); try --quant nf4 and --offload model") from e

@@ -16,18 +16,20 @@ import torch
 from PIL import Image
 
 from .adapter_cache import full_precision_folder, resolve_adapters
-from .convert import file_digest
+from .checkpoint import file_digest
+from .component_files import ComponentFiles, check_files, check_fits, pipeline_components
 from .console import library_bars_off
 from .errors import UraeError
 from .hires import set_ntk, set_proportional_attention, static_shift_scheduler
-from .loader import MinorSpec, components_root, load_transformer, open_transformer, resolve_model
-from .single_file import is_single_file
+from .loader import components_root, load_transformer, open_transformer, resolve_model
+from .minor import MinorSpec
 from .offload import apply_offload, check_offload
 from .output import GenerationResult
 from .presets import GenerationSettings, load_preset
 from .quant import check_quant_format
 from .refine import adapters_disabled, coarse_size, tiled_encode, upscale
 from .report import RunReport
+from .single_file import is_single_file
 from .text_encoders import check_t5_quant, load_t5_nf4
 from .vae_tiling import decode as vae_decode
 
@@ -165,7 +167,8 @@ def load_pipeline(model: str | os.PathLike = "tiny", *, quant: str = "nf4",
                   device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                   offload: str | None = None, minor: MinorSpec | None = None, svd_device: str | None = None,
                   t5_quant: str = "bf16", progress: bool = True, report: RunReport | None = None,
-                  base_pipeline: str | os.PathLike | None = None, **settings) -> UraePipeline:
+                  base_pipeline: str | os.PathLike | None = None,
+                  component_files: ComponentFiles | None = None, **settings) -> UraePipeline:
     """FLUX with an NF4/FP8/bf16 base carrying `adapters`, ready to generate at 2K/4K.
 
     `adapters`: our or diffusers-format LoRA files, kohya-style FLUX LoRAs, the authors' 2K file, and the authors'
@@ -176,6 +179,7 @@ def load_pipeline(model: str | os.PathLike = "tiny", *, quant: str = "nf4",
     `t5_quant="nf4"` loads T5-XXL's linears in NF4 (bitsandbytes via transformers): 8.9 -> 3.9 GiB, the largest
     weights on the GPU during text encoding, which otherwise set the 2K peak. `model` may be a single FLUX
     transformer file (ComfyUI / Forge); the rest of the pipeline then comes from `base_pipeline`.
+    `component_files`: single-file VAE / CLIP / T5 weights (ComfyUI's ae, clip_l, t5xxl) instead of the folder's.
     """
     GenerationSettings().replace(**{k: v for k, v in settings.items() if k != "refine_from"})  # fail before loading
     device = torch.device(device) if device is not None else default_device()
@@ -183,8 +187,10 @@ def load_pipeline(model: str | os.PathLike = "tiny", *, quant: str = "nf4",
     offload = check_offload(offload or ("model" if device.type == "cuda" else "none"))
     check_quant_format(quant)
     check_t5_quant(t5_quant)
+    check_files(component_files)
     folder = resolve_model(model)  # a hub id is fetched once; everything below reads the local folder
     root = pipeline_root(folder, base_pipeline)
+    check_fits(component_files, root)  # headers only: a wrong file fails before the transformer loads
     config = open_transformer(folder, base_pipeline)[0]
     defaults = load_preset(preset, "dev" if config.get("guidance_embeds") else "schnell").replace(**settings)
     report = report if report is not None else RunReport()
@@ -199,7 +205,10 @@ def load_pipeline(model: str | os.PathLike = "tiny", *, quant: str = "nf4",
     with report.stage("load text encoders + vae"), library_bars_off():
         from diffusers import FluxPipeline
 
-        extra = {"text_encoder_2": load_t5_nf4(root, dtype)} if t5_quant == "nf4" else {}
+        # passed components: diffusers skips their weights
+        extra = pipeline_components(component_files, root, dtype, t5_nf4=t5_quant == "nf4")
+        if t5_quant == "nf4" and "text_encoder_2" not in extra:
+            extra["text_encoder_2"] = load_t5_nf4(root, dtype)
         flux = FluxPipeline.from_pretrained(root, transformer=transformer, dtype=dtype, **extra)
         apply_offload(flux, offload, device)
     used = [{"path": str(a), "sha256": file_digest(a)} for a in adapters]

@@ -86,17 +86,22 @@ def nf4_skip_modules(model: torch.nn.Module) -> list[str]:
 
 def load_t5_nf4(root: Path, dtype: torch.dtype):
     """T5 with NF4 linears through transformers' bitsandbytes integration (double-quantized absmax)."""
-    from transformers import AutoConfig, BitsAndBytesConfig
+    from transformers import AutoConfig
 
     cls = declared_class(root, "text_encoder_2")
     with torch.device("meta"):
         skeleton = cls(AutoConfig.from_pretrained(root / "text_encoder_2"))
+    return load_component(root, "text_encoder_2", quantization_config=nf4_config(skeleton, dtype), dtype=dtype)
+
+
+def nf4_config(skeleton: torch.nn.Module, dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for NF4 T5, leaving (and logging) layers too narrow for NF4 blocks."""
+    from transformers import BitsAndBytesConfig
+
     skip = nf4_skip_modules(skeleton)
     if skip:
         logger.warning("T5: %d linear layers stay in %s: their widths are not multiples of the %d-element NF4 "
                        "block (%s)", len(skip), str(dtype).removeprefix("torch."), NF4_BLOCKSIZE,
                        ", ".join(skip[:3]) + (", ..." if len(skip) > 3 else ""))
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=dtype,
-                                llm_int8_skip_modules=[re.escape(n) for n in skip] or None)
-    return load_component(root, "text_encoder_2", quantization_config=config, dtype=dtype)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=[re.escape(n) for n in skip] or None)

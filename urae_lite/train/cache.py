@@ -26,8 +26,10 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_save_file, load_file_checked, write_json
+from ..component_files import ComponentFiles, check_files, check_fits, file_identity
 from ..destinations import check_output_dir
 from ..errors import UraeError
+from ..vae_tiling import VAE_TILING_MODES
 from ..loader import components_root
 from .data import (CAPTION_COLUMNS, Bucket, Sample, SkipLog, fit_to_bucket, make_buckets, nearest_bucket,
                    needs_upscale, scan_dataset)
@@ -40,41 +42,54 @@ MANIFEST = "manifest.json"
 CACHE_DTYPE = torch.bfloat16
 FINGERPRINTED = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 VOLATILE_KEYS = ("_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash")
-VAE_TILING_MODES = ("auto", "on", "off")
 
 
 def default_cache_dir(data_dir: str | Path, resolution: int) -> Path:
     return Path(data_dir) / ".urae_cache" / str(resolution)
 
 
-def model_fingerprint(root: Path) -> str:
+def model_fingerprint(root: Path, files: ComponentFiles | None = None) -> str:
     """Identity of what the cache depends on: the VAE, encoders and tokenizers (configs + file sizes).
 
     Path-independent on purpose: the same model in another folder (or FLUX.1-schnell, which shares dev's
-    encoders and VAE) can use the cache; a different VAE or encoder cannot.
+    encoders and VAE) can use the cache; a different VAE or encoder cannot. A component given as a single file
+    counts as that file (size + header), with the folder's config.
     """
     digest = hashlib.sha256()
+    given = files.given() if files is not None else {}
     for sub in FINGERPRINTED:
         folder = root / sub
-        if not folder.is_dir():
+        if sub in given:  # the weights are the file; the folder still gives the config
+            digest.update(f"{sub}=file:{file_identity(given[sub])}\n".encode())
+            paths = [folder / "config.json"] if (folder / "config.json").is_file() else []
+        elif not folder.is_dir():
             raise UraeError(f"{root} has no {sub}/ folder: --model must be a full diffusers FLUX pipeline folder")
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            rel = path.relative_to(root).as_posix()
-            if path.suffix == ".json" and path.stat().st_size < 2**20:
-                try:
-                    data = json.loads(path.read_text(encoding="utf-8"))
-                except (OSError, json.JSONDecodeError):
-                    data = None
-                if isinstance(data, dict):
-                    data = {k: v for k, v in data.items() if k not in VOLATILE_KEYS}
-                digest.update(f"{rel}={json.dumps(data, sort_keys=True)}\n".encode())
-            else:
-                digest.update(f"{rel}:{path.stat().st_size}\n".encode())
+        else:
+            paths = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        for path in paths:
+            digest.update(_file_line(root, path).encode())
     return digest.hexdigest()[:16]
 
 
-def rebuild_command(data_dir: str | Path, model: str, resolution: int, cache: str | Path | None = None) -> str:
+def _file_line(root: Path, path: Path) -> str:
+    """A small JSON file by content (volatile keys dropped), anything else by size."""
+    rel = path.relative_to(root).as_posix()
+    if path.suffix == ".json" and path.stat().st_size < 2**20:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            data = None
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k not in VOLATILE_KEYS}
+        return f"{rel}={json.dumps(data, sort_keys=True)}\n"
+    return f"{rel}:{path.stat().st_size}\n"
+
+
+def rebuild_command(data_dir: str | Path, model: str, resolution: int, cache: str | Path | None = None,
+                    base_pipeline: str | None = None, files: ComponentFiles | None = None) -> str:
     extra = f" --out {cache}" if cache is not None and Path(cache) != default_cache_dir(data_dir, resolution) else ""
+    extra += f" --base-pipeline {base_pipeline}" if base_pipeline else ""
+    extra += "".join(f" --{k} {v}" for k, v in vars(files or ComponentFiles()).items() if v is not None)
     return f"urae-lite cache {data_dir} --model {model} --resolution {resolution}{extra} --overwrite"
 
 
@@ -151,7 +166,8 @@ def _image_tensor(image) -> torch.Tensor:
 
 
 def _encode_images(cache: Path, samples: list[Sample], root: Path, buckets: list[Bucket], device, dtype,
-                   vae_tiling: str, skip_small: bool, skips: SkipLog, progress: bool) -> list[tuple[Sample, Bucket]]:
+                   vae_tiling: str, skip_small: bool, skips: SkipLog, progress: bool,
+                   files: ComponentFiles | None = None) -> list[tuple[Sample, Bucket]]:
     """VAE posterior (mean, std) per image; returns the usable samples with their buckets."""
     usable, todo = [], []
     for s in samples:
@@ -162,7 +178,7 @@ def _encode_images(cache: Path, samples: list[Sample], root: Path, buckets: list
             todo.append(s)
     if not todo:
         return usable
-    vae = load_vae(root, dtype).to(device)
+    vae = load_vae(root, dtype, files).to(device)
     resolution = max(b.width * b.height for b in buckets) ** 0.5
     if vae_tiling == "on" or (vae_tiling == "auto" and resolution > 2048):
         logger.info("VAE encode uses diffusers' blended tiling (close to, not exactly, the untiled encode)")
@@ -194,15 +210,15 @@ def _encode_images(cache: Path, samples: list[Sample], root: Path, buckets: list
 
 
 def _encode_texts(cache: Path, samples: list[Sample], root: Path, device, dtype, max_sequence_length: int,
-                  progress: bool) -> None:
+                  progress: bool, files: ComponentFiles | None = None) -> None:
     """Pooled CLIP for every missing caption first (small, kept in memory), then T5, streamed to disk."""
     todo = [(s.name, column, text) for s in samples for column, text in s.captions.items()
             if (_meta(_text_path(cache, s.name, column)) or {}).get("caption") != _caption_hash(text)]
     if not todo:
         return
     texts = [t for _, _, t in todo]
-    pooled = clip_pooled(root, texts, device, dtype)
-    t5 = iter_t5(root, texts, device, dtype, max_sequence_length)
+    pooled = clip_pooled(root, texts, device, dtype, files=files)
+    t5 = iter_t5(root, texts, device, dtype, max_sequence_length, files=files)
     for (name, column, text), p, e in tqdm(zip(todo, pooled, t5), total=len(todo), desc="T5 + CLIP encode",
                                            unit="caption", disable=not progress):
         atomic_save_file({"t5": e.to(CACHE_DTYPE), "pooled": p.to(CACHE_DTYPE)}, _text_path(cache, name, column),
@@ -216,23 +232,30 @@ def default_device() -> torch.device:
 def build_cache(data_dir: str | Path, model: str, resolution: int, out: str | Path | None = None,
                 device: str | None = None, dtype: torch.dtype | None = None, max_sequence_length: int = 512,
                 skip_small: bool = False, vae_tiling: str = "auto", overwrite: bool = False,
-                progress: bool = True, base_pipeline: str | None = None) -> tuple[Path, SkipLog]:
-    """Cache everything training needs from DATA_DIR; resumable, and refuses to mix models or resolutions."""
+                progress: bool = True, base_pipeline: str | None = None,
+                files: ComponentFiles | None = None) -> tuple[Path, SkipLog]:
+    """Cache everything training needs from DATA_DIR; resumable, and refuses to mix models or resolutions.
+
+    `files`: single-file VAE / CLIP / T5 used instead of the pipeline folder's (which still gives configs and
+    tokenizers)."""
     if resolution % 16:
         raise UraeError(f"--resolution must be a multiple of 16, got {resolution}")
     if vae_tiling not in VAE_TILING_MODES:
         raise UraeError(f"--vae-tiling must be one of {', '.join(VAE_TILING_MODES)}")
+    check_files(files)
     device = torch.device(device) if device else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cache = check_output_dir(out if out is not None else default_cache_dir(data_dir, resolution))
     root = components_root(model, base_pipeline)  # a single transformer file: its base pipeline's encoders + VAE
-    identity = _identity(str(model), model_fingerprint(root), resolution, max_sequence_length)
+    check_fits(files, root)
+    identity = _identity(str(model), model_fingerprint(root, files), resolution, max_sequence_length)
     manifest = _read_manifest(cache)
     if manifest is not None:
         reason = _stale_reason(manifest, identity["fingerprint"], resolution, max_sequence_length)
         if reason and not overwrite:
             raise UraeError(f"cache {cache} cannot be extended: {reason}. Rebuild it with "
-                            f"`{rebuild_command(data_dir, model, resolution, out)}` or pass another --out")
+                            f"`{rebuild_command(data_dir, model, resolution, out, base_pipeline, files)}` or pass "
+                            f"another --out")
         if reason:
             shutil.rmtree(cache)
     write_json(cache / MANIFEST, {**identity, "complete": False})
@@ -240,8 +263,8 @@ def build_cache(data_dir: str | Path, model: str, resolution: int, out: str | Pa
     samples = scan_dataset(data_dir, skips)
     try:
         usable = _encode_images(cache, samples, root, make_buckets(resolution), device, dtype, vae_tiling,
-                                skip_small, skips, progress)
-        _encode_texts(cache, [s for s, _ in usable], root, device, dtype, max_sequence_length, progress)
+                                skip_small, skips, progress, files)
+        _encode_texts(cache, [s for s, _ in usable], root, device, dtype, max_sequence_length, progress, files)
     except torch.cuda.OutOfMemoryError:
         tiling = "" if vae_tiling == "on" else "--vae-tiling on (VAE), or "
         raise UraeError(f"CUDA out of memory while caching at {resolution}: what is done is kept; run again with "
@@ -282,14 +305,15 @@ class CachedDataset:
 
 def open_cache(data_dir: str | Path, model: str, resolution: int, cache: str | Path | None = None,
                columns: tuple[str, ...] = CAPTION_COLUMNS, skips: SkipLog | None = None,
-               base_pipeline: str | None = None) -> CachedDataset:
+               base_pipeline: str | None = None, files: ComponentFiles | None = None) -> CachedDataset:
     """The cache for (model, resolution), checked: a stale or unfinished one is refused with the fix."""
     folder = Path(cache) if cache is not None else default_cache_dir(data_dir, resolution)
-    fix = rebuild_command(data_dir, model, resolution, cache)
+    fix = rebuild_command(data_dir, model, resolution, cache, base_pipeline, files)
     manifest = _read_manifest(folder)
     if manifest is None:
         raise UraeError(f"no cache at {folder}: build it first with `{fix.removesuffix(' --overwrite')}`")
-    reason = _stale_reason(manifest, model_fingerprint(components_root(model, base_pipeline)), resolution, None)
+    reason = _stale_reason(manifest, model_fingerprint(components_root(model, base_pipeline), files), resolution,
+                           None)
     if reason:
         raise UraeError(f"cache {folder} does not fit this run: {reason}. Rebuild it with `{fix}`")
     if not manifest.get("complete"):

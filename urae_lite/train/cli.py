@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from ..component_files import add_component_options
+from ..vae_tiling import VAE_TILING_MODES
+
 
 def _cmd_cache(args: argparse.Namespace) -> None:
+    from ..component_files import component_files
     from ..report import RunReport
     from .cache import build_cache
 
@@ -14,7 +18,7 @@ def _cmd_cache(args: argparse.Namespace) -> None:
         folder, skips = build_cache(args.data, args.model, args.resolution, out=args.out, device=args.device,
                                     max_sequence_length=args.max_sequence_length, skip_small=args.skip_small,
                                     vae_tiling=args.vae_tiling, overwrite=args.overwrite,
-                                    base_pipeline=args.base_pipeline)
+                                    base_pipeline=args.base_pipeline, files=component_files(args))
     print(f"cache ready: {folder}; {skips.summary()}")
     print(report.format())
 
@@ -23,7 +27,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .config import load_recipe
     from .loop import train
 
-    cfg = load_recipe(args.recipe, args.overrides)
+    overrides = [*args.overrides, f"output_format={args.format}"] if args.format else args.overrides
+    cfg = load_recipe(args.recipe, overrides)
     if args.vram is not None:
         _plan_memory(cfg, args)
     train(cfg, resume=args.resume)
@@ -50,13 +55,14 @@ def register(subparsers) -> None:
                    ".safetensors (with --base-pipeline), or 'tiny'")
     p.add_argument("--base-pipeline", help="with a single file as --model: the diffusers FLUX folder or hub id "
                    "whose VAE and text encoders to use (default: the matching FLUX.1 from the Hugging Face cache)")
+    add_component_options(p)
     p.add_argument("--resolution", type=int, required=True, help="target side: buckets have about this area²")
     p.add_argument("--out", default=None, help="cache folder (default DATA/.urae_cache/RESOLUTION)")
     p.add_argument("--device", default=None, help="where the encoders run (default cuda when available)")
     p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens (dev 512, schnell 256)")
     p.add_argument("--skip-small", action="store_true", help="skip images smaller than their bucket "
                    "instead of upscaling them with a warning")
-    p.add_argument("--vae-tiling", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--vae-tiling", choices=VAE_TILING_MODES, default="auto",
                    help="diffusers' blended VAE tiling for the encode (auto: above 2048)")
     p.add_argument("--overwrite", action="store_true", help="rebuild a cache made for another model/resolution")
     p.set_defaults(func=_cmd_cache)
@@ -68,4 +74,6 @@ def register(subparsers) -> None:
                    help="continue from the newest checkpoint in output_dir (or the given checkpoint folder)")
     p.add_argument("--vram", type=float, metavar="GIB", help="choose quant and training.checkpointing that fit "
                    "this many GiB (the `urae-lite plan` estimate), unless given as overrides")
+    p.add_argument("--format", choices=("diffusers", "kohya"), help="kohya: also write adapter_kohya.safetensors "
+                   "(ComfyUI / Forge keys) beside the diffusers-format adapter (recipe key output_format)")
     p.set_defaults(func=_cmd_train)

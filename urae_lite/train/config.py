@@ -83,7 +83,11 @@ class TrainConfig:
     output_dir: str = REQUIRED
     transformer: str | None = None  # optional `urae-lite prepare` folder or single FLUX file to load the base from
     base_pipeline: str | None = None  # VAE + text encoders when `model` is a single transformer file
+    vae: str | None = None  # single-file VAE / CLIP-L / T5 (ComfyUI's ae, clip_l, t5xxl) instead of the folder's;
+    clip: str | None = None  # as given to `urae-lite cache` (the cache is made with them)
+    t5: str | None = None
     quant: str = "nf4"
+    output_format: str = "diffusers"  # diffusers | kohya: also write adapter_kohya.safetensors (ComfyUI / Forge)
     device: str | None = None  # cpu forces the CPU; default: accelerate's pick (this process's GPU when present)
     seed: int = 0
     log_every: int = 1
@@ -101,6 +105,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def component_files(self):
+        """The single-file VAE / CLIP / T5 of the recipe (urae_lite.component_files.ComponentFiles)."""
+        from ..component_files import ComponentFiles
+
+        return ComponentFiles(self.vae, self.clip, self.t5)
 
 
 # ---- loading -------------------------------------------------------------------------------------------------
@@ -228,11 +238,13 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), require_path
 
 def check_config(cfg: TrainConfig, require_paths: bool = True) -> None:
     """Reject values that would fail later, with the accepted choices."""
+    from ..export import FORMATS as EXPORT_FORMATS
     from ..quant import QUANT_FORMATS
     from ..targets import TARGET_CHOICES
 
     choices = {
         "quant": (cfg.quant, QUANT_FORMATS),
+        "output_format": (cfg.output_format, EXPORT_FORMATS),
         "adapter.kind": (cfg.adapter.kind, ("lora", "minor")),
         "adapter.targets": (cfg.adapter.targets, TARGET_CHOICES),
         "training.timesteps": (cfg.training.timesteps, ("uniform", "logit_normal")),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..component_files import ComponentFiles, load_model
 from ..text_encoders import load_component
 
 CLIP_MAX_LENGTH = 77
@@ -23,10 +24,11 @@ def free_device_memory() -> None:
 
 
 @torch.no_grad()
-def clip_pooled(root: Path, texts: Sequence[str], device, dtype: torch.dtype, batch_size: int = 16) -> torch.Tensor:
+def clip_pooled(root: Path, texts: Sequence[str], device, dtype: torch.dtype, batch_size: int = 16,
+                files: ComponentFiles | None = None) -> torch.Tensor:
     """(n, 768) pooled CLIP-L embeddings, as FluxPipeline computes them (77 tokens, padded, truncated)."""
     tokenizer = load_component(root, "tokenizer")
-    model = load_component(root, "text_encoder", dtype=dtype).to(device).eval()
+    model = load_model(root, "text_encoder", files, dtype).to(device)
     out = []
     for i in range(0, len(texts), batch_size):
         ids = tokenizer(list(texts[i:i + batch_size]), padding="max_length", max_length=CLIP_MAX_LENGTH,
@@ -39,10 +41,10 @@ def clip_pooled(root: Path, texts: Sequence[str], device, dtype: torch.dtype, ba
 
 @torch.no_grad()
 def iter_t5(root: Path, texts: Sequence[str], device, dtype: torch.dtype, max_sequence_length: int,
-            batch_size: int = 4) -> Iterator[torch.Tensor]:
+            batch_size: int = 4, files: ComponentFiles | None = None) -> Iterator[torch.Tensor]:
     """(max_sequence_length, 4096) T5 embeddings per text, yielded as computed so callers can stream them to disk."""
     tokenizer = load_component(root, "tokenizer_2")
-    model = load_component(root, "text_encoder_2", dtype=dtype).to(device).eval()
+    model = load_model(root, "text_encoder_2", files, dtype).to(device)
     try:
         for i in range(0, len(texts), batch_size):
             ids = tokenizer(list(texts[i:i + batch_size]), padding="max_length", max_length=max_sequence_length,
@@ -53,14 +55,18 @@ def iter_t5(root: Path, texts: Sequence[str], device, dtype: torch.dtype, max_se
         free_device_memory()
 
 
-def encode_prompts(root: Path, texts: Sequence[str], device, dtype: torch.dtype, max_sequence_length: int
-                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def encode_prompts(root: Path, texts: Sequence[str], device, dtype: torch.dtype, max_sequence_length: int,
+                   files: ComponentFiles | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """[(t5 (L, 4096), pooled (768,))] for a few prompts (validation); CLIP and T5 never share the device."""
-    pooled = clip_pooled(root, texts, device, dtype)
-    return [(t5, p) for t5, p in zip(iter_t5(root, texts, device, dtype, max_sequence_length), pooled)]
+    pooled = clip_pooled(root, texts, device, dtype, files=files)
+    t5 = iter_t5(root, texts, device, dtype, max_sequence_length, files=files)
+    return [(e, p) for e, p in zip(t5, pooled)]
 
 
-def load_vae(root: Path, dtype: torch.dtype):
+def load_vae(root: Path, dtype: torch.dtype, files: ComponentFiles | None = None):
+    """The folder's VAE, or the single file given for it (ComfyUI's ae.safetensors)."""
+    if files is not None and files.vae is not None:
+        return load_model(root, "vae", files, dtype)
     from diffusers import AutoencoderKL
 
     return AutoencoderKL.from_pretrained(root / "vae", dtype=dtype).eval()

@@ -14,9 +14,10 @@ from torch import nn
 
 from ..adapter_io import save_adapter
 from ..checkpoint import atomic_save_file
+from ..export import export_adapter
 from ..hires import set_ntk, set_proportional_attention
-from ..loader import MinorSpec, adapted_layers, add_lora, load_transformer
-from ..minor import MINOR_RESIDUAL_SLICE, MINOR_SLICE
+from ..loader import adapted_layers, add_lora, load_transformer
+from ..minor import MINOR_RESIDUAL_SLICE, MINOR_SLICE, MinorSpec
 from .config import TrainConfig
 
 LORA_SLICE = "lora"
@@ -86,13 +87,21 @@ def export_adapters(model: nn.Module, cfg: TrainConfig, folder: str | Path, meta
     folder = Path(folder)
     meta = {"urae_lite.recipe_kind": cfg.adapter.kind, **metadata}
     if cfg.adapter.kind == "lora":
-        return [save_adapter(model, folder / "adapter.safetensors", [LORA_SLICE], meta)]
+        files = [save_adapter(model, folder / "adapter.safetensors", [LORA_SLICE], meta)]
+        return files + _kohya_copy(files[0], cfg)
     frozen = sorted({n for _, layer in adapted_layers(model) for n in layer.slices
                      if n not in (MINOR_SLICE, MINOR_RESIDUAL_SLICE)})
     files = [save_adapter(model, folder / "adapter.safetensors", frozen + [MINOR_RESIDUAL_SLICE, MINOR_SLICE], meta)]
     if cfg.adapter.targets == "authors":  # their key layout only names attention projections
         files.append(save_urae_minor(model, folder / "adapter_urae4k.safetensors", meta))
-    return files
+    return files + _kohya_copy(files[0], cfg)
+
+
+def _kohya_copy(adapter: Path, cfg: TrainConfig) -> list[Path]:
+    """`output_format: kohya`: the same LoRA on the original FLUX module names, for ComfyUI / Forge."""
+    if cfg.output_format != "kohya":
+        return []
+    return [export_adapter(adapter, "kohya", adapter.with_name("adapter_kohya.safetensors"))]
 
 
 def save_urae_minor(model: nn.Module, path: str | Path, metadata: dict[str, str]) -> Path:

@@ -38,7 +38,7 @@ def validation_embeddings(cfg: TrainConfig, root: Path, device: torch.device, ma
         if meta.get("prompts") == key:
             return [(tensors[f"t5.{i}"], tensors[f"pooled.{i}"]) for i in range(len(prompts))]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    embeds = encode_prompts(root, prompts, device, dtype, max_sequence_length)
+    embeds = encode_prompts(root, prompts, device, dtype, max_sequence_length, cfg.component_files())
     tensors = {f"t5.{i}": t5.to(torch.bfloat16) for i, (t5, _) in enumerate(embeds)}
     tensors |= {f"pooled.{i}": p.to(torch.bfloat16) for i, (_, p) in enumerate(embeds)}
     atomic_save_file(tensors, path, {"prompts": key})
@@ -80,7 +80,7 @@ def run_validation(model: nn.Module, cfg: TrainConfig, root: Path, embeds: list[
     latents = [sample_latents(model, t5, pooled, size, size, v.steps, v.guidance, v.shift, v.seed + i, device,
                               cfg.training.precision == "bf16")
                for i, (t5, pooled) in enumerate(embeds)]
-    vae = load_vae(root, torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
+    vae = load_vae(root, torch.bfloat16 if device.type == "cuda" else torch.float32, cfg.component_files()).to(device)
     folder = Path(cfg.output_dir) / "validation" / f"step-{step:08d}"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
