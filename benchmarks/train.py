@@ -110,7 +110,8 @@ def run_one(name: str, modes: list[str], steps: int, warmup: int, tiny: bool) ->
     """Load one (resolution, quant) model, then time `steps` optimizer steps per checkpointing mode."""
     import torch
 
-    from urae_lite.loader import MinorSpec, empty_transformer, fill_transformer
+    from urae_lite.loader import empty_transformer, fill_transformer
+    from urae_lite.minor import MinorSpec
     from urae_lite.tiny import flux_dev_config, iter_random_transformer_tensors, tiny_transformer_config
     from urae_lite.train.config import load_recipe
     from urae_lite.train.loop import Trainer

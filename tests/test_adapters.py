@@ -153,7 +153,7 @@ def test_adapter_errors_name_the_problem(tiny_flux, tiny_config, tmp_path):
 
 
 def test_default_save_of_a_minor_adapter_keeps_its_frozen_residual(tiny_flux, tmp_path):
-    from urae_lite.loader import MinorSpec
+    from urae_lite.minor import MinorSpec
 
     model = load_transformer(tiny_flux, quant="bf16", minor=MinorSpec(rank=3), progress=False)
     _randomize_trainable(model, seed=4)  # B', A' moved away from B0, A0
@@ -165,7 +165,7 @@ def test_default_save_of_a_minor_adapter_keeps_its_frozen_residual(tiny_flux, tm
 
 
 def test_minor_init_on_top_of_a_4k_adapter_decomposes_the_current_weight(tiny_flux, tiny_config, tmp_path):
-    from urae_lite.loader import MinorSpec
+    from urae_lite.minor import MinorSpec
     from urae_lite.minor import MINOR_SLICE
 
     f2 = write_authors_2k(tmp_path / "a2k.safetensors", tiny_config)

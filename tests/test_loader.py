@@ -14,8 +14,8 @@ from torch import nn
 
 from urae_lite.adapted_linear import AdaptedLinear
 from urae_lite.errors import UraeError
-from urae_lite.loader import MinorSpec, load_transformer
-from urae_lite.minor import MINOR_SLICE
+from urae_lite.loader import load_transformer
+from urae_lite.minor import MINOR_SLICE, MinorSpec
 from urae_lite.prepare import prepare
 from urae_lite.targets import adapter_target_names
 

@@ -21,7 +21,7 @@ from urae_lite.minor import MINOR_RESIDUAL_SLICE, MINOR_SLICE
 from urae_lite.train.cache import build_cache, open_cache
 from urae_lite.train.config import TrainConfig, load_recipe
 from urae_lite.train.data import SkipLog
-from urae_lite.train.loop import DIE_AT_STEP_ENV, Trainer, _oom_guard, oom_advice, train
+from urae_lite.train.loop import Trainer, _oom_guard, oom_advice, train
 from urae_lite.train.model import build_model, load_trainable, trainable_parameters
 from urae_lite.train.optim import build_optimizer
 from urae_lite.train.samples import SampleSource, vae_factors
@@ -184,6 +184,15 @@ def _cli(*args: str, env: dict | None = None, launcher: list[str] | None = None)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
+def _killed_at(step: int, recipe_path: Path, overrides: list[str]) -> subprocess.CompletedProcess:
+    """A training run in a fresh process that dies (as if killed: no cleanup) when step `step` begins."""
+    script = (f"import os\nfrom urae_lite.train.config import load_recipe\nfrom urae_lite.train.loop import train\n"
+              f"train(load_recipe({str(recipe_path)!r}, {list(overrides)!r}), progress=False,\n"
+              f"      on_step=lambda step: step == {step} and os._exit(3))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_resume_after_a_kill_is_exact(tiny_flux, data, tmp_path):
     extra = {**FAST, "training.steps": 10, "checkpoint.every": 5, "optimizer.d0": 1e-3}
     straight = recipe(RECIPE_2K, tiny_flux, data, tmp_path / "straight", **extra, **{
@@ -198,7 +207,7 @@ def test_resume_after_a_kill_is_exact(tiny_flux, data, tmp_path):
         train(straight, progress=False)
 
     killed = recipe_overrides(tiny_flux, data, tmp_path / "killed", **extra)
-    result = _cli(str(RECIPE_2K), *killed, env={DIE_AT_STEP_ENV: "7"})
+    result = _killed_at(7, RECIPE_2K, killed)
     assert result.returncode == 3, result.stderr[-2000:]
     ckpts = tmp_path / "killed" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000005"]

@@ -142,7 +142,10 @@ def test_exact_vs_diffusers_blended_tiling(vae: AutoencoderKL) -> None:
 
 
 def test_output_written_fresh(vae: AutoencoderKL, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vt, "_POISON_BUFFERS", True)  # every buffer starts as NaN: an unwritten row would show
+    def poisoned(self, shape, device):  # every buffer starts as NaN: an unwritten row would show
+        return torch.full(shape, float("nan"), dtype=self.dtype, device=device)
+
+    monkeypatch.setattr(vt._Ctx, "alloc", poisoned)
     z = _latents((1, 16, 11, 14))
     z_before = z.clone()
     out = vt.decode_exact_tiled(vae, z, strip_rows=4, home_device="cpu")

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .adapter_io import AdapterFile, read_adapter
-from .convert import convert_urae_4k, file_digest
+from .checkpoint import file_digest
+from .convert import convert_urae_4k
 from .errors import UraeError
 from .loader import PREPARED_MARKER, resolve_model, transformer_folder
 

@@ -8,6 +8,7 @@ every `reopen_bytes` to keep host memory at one tensor plus a bounded window, wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -126,3 +127,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj: dict) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 2**20) -> str:
+    """Short content hash of a file: names cached conversions and records adapters in image metadata."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]

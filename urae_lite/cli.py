@@ -31,7 +31,8 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 def _cmd_convert(args: argparse.Namespace) -> None:
     from .convert import convert_urae_4k
 
-    out = convert_urae_4k(args.model, args.adapter_2k, args.adapter_4k, args.out, svd_device=args.svd_device)
+    out = convert_urae_4k(args.model, args.adapter_2k, args.adapter_4k, args.out, svd_device=args.svd_device,
+                          fmt=args.format)
     print(f"wrote {out}")
 
 
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "hub id, or single transformer .safetensors)")
     p.add_argument("--out", required=True)
     p.add_argument("--svd-device", default=None, help="device for the SVDs (e.g. cuda)")
+    p.add_argument("--format", choices=("diffusers", "kohya"), default="diffusers",
+                   help="diffusers keys, or kohya keys for ComfyUI / Forge (default: %(default)s)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("tiny", help="build the tiny offline FLUX model folder (for tests and the demo)")

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from .destinations import check_output_file, write_with_fallback
-from .loader import MinorSpec
+from .minor import MinorSpec
 from .report import RunReport
 
 DEMO_PROMPT = "a photo of a red fox in a snowy forest at golden hour, high resolution, detailed"

@@ -11,7 +11,6 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from .adapted_linear import AdaptedLinear
 from .adapter_io import AdapterFile, check_fits, read_adapter
 from .checkpoint import CheckpointReader
 from .errors import UraeError
-from .minor import add_minor_slices, minor_components
+from .minor import MinorSpec, add_minor_slices, minor_components
 from .quant import QuantizedWeight, check_quant_format
 from .single_file import (
     SingleFileReader,
@@ -127,16 +126,6 @@ def empty_transformer(config: dict) -> nn.Module:
         # the meta bias is a placeholder: _check_complete reports it if the checkpoint never fills it
         setattr(parent, child, AdaptedLinear(None, lin.bias, lin.in_features, lin.out_features))
     return model
-
-
-@dataclass
-class MinorSpec:
-    """Minor-component adapter to initialise from each target's full-precision weight while streaming."""
-
-    rank: int = 16
-    targets: str = "authors"
-    trainable: bool = True
-    svd_device: str | None = None
 
 
 def _adapter_plan(adapters: Sequence[str | os.PathLike | AdapterFile]) -> list[tuple[str, AdapterFile]]:

@@ -14,12 +14,24 @@ residual never has to be re-quantized.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .adapted_linear import AdaptedLinear
 
 MINOR_SLICE = "urae_minor"
 MINOR_RESIDUAL_SLICE = "urae_minor_residual"
+
+
+@dataclass
+class MinorSpec:
+    """Minor-component adapter to initialise from each target's full-precision weight while streaming."""
+
+    rank: int = 16
+    targets: str = "authors"
+    trainable: bool = True
+    svd_device: str | None = None
 
 
 def minor_components(weight: torch.Tensor, rank: int, device: torch.device | str | None = None

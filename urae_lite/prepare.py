@@ -18,11 +18,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapter_io import AdapterFile, attach_adapter, read_adapter
-from .destinations import check_output_dir
 from .checkpoint import CheckpointReader, atomic_save_file, write_json
+from .destinations import check_output_dir
 from .errors import UraeError
-from .loader import (PREPARED_MARKER, MinorSpec, _check_complete, empty_transformer, load_config, open_transformer,
-                     resolve_model, transformer_folder)
+from .loader import (
+    PREPARED_MARKER,
+    _check_complete,
+    empty_transformer,
+    load_config,
+    open_transformer,
+    resolve_model,
+    transformer_folder,
+)
+from .minor import MinorSpec
 from .quant import QuantizedWeight, check_quant_format
 from .targets import block_linear_names
 

@@ -14,10 +14,10 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import UraeError
+from .vae_tiling import VAE_TILING_MODES
 
 RECIPES = Path(str(resources.files("urae_lite.recipes")))  # recipes/ in a checkout, installed in a wheel
 PRESETS = ("2k", "4k")
-VAE_TILING_MODES = ("auto", "on", "off")
 SIZE_MULTIPLE = 16  # 8x VAE downsampling, then 2x2 latent patches
 FLOAT_SETTINGS = ("guidance", "shift", "ntk", "strength")
 

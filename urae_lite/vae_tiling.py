@@ -42,21 +42,19 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from diffusers import AutoencoderKL
 
 __all__ = [
-    "VALID_MODES",
+    "VAE_TILING_MODES",
     "decode",
     "decode_exact_tiled",
     "estimate_untiled_decode_bytes",
     "should_tile",
 ]
 
-VALID_MODES: tuple[str, ...] = ("auto", "on", "off")
+#: `auto` tiles only when a plain decode would not fit; the one vocabulary of --vae-tiling, presets and the cache
+VAE_TILING_MODES: tuple[str, ...] = ("auto", "on", "off")
 
 # The untiled estimate leaves out convolution workspaces and allocator fragmentation; `should_tile` asks for
 # this much headroom on top of it before it trusts a plain decode to fit.
 _UNTILED_HEADROOM = 1.25
-
-# Tests set this to fill every buffer the tiled decode allocates with NaN, to prove each row is written.
-_POISON_BUFFERS = False
 
 _ELEMENTWISE_ACTS = (nn.SiLU, nn.Mish, nn.GELU, nn.ReLU)
 
@@ -278,8 +276,7 @@ class _Ctx:
         return t
 
     def alloc(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        if _POISON_BUFFERS:
-            return torch.full(shape, float("nan"), dtype=self.dtype, device=device)
+        """Every output buffer of the tiled decode (uninitialised: each row is written exactly once)."""
         return torch.empty(shape, dtype=self.dtype, device=device)
 
 
@@ -651,8 +648,8 @@ def decode(
     ``vae.decode`` (including diffusers' blended tiling if the caller enabled it). Inference only (no grad).
     ``strip_rows`` and ``home_device`` are passed to ``decode_exact_tiled``.
     """
-    if mode not in VALID_MODES:
-        raise ValueError(f"unknown VAE tiling mode {mode!r}; valid modes: {', '.join(VALID_MODES)}")
+    if mode not in VAE_TILING_MODES:
+        raise ValueError(f"unknown VAE tiling mode {mode!r}; valid modes: {', '.join(VAE_TILING_MODES)}")
     if mode == "auto":
         if free_bytes is None:
             free_bytes = _free_device_bytes(_default_compute_device(vae))

@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write_text
+from ..component_files import check_files, check_fits
 from ..destinations import check_output_dir
 from ..errors import UraeError
 from ..loader import components_root
@@ -40,7 +41,6 @@ from .validation import run_validation, validation_embeddings
 logger = logging.getLogger("urae_lite.train")
 
 # Test hook: the process exits abruptly (no cleanup, like SIGKILL) in the middle of this optimizer step.
-DIE_AT_STEP_ENV = "URAE_LITE_TEST_DIE_AT_STEP"
 
 
 class Trainer:
@@ -178,9 +178,14 @@ def _log_record(trainer: Trainer, step: int, loss: float, grad_norm: float, seco
     return record
 
 
-def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) -> Path:
-    """Run the recipe; returns the folder holding the final adapter. `resume`: `auto` or a checkpoint folder."""
+def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
+          on_step: Callable[[int], None] | None = None) -> Path:
+    """Run the recipe; returns the folder holding the final adapter. `resume`: `auto` or a checkpoint folder.
+
+    `on_step(step)` is called before each optimizer step's work, with its 1-based number (progress hooks; tests
+    use it to kill a run mid-way)."""
     check_output_dir(cfg.output_dir, "output_dir")
+    check_files(cfg.component_files())
     accelerator = _make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
@@ -190,9 +195,10 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
                         f"output_dir")
     torch.manual_seed(cfg.seed)  # nothing in training draws from the global RNG, but keep it reproducible too
     report, skips, root = RunReport(), SkipLog(), components_root(cfg.model, cfg.base_pipeline)
+    check_fits(cfg.component_files(), root)
     with report.stage("open cache"):
         dataset = open_cache(cfg.data.dir, cfg.model, cfg.data.resolution, cfg.data.cache, skips=skips,
-                             base_pipeline=cfg.base_pipeline)
+                             base_pipeline=cfg.base_pipeline, files=cfg.component_files())
         source = SampleSource(dataset, cfg, *vae_factors(root), skips)
     validate = bool(cfg.validation.every and cfg.validation.prompts)
     embeds = []
@@ -212,7 +218,6 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     t = cfg.training
     per_step = world * t.gradient_accumulation
-    die_at = int(os.environ.get(DIE_AT_STEP_ENV, "0"))
     bar = tqdm(total=t.steps, initial=step, desc="training", unit="step", disable=not (progress and main))
     with report.stage("train"):
         while step < t.steps:
@@ -220,11 +225,11 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True) ->
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             losses = []
+            if on_step is not None:
+                on_step(step + 1)
             with _oom_guard(cfg, device, f"training step {step + 1}"):
                 for micro in range(t.gradient_accumulation):
                     losses.append(trainer.micro_step(source.get(step * per_step + micro * world + rank)))
-                    if die_at == step + 1:
-                        os._exit(3)
                 grad_norm = trainer.optimizer_step()
             step += 1
             loss = accelerator.reduce(torch.tensor(sum(losses) / len(losses), device=device), reduction="mean").item()
