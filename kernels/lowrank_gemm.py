@@ -149,6 +149,15 @@ def _autotune_options() -> dict:
     return {}
 
 
+@triton.jit
+def _dot(a, b, acc, FP32_DOT: tl.constexpr):
+    """acc + a·b; exact fp32 products (ieee) for fp32 inputs and in the interpreter, whose bf16 dot is wrong."""
+    if FP32_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
 @triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "stride_wk", "HAS_LOWRANK", "BLOCK_R"],
                  prune_configs_by={"early_config_prune": _early_prune}, **_autotune_options())
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
@@ -195,10 +204,7 @@ def _gemm_lowrank_kernel(
             k_left = K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if FP32_DOT:
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
+        acc = _dot(a, w, acc, FP32_DOT)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
@@ -211,10 +217,7 @@ def _gemm_lowrank_kernel(
             r_left = R - r * BLOCK_R
             l = tl.load(l_ptrs, mask=offs_r[None, :] < r_left, other=0.0)
             u = tl.load(u_ptrs, mask=offs_r[:, None] < r_left, other=0.0)
-            if FP32_DOT:
-                acc = tl.dot(l.to(tl.float32), u.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(l, u, acc)
+            acc = _dot(l, u, acc, FP32_DOT)
             l_ptrs += BLOCK_R * stride_lr
             u_ptrs += BLOCK_R * stride_ur
     if HAS_BIAS:

@@ -15,12 +15,9 @@ estimator rests on: activation memory grows linearly with tokens, at the predict
 from __future__ import annotations
 
 import json
-import weakref
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from urae_lite.cli import main
 from urae_lite.errors import UraeError
@@ -28,49 +25,12 @@ from urae_lite.loader import add_lora, empty_transformer, fill_transformer
 from urae_lite.plan import PlanConfig, best_config, estimate, expected_seconds
 from urae_lite.plan.activations import CPU, Tokens, inference_bytes, training_bytes
 from urae_lite.plan.arch import flux_arch
+from urae_lite.plan.fake import LiveBytes, module_tensors
 from urae_lite.tiny import flux_dev_config, iter_random_transformer_tensors, tiny_transformer_config
 
 GiB = 2**30
 TEXT = 32  # text tokens in the measured forwards
 TOLERANCE = 0.10
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of live tensor storages while the mode is active (plus those registered at the start)."""
-
-    def __init__(self, start=()):
-        super().__init__()
-        self.live: dict[int, tuple[weakref.ref, int]] = {}
-        self.current = self.peak = 0
-        for t in start:
-            self._add(t)
-
-    def _add(self, t) -> None:
-        if not isinstance(t, torch.Tensor):
-            return
-        storage = t.untyped_storage()
-        key, size = storage.data_ptr(), storage.nbytes()
-        if size == 0 or (key in self.live and self.live[key][0]() is storage):
-            return
-        if key in self.live:  # the old storage died without a callback yet: forget it first
-            self._free(key, self.live[key][0])
-        ref = weakref.ref(storage)
-        self.live[key] = (ref, size)
-        self.current += size
-        self.peak = max(self.peak, self.current)
-        weakref.finalize(storage, self._free, key, ref)
-
-    def _free(self, key: int, ref: weakref.ref) -> None:
-        entry = self.live.get(key)
-        if entry is not None and entry[0] is ref:
-            del self.live[key]
-            self.current -= entry[1]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            self._add(t)
-        return out
 
 
 def flux_shaped(double: int = 1, single: int = 1) -> dict:
@@ -100,14 +60,11 @@ def inputs(config: dict, side: int, seed: int = 0) -> dict:
                 guidance=torch.tensor([3.5]))
 
 
-def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-    return list(model.parameters()) + list(model.buffers())
-
-
 def measure(step, model: torch.nn.Module, held: list[torch.Tensor]) -> int:
     """Peak of `step()` counting the model's tensors but not the caller's inputs (`held`), which the estimator
     accounts for outside the transformer; they are registered so that ops returning them are not counted."""
-    tracker = LiveBytes(model_tensors(model) + held)
+    tracker = LiveBytes()
+    tracker.hold(module_tensors(model) + held)
     with tracker:
         step()
     return tracker.peak - sum(t.untyped_storage().nbytes() for t in held)
@@ -169,7 +126,7 @@ def close(estimate_: float, measured: float, tolerance: float = TOLERANCE) -> bo
 def test_weight_bytes_equal_the_loaded_model(name, quant):
     config = CONFIGS[name]
     model = build(config, quant)
-    loaded = sum(t.untyped_storage().nbytes() for t in model_tensors(model))
+    loaded = sum(t.untyped_storage().nbytes() for t in module_tensors(model))
     assert flux_arch(config).weight_bytes(quant) == loaded
 
 

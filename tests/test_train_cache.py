@@ -58,13 +58,18 @@ def test_cache_contents_and_bad_input(dataset, tiny_flux, tmp_path):
 
 def test_cache_matches_the_pipeline_encoders(dataset, tiny_flux, tmp_path):
     """T5 / pooled CLIP as FluxPipeline.encode_prompt makes them; posterior of the centre-cropped image."""
+    cache, _ = build_cache(dataset, str(tiny_flux), RESOLUTION, out=tmp_path / "c", progress=False)
+    _assert_pipeline_encodes_like_the_cache(tiny_flux, dataset, cache, "image_1")
+
+
+def _assert_pipeline_encodes_like_the_cache(model, dataset, cache, item: str) -> None:
+    """The cached T5 and pooled CLIP of `item`'s generated caption equal FluxPipeline.encode_prompt's."""
     from diffusers import FluxPipeline
 
-    cache, _ = build_cache(dataset, str(tiny_flux), RESOLUTION, out=tmp_path / "c", progress=False)
-    pipe = FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
-    caption = json.loads((dataset / "image_1.json").read_text())["generated_prompt"]
+    pipe = FluxPipeline.from_pretrained(model, dtype=torch.float32)
+    caption = json.loads((dataset / f"{item}.json").read_text())["generated_prompt"]
     t5, pooled, _ = pipe.encode_prompt(caption, caption, device="cpu", max_sequence_length=512)
-    text = load_file(cache / "text" / "image_1.generated_prompt.safetensors")
+    text = load_file(cache / "text" / f"{item}.generated_prompt.safetensors")
     torch.testing.assert_close(text["t5"].float(), t5[0], atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(text["pooled"].float(), pooled[0], atol=2e-2, rtol=1e-2)
 
@@ -91,16 +96,10 @@ def _cover_vocabulary(folder, tokenizer_folder) -> None:
 def test_cache_loads_the_tokenizer_classes_the_folder_declares(dataset, tiny_flux, tmp_path):
     """A derivative whose tokenizer_2 is another kind of fast tokenizer (here a byte-level BPE, which
     T5TokenizerFast cannot read): the cache encodes with it exactly as the generation pipeline does."""
-    from diffusers import FluxPipeline
-
     model = _with_tokenizer_2(tiny_flux, tmp_path / "derived", "tokenizer", "CLIPTokenizerFast")
     _cover_vocabulary(model, model / "tokenizer_2")
     cache, _ = build_cache(dataset, str(model), RESOLUTION, out=tmp_path / "c", progress=False)
-    pipe = FluxPipeline.from_pretrained(model, dtype=torch.float32)
-    caption = json.loads((dataset / "image_0.json").read_text())["generated_prompt"]
-    t5, _, _ = pipe.encode_prompt(caption, caption, device="cpu", max_sequence_length=512)
-    text = load_file(cache / "text" / "image_0.generated_prompt.safetensors")
-    torch.testing.assert_close(text["t5"].float(), t5[0], atol=2e-2, rtol=1e-2)
+    _assert_pipeline_encodes_like_the_cache(model, dataset, cache, "image_0")
 
 
 def test_cache_with_an_unreadable_tokenizer_is_one_line(dataset, tiny_flux, tmp_path, capsys):

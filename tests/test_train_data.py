@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from urae_lite.errors import UraeError
-from urae_lite.train.data import (ASPECT_RATIOS, Bucket, SkipLog, choose_caption, fit_to_bucket, make_buckets,
+from urae_lite.train.data import (BUCKET_RATIOS, Bucket, SkipLog, choose_caption, fit_to_bucket, make_buckets,
                                   nearest_bucket, needs_upscale, scan_dataset)
 
 from train_utils import make_image
@@ -18,8 +18,8 @@ from train_utils import make_image
 @pytest.mark.parametrize("resolution", [1024, 2048, 4096])
 def test_buckets_cover_the_ratios_at_the_target_area(resolution):
     buckets = make_buckets(resolution)
-    assert len(buckets) == len(ASPECT_RATIOS) == 7
-    for (rw, rh), b in zip(ASPECT_RATIOS, buckets):
+    assert len(buckets) == len(BUCKET_RATIOS) == 7
+    for (rw, rh), b in zip(BUCKET_RATIOS, buckets):
         assert b.width % 16 == 0 and b.height % 16 == 0
         assert abs(b.width * b.height / resolution**2 - 1) < 0.02
         assert abs(math.log(b.width / b.height) - math.log(rw / rh)) < 0.02

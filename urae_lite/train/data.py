@@ -20,7 +20,7 @@ logger = logging.getLogger("urae_lite.train")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_COLUMNS = ("prompt", "generated_prompt")
 # Aspect ratios (width:height) of the buckets: the authors' 1:1, 4:3, 2:1, 4:1 and their transposes.
-ASPECT_RATIOS = ((1, 1), (4, 3), (3, 4), (2, 1), (1, 2), (4, 1), (1, 4))
+BUCKET_RATIOS = ((1, 1), (4, 3), (3, 4), (2, 1), (1, 2), (4, 1), (1, 4))
 # Bucket sides are multiples of 16: the VAE downsamples 8x and FLUX packs 2x2 latent patches into one token.
 BUCKET_MULTIPLE = 16
 
@@ -35,7 +35,7 @@ class Bucket:
         return math.log(self.width / self.height)
 
 
-def make_buckets(resolution: int, ratios: tuple[tuple[int, int], ...] = ASPECT_RATIOS) -> list[Bucket]:
+def make_buckets(resolution: int, ratios: tuple[tuple[int, int], ...] = BUCKET_RATIOS) -> list[Bucket]:
     """One bucket per aspect ratio with area ≈ resolution², sides rounded to multiples of 16."""
     out = []
     for w, h in ratios:
