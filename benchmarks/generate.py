@@ -31,15 +31,48 @@ from provenance import provenance, result_path
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 GOALS_GIB = {2048: 10.0, 4096: 14.0}  # the README's goals, NF4 base, whole generation
-T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-              relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
-              dense_act_fn="gelu_new", is_gated_act=True, layer_norm_epsilon=1e-6, tie_word_embeddings=False)
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
-              num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
-FLUX_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
-                latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
-                use_quant_conv=False, use_post_quant_conv=False, force_upcast=True, mid_block_add_attention=True)
+T5_XXL = dict(
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    dense_act_fn="gelu_new",
+    is_gated_act=True,
+    layer_norm_epsilon=1e-6,
+    tie_word_embeddings=False,
+)
+CLIP_L = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    projection_dim=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+)
+FLUX_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    latent_channels=16,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    force_upcast=True,
+    mid_block_add_attention=True,
+)
 PROMPT = "a photo of a red fox in a snowy forest at golden hour, high resolution, detailed"
 
 
@@ -99,17 +132,21 @@ def random_vae():
 def random_transformer(quant: str):
     """Full-size FLUX.1-dev, random bf16 tensors streamed on the GPU into NF4/FP8/bf16 AdaptedLinears."""
     import torch
-
-    from urae_lite.loader import empty_transformer, fill_transformer
-    from urae_lite.tiny import flux_dev_config, iter_random_transformer_tensors
-
     from diffusers import FluxTransformer2DModel
+
+    from urae_lite.flux_configs import flux_dev_config
+    from urae_lite.loader import LoadSpec, empty_transformer, fill_transformer
+    from urae_lite.tiny import iter_random_transformer_tensors
 
     config = flux_dev_config()
     with torch.device("meta"):
         n_tensors = len(FluxTransformer2DModel(**config).state_dict())
-    model = fill_transformer(empty_transformer(config), iter_random_transformer_tensors(config, device="cuda"), quant,
-                             device="cuda", dtype=torch.bfloat16, total=n_tensors)
+    model = fill_transformer(
+        empty_transformer(config),
+        iter_random_transformer_tensors(config, device="cuda"),
+        LoadSpec(quant, "cuda", torch.bfloat16),
+        total=n_tensors,
+    )
     return model.eval()
 
 
@@ -154,8 +191,12 @@ def measure(fn):
     start = time.perf_counter()
     result = fn()
     torch.cuda.synchronize()
-    return (result, time.perf_counter() - start, torch.cuda.max_memory_allocated() / GIB,
-            torch.cuda.max_memory_reserved() / GIB)
+    return (
+        result,
+        time.perf_counter() - start,
+        torch.cuda.max_memory_allocated() / GIB,
+        torch.cuda.max_memory_reserved() / GIB,
+    )
 
 
 def generation_row(pipe, quant: str, size: int, steps: int) -> dict:
@@ -198,9 +239,14 @@ def vae_rows(vae) -> list[dict]:
     rows = []
     for mode in ("on", "off"):
         try:
-            _, *m = measure(lambda: decode(vae, latents, mode=mode))
-            rows.append({"size": 4096, "vae_tiling": mode,
-                         **dict(zip(("seconds", "peak_allocated_gib", "peak_reserved_gib"), m))})
+            _, *m = measure(lambda mode=mode: decode(vae, latents, mode=mode))
+            rows.append(
+                {
+                    "size": 4096,
+                    "vae_tiling": mode,
+                    **dict(zip(("seconds", "peak_allocated_gib", "peak_reserved_gib"), m)),
+                }
+            )
         except torch.cuda.OutOfMemoryError as e:
             rows.append({"size": 4096, "vae_tiling": mode, "error": str(e).splitlines()[0]})
         torch.cuda.empty_cache()
@@ -228,10 +274,14 @@ def main() -> None:
     tiny = tiny_flux_path()
     clip, t5 = random_text_encoders()
     vae = random_vae()
-    parts = dict(scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(tiny, subfolder="scheduler"),
-                 tokenizer=CLIPTokenizer.from_pretrained(tiny, subfolder="tokenizer"),
-                 tokenizer_2=T5TokenizerFast.from_pretrained(tiny, subfolder="tokenizer_2"),
-                 text_encoder=clip, text_encoder_2=t5, vae=vae)
+    parts = dict(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(tiny, subfolder="scheduler"),
+        tokenizer=CLIPTokenizer.from_pretrained(tiny, subfolder="tokenizer"),
+        tokenizer_2=T5TokenizerFast.from_pretrained(tiny, subfolder="tokenizer_2"),
+        text_encoder=clip,
+        text_encoder_2=t5,
+        vae=vae,
+    )
     rows: list[dict] = []
     print(f"{device} | torch {torch.__version__} | diffusers {diffusers.__version__} | offload {args.offload}")
     print(f"{'quant':5} {'size':>5} {'s/step':>7} {'TE GiB':>7} {'denoise GiB':>11} {'VAE GiB':>8} {'peak GiB':>9}")
@@ -243,8 +293,15 @@ def main() -> None:
         add_adapter_rank(transformer, 16 if grow else 48, "urae_2k" if grow else "urae_2k_4k")
         flux = FluxPipeline(transformer=transformer, **parts)
         apply_offload(flux, args.offload, torch.device("cuda"))
-        pipe = UraePipeline(flux, model="random FLUX.1-dev", quant=quant, adapters=[], offload=args.offload,
-                            defaults=GenerationSettings(), progress=False)
+        pipe = UraePipeline(
+            flux,
+            model="random FLUX.1-dev",
+            quant=quant,
+            adapters=[],
+            offload=args.offload,
+            defaults=GenerationSettings(),
+            progress=False,
+        )
         for size in sorted(args.sizes):
             if grow and size >= 4096 and adapter_rank(transformer) < 48:
                 add_adapter_rank(transformer, 32, "urae_4k")  # 16 + 32 = the converted 2K + 4K rank
@@ -252,31 +309,54 @@ def main() -> None:
             row["adapter_rank"] = adapter_rank(transformer)
             rows.append(row)
             st = row["stages"]
-            fmt = lambda k: f"{st[k]['peak_allocated_gib']:.2f}" if k in st else "-"  # noqa: E731
+            fmt = lambda k, st=st: f"{st[k]['peak_allocated_gib']:.2f}" if k in st else "-"  # noqa: E731
             sps = f"{row['seconds_per_step']:.3f}" if row["seconds_per_step"] else "-"
-            print(f"{quant:5} {size:>5} {sps:>7} {fmt('text_encoders'):>7} {fmt('denoise'):>11} "
-                  f"{fmt('vae_decode'):>8} {row.get('peak_allocated_gib', float('nan')):>9.2f} {row.get('error', '')}")
+            print(
+                f"{quant:5} {size:>5} {sps:>7} {fmt('text_encoders'):>7} {fmt('denoise'):>11} "
+                f"{fmt('vae_decode'):>8} {row.get('peak_allocated_gib', float('nan')):>9.2f} {row.get('error', '')}"
+            )
         flux.remove_all_hooks()
         del pipe, flux, transformer
         torch.cuda.empty_cache()
     vae_result = [] if args.skip_vae else vae_rows(vae)
     for r in vae_result:
-        print(f"VAE 4096² tiling {r['vae_tiling']:3}: {r.get('peak_allocated_gib', float('nan')):.2f} GiB, "
-              f"{r.get('seconds', float('nan')):.2f} s {r.get('error', '')}")
+        print(
+            f"VAE 4096² tiling {r['vae_tiling']:3}: {r.get('peak_allocated_gib', float('nan')):.2f} GiB, "
+            f"{r.get('seconds', float('nan')):.2f} s {r.get('error', '')}"
+        )
 
     goals = []
     for size, limit in GOALS_GIB.items():
         for r in rows:
             if r["quant"] == "nf4" and r["size"] == size and "peak_allocated_gib" in r and "error" not in r:
-                goals.append({"size": size, "quant": "nf4", "limit_gib": limit, "peak_gib": r["peak_allocated_gib"],
-                              "met": r["peak_allocated_gib"] <= limit})
-                print(f"goal: NF4 {size}² peak {r['peak_allocated_gib']:.2f} GiB (<= {limit}): "
-                      f"{'MET' if goals[-1]['met'] else 'NOT MET'}")
+                goals.append(
+                    {
+                        "size": size,
+                        "quant": "nf4",
+                        "limit_gib": limit,
+                        "peak_gib": r["peak_allocated_gib"],
+                        "met": r["peak_allocated_gib"] <= limit,
+                    }
+                )
+                print(
+                    f"goal: NF4 {size}² peak {r['peak_allocated_gib']:.2f} GiB (<= {limit}): "
+                    f"{'MET' if goals[-1]['met'] else 'NOT MET'}"
+                )
     out = args.out or result_path("generate", device)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "device": device, **provenance(), "offload": args.offload, "rows": rows, "vae_4096": vae_result, "goals": goals,
-    }, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "device": device,
+                **provenance(),
+                "offload": args.offload,
+                "rows": rows,
+                "vae_4096": vae_result,
+                "goals": goals,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
 
 

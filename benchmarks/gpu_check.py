@@ -4,7 +4,8 @@ full-size FLUX.1-dev (random weights, NF4 and FP8) with the memory planner's est
 On the device machine (the image has torch, triton, transformers, peft, accelerate and safetensors; diffusers,
 bitsandbytes, optimum-quanto and prodigyopt come from .whl/; the checkout itself is not pip-installed):
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && python3 benchmarks/gpu_check.py
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
+        export PYTHONPATH=/tmp/site:$PWD && python3 benchmarks/gpu_check.py
 
 Options: `--budget-s 480` (seconds for the whole run), `--only SLICE,...` (e.g. a second call for what the first one
 skipped: `--only train-4096-nf4 --budget-s 540`; the other slices keep their results from the file), `--out DIR`,
@@ -68,13 +69,32 @@ DRY_RUN_SKIPS = {"kernel-bench": "times compiled Triton kernels on CUDA: nothing
 MARGIN_S = 15.0  # kept back from the budget for the last JSON write and the table
 TAIL_LINES = 30
 # Expected seconds per slice, process start included (GPU: H100/H200 guesses until a result file exists).
-GPU_COST = {"kernel-tests": 120, "kernel-bench": 90, ("generate", 2048): 120, ("generate", 4096): 200,
-            ("train", 2048): 120, ("train", 4096): 480}
-DRY_COST = {"kernel-tests": 40, "kernel-bench": 0, ("generate", 2048): 15, ("generate", 4096): 20,
-            ("train", 2048): 15, ("train", 4096): 20}
+GPU_COST = {
+    "kernel-tests": 120,
+    "kernel-bench": 90,
+    ("generate", 2048): 120,
+    ("generate", 4096): 200,
+    ("train", 2048): 120,
+    ("train", 4096): 480,
+}
+DRY_COST = {
+    "kernel-tests": 40,
+    "kernel-bench": 0,
+    ("generate", 2048): 15,
+    ("generate", 4096): 20,
+    ("train", 2048): 15,
+    ("train", 4096): 20,
+}
 # What the dry run's forked children import, imported once before the first fork.
-WARM_IMPORTS = ("prodigyopt", "urae_lite.pipeline", "urae_lite.train.loop", "urae_lite.train.model",
-                "urae_lite.train.optim", "urae_lite.train.config", "urae_lite.train.samples")
+WARM_IMPORTS = (
+    "prodigyopt",
+    "urae_lite.pipeline",
+    "urae_lite.train.loop",
+    "urae_lite.train.model",
+    "urae_lite.train.optim",
+    "urae_lite.train.config",
+    "urae_lite.train.samples",
+)
 
 
 # ---- a plain checkout imports like an install ---------------------------------------------------------------------
@@ -87,8 +107,9 @@ class CheckoutFinder(importlib.abc.MetaPathFinder):
         folder = PACKAGE_DIRS.get(fullname.removeprefix("urae_lite.")) if fullname.startswith("urae_lite.") else None
         if folder is None:
             return None
-        return importlib.util.spec_from_file_location(fullname, folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
+        return importlib.util.spec_from_file_location(
+            fullname, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
 
 
 def add_checkout_finder() -> None:
@@ -159,10 +180,21 @@ class Slice:
 
 def slices() -> list[Slice]:
     """Most important first: kernels, 2K NF4, 4K NF4 generate, the FP8 rows, 4K train."""
-    heavy = [("generate", 2048, "nf4"), ("train", 2048, "nf4"), ("generate", 4096, "nf4"), ("generate", 2048, "fp8"),
-             ("train", 2048, "fp8"), ("generate", 4096, "fp8"), ("train", 4096, "nf4"), ("train", 4096, "fp8")]
-    return [Slice("kernel-tests", "kernel-tests"), Slice("kernel-bench", "kernel-bench"),
-            *(Slice(f"{t}-{s}-{q}", t, s, q) for t, s, q in heavy)]
+    heavy = [
+        ("generate", 2048, "nf4"),
+        ("train", 2048, "nf4"),
+        ("generate", 4096, "nf4"),
+        ("generate", 2048, "fp8"),
+        ("train", 2048, "fp8"),
+        ("generate", 4096, "fp8"),
+        ("train", 4096, "nf4"),
+        ("train", 4096, "fp8"),
+    ]
+    return [
+        Slice("kernel-tests", "kernel-tests"),
+        Slice("kernel-bench", "kernel-bench"),
+        *(Slice(f"{t}-{s}-{q}", t, s, q) for t, s, q in heavy),
+    ]
 
 
 def train_config(sl: Slice) -> str:
@@ -179,11 +211,25 @@ def plan_config(sl: Slice, rank: int | None = None, vae_tiling: str | None = Non
 
     if sl.task == "generate":
         preset = load_preset("4k" if sl.size >= 4096 else "2k", "dev")
-        return PlanConfig(task="generate", width=sl.size, height=sl.size, quant=sl.quant, offload=OFFLOAD,
-                          rank=rank or (48 if sl.size >= 4096 else 16), vae_tiling=vae_tiling or preset.vae_tiling,
-                          steps=STEPS)
-    return PlanConfig(task="train", width=sl.size, height=sl.size, quant=sl.quant, checkpointing=TRAIN_MODE,
-                      adapter="lora" if sl.size < 4096 else "minor", validation=False)
+        return PlanConfig(
+            task="generate",
+            width=sl.size,
+            height=sl.size,
+            quant=sl.quant,
+            offload=OFFLOAD,
+            rank=rank or (48 if sl.size >= 4096 else 16),
+            vae_tiling=vae_tiling or preset.vae_tiling,
+            steps=STEPS,
+        )
+    return PlanConfig(
+        task="train",
+        width=sl.size,
+        height=sl.size,
+        quant=sl.quant,
+        checkpointing=TRAIN_MODE,
+        adapter="lora" if sl.size < 4096 else "minor",
+        validation=False,
+    )
 
 
 def planner_entry(sl: Slice, vram_gib: float | None, rank: int | None = None, vae_tiling: str | None = None) -> dict:
@@ -193,10 +239,14 @@ def planner_entry(sl: Slice, vram_gib: float | None, rank: int | None = None, va
     from urae_lite.plan import estimate
 
     est = estimate(plan_config(sl, rank, vae_tiling), vram_gib)
-    return {"config": est.config.summary(), "allocated_gib": round(est.peak_allocated / GiB, 3),
-            "reserved_gib": round((est.peak - C.CUDA_CONTEXT) / GiB, 3), "total_gib": round(est.peak / GiB, 3),
-            "peak_phase": est.peak_phase,
-            "phases": {p: round(a / GiB, 3) for p, a in zip(est.phases, est.allocated())}}
+    return {
+        "config": est.config.summary(),
+        "allocated_gib": round(est.peak_allocated / GiB, 3),
+        "reserved_gib": round((est.peak - C.CUDA_CONTEXT) / GiB, 3),
+        "total_gib": round(est.peak / GiB, 3),
+        "peak_phase": est.peak_phase,
+        "phases": {p: round(a / GiB, 3) for p, a in zip(est.phases, est.allocated())},
+    }
 
 
 def planner_or_note(row: dict, sl: Slice, vram_gib: float | None, **measured_settings) -> dict | None:
@@ -242,8 +292,9 @@ class ChildResult:
         return ((self.stderr or self.stdout).strip().splitlines() or ["no output"])[-1][:300]
 
 
-def run_child(ctx: Context, target: str, args: list[str], env: dict, timeout_s: float,
-              fresh: bool = False) -> ChildResult:
+def run_child(
+    ctx: Context, target: str, args: list[str], env: dict, timeout_s: float, fresh: bool = False
+) -> ChildResult:
     """Run `target args` (a script, or "pytest") with stdout/stderr in files (no pipe to fill), killed at
     `timeout_s`. On the GPU each child is a fresh interpreter: its own CUDA context, allocator and peak counters.
     The dry run forks this process instead, which has imported torch and diffusers already: the CPU has no counters
@@ -256,8 +307,9 @@ def run_child(ctx: Context, target: str, args: list[str], env: dict, timeout_s: 
     else:
         with out.open("w") as fo, err.open("w") as fe:
             try:
-                rc = subprocess.run(child_argv(target, args), cwd=ROOT, env=env, stdout=fo, stderr=fe,
-                                    timeout=timeout_s, check=False).returncode
+                rc = subprocess.run(
+                    child_argv(target, args), cwd=ROOT, env=env, stdout=fo, stderr=fe, timeout=timeout_s, check=False
+                ).returncode
             except subprocess.TimeoutExpired:
                 rc = None
     return ChildResult(rc, time.monotonic() - start, out.read_text(errors="replace"), err.read_text(errors="replace"))
@@ -324,8 +376,9 @@ def pytest_counts(text: str) -> dict[str, int]:
     """Counts from pytest's last summary line ("3 passed, 1 failed, 2 deselected in 4.5s")."""
     summary = [ln for ln in text.splitlines() if re.search(r"\d+ (passed|failed|error|skipped|deselected)", ln)]
     counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "deselected": 0}
-    for n, what in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)",
-                              summary[-1] if summary else ""):
+    for n, what in re.findall(
+        r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)", summary[-1] if summary else ""
+    ):
         counts["errors" if what.startswith("error") else what] = int(n)
     return counts
 
@@ -336,12 +389,12 @@ def kernel_tests(ctx: Context, sl: Slice, timeout_s: float) -> tuple[dict, Child
     args = [*files, "-q", "-p", "no:cacheprovider"] + (["-k", DRY_KERNEL_TESTS] if ctx.dry_run else [])
     res = run_child(ctx, "pytest", args, child_env(ctx.dry_run, interpret=ctx.dry_run), timeout_s, fresh=True)
     counts = pytest_counts(res.stdout)
-    fields = {"command": shlex.join(["python", "-m", "pytest", *args]), "measured": counts,
-              "interpreter": ctx.dry_run}
+    fields = {"command": shlex.join(["python", "-m", "pytest", *args]), "measured": counts, "interpreter": ctx.dry_run}
     if res.rc not in (0, None) or (res.rc == 0 and counts["passed"] == 0):
         fields["status"] = "failed"
-        fields["reason"] = (f"pytest exit {res.rc}: {counts['failed']} failed, {counts['errors']} errors, "
-                            f"{counts['passed']} passed")
+        fields["reason"] = (
+            f"pytest exit {res.rc}: {counts['failed']} failed, {counts['errors']} errors, {counts['passed']} passed"
+        )
     return fields, res
 
 
@@ -363,8 +416,17 @@ def generate(ctx: Context, sl: Slice, timeout_s: float) -> tuple[dict, ChildResu
         args = ["tiny-generate", sl.quant, str(sl.size), str(ctx.steps)]
     else:
         target, out_args = BENCH / "generate.py", ["--out", str(out)]
-        args = ["--quants", sl.quant, "--sizes", str(sl.size), "--steps", str(ctx.steps), "--offload", OFFLOAD,
-                "--skip-vae"]
+        args = [
+            "--quants",
+            sl.quant,
+            "--sizes",
+            str(sl.size),
+            "--steps",
+            str(ctx.steps),
+            "--offload",
+            OFFLOAD,
+            "--skip-vae",
+        ]
     command = shlex.join(["python", str(target.relative_to(ROOT)), *args])
     res = run_child(ctx, str(target), args + out_args, child_env(ctx.dry_run), timeout_s)
     if res.rc != 0 or not out.is_file():
@@ -378,16 +440,27 @@ def generate_fields(sl: Slice, row: dict, ctx: Context) -> dict:
     from memory import STAGES
 
     fields: dict = {}
-    planner = planner_or_note(fields, sl, ctx.vram_gib, rank=row.get("adapter_rank"),
-                              vae_tiling=row.get("settings", {}).get("vae_tiling"))
+    planner = planner_or_note(
+        fields, sl, ctx.vram_gib, rank=row.get("adapter_rank"), vae_tiling=row.get("settings", {}).get("vae_tiling")
+    )
     phases = (planner or {}).get("phases", {})
-    stages = {STAGES.get(k, k): {"seconds": round(v["seconds"], 3), "peak_allocated_gib": v.get("peak_allocated_gib"),
-                                 "peak_reserved_gib": v.get("peak_reserved_gib"),
-                                 "estimated_allocated_gib": phases.get(STAGES.get(k, k))}
-              for k, v in row.get("stages", {}).items()}
-    measured = {"peak_allocated_gib": row.get("peak_allocated_gib"), "peak_reserved_gib": row.get("peak_reserved_gib"),
-                "seconds_per_step": row.get("seconds_per_step"), "adapter_rank": row.get("adapter_rank"),
-                "image_size": row.get("size"), "stages": stages}
+    stages = {
+        STAGES.get(k, k): {
+            "seconds": round(v["seconds"], 3),
+            "peak_allocated_gib": v.get("peak_allocated_gib"),
+            "peak_reserved_gib": v.get("peak_reserved_gib"),
+            "estimated_allocated_gib": phases.get(STAGES.get(k, k)),
+        }
+        for k, v in row.get("stages", {}).items()
+    }
+    measured = {
+        "peak_allocated_gib": row.get("peak_allocated_gib"),
+        "peak_reserved_gib": row.get("peak_reserved_gib"),
+        "seconds_per_step": row.get("seconds_per_step"),
+        "adapter_rank": row.get("adapter_rank"),
+        "image_size": row.get("size"),
+        "stages": stages,
+    }
     fields.update(measured=measured, planner=planner)
     if "error" in row:
         fields.update(status="failed", reason=row["error"])
@@ -403,9 +476,15 @@ def train(ctx: Context, sl: Slice, timeout_s: float) -> tuple[dict, ChildResult]
     if res.rc != 0 or not found:
         return {"command": command, "status": "failed", "reason": f"exit {res.rc}: {res.last_line()}"}, res
     (row,) = json.loads(found[-1][5:])
-    measured = {"peak_allocated_gib": row.get("peak_allocated_gib"), "peak_reserved_gib": row.get("peak_reserved_gib"),
-                "seconds_per_step": row.get("s_per_step"), "load_s": row.get("load_s"), "kind": row.get("kind"),
-                "image_size": row.get("resolution"), "checkpointing": row.get("mode")}
+    measured = {
+        "peak_allocated_gib": row.get("peak_allocated_gib"),
+        "peak_reserved_gib": row.get("peak_reserved_gib"),
+        "seconds_per_step": row.get("s_per_step"),
+        "load_s": row.get("load_s"),
+        "kind": row.get("kind"),
+        "image_size": row.get("resolution"),
+        "checkpointing": row.get("mode"),
+    }
     fields = {"command": command, "measured": measured}
     if "error" in row:
         fields.update(status="failed", reason=row["error"])
@@ -443,9 +522,17 @@ def tiny_generate(quant: str, size: int, steps: int) -> dict:
     timed("vae_decode", lambda: pipe.decode(packed, s))
     handle.remove()
     gaps = sorted(b - a for a, b in itertools.pairwise(ends))
-    return {"quant": quant, "size": s.width, "steps": steps, "settings": s.as_dict(), "stages": stages,
-            "seconds_per_step": gaps[len(gaps) // 2] if gaps else None, "adapter_rank": adapter_rank(pipe.transformer),
-            "peak_allocated_gib": None, "peak_reserved_gib": None}
+    return {
+        "quant": quant,
+        "size": s.width,
+        "steps": steps,
+        "settings": s.as_dict(),
+        "stages": stages,
+        "seconds_per_step": gaps[len(gaps) // 2] if gaps else None,
+        "adapter_rank": adapter_rank(pipe.transformer),
+        "peak_allocated_gib": None,
+        "peak_reserved_gib": None,
+    }
 
 
 def tiny_generate_main(argv: list[str]) -> None:
@@ -503,8 +590,10 @@ def write_json(path: Path, data: dict) -> None:
 
 def summary(rows: list[dict], started: float) -> dict:
     """Slice names by status (pending / running only while the run goes on, or in the file of a killed run)."""
-    by = {s: [r["slice"] for r in rows if r["status"] == s]
-          for s in ("passed", "failed", "skipped", "timed_out", "pending", "running")}
+    by = {
+        s: [r["slice"] for r in rows if r["status"] == s]
+        for s in ("passed", "failed", "skipped", "timed_out", "pending", "running")
+    }
     return {**by, "counts": {k: len(v) for k, v in by.items()}, "wall_s": round(time.monotonic() - started, 1)}
 
 
@@ -544,8 +633,17 @@ def device_info(dry_run: bool) -> tuple[str, float | None]:
 
 def base_row(sl: Slice, ctx: Context) -> dict:
     """A pending row: the planner's estimate is known before anything runs."""
-    row = {"slice": sl.name, "task": sl.task, "resolution": sl.size, "quant": sl.quant, "status": "pending",
-           "model": None, "measured": None, "planner": None, "ratio_estimate_to_measured": None}
+    row = {
+        "slice": sl.name,
+        "task": sl.task,
+        "resolution": sl.size,
+        "quant": sl.quant,
+        "status": "pending",
+        "model": None,
+        "measured": None,
+        "planner": None,
+        "ratio_estimate_to_measured": None,
+    }
     if sl.size:
         row["model"] = "tiny FLUX on the CPU" if ctx.dry_run else "FLUX.1-dev architecture, random weights"
         row["planner"] = planner_or_note(row, sl, ctx.vram_gib)
@@ -576,24 +674,30 @@ def progress_line(row: dict, elapsed: float) -> str:
         parts.append(f"fused NF4 fwd+bwd {m['goal']['ratio']:.3f}x floor")
     if p:
         peaks = f"{fmt(m.get('peak_allocated_gib'))}/{fmt(m.get('peak_reserved_gib'))}"
-        parts.append(f"peak {peaks} GiB, planner {p['allocated_gib']:.2f}/{p['reserved_gib']:.2f}, "
-                     f"{fmt(m.get('seconds_per_step'), '.3f')} s/step")
+        parts.append(
+            f"peak {peaks} GiB, planner {p['allocated_gib']:.2f}/{p['reserved_gib']:.2f}, "
+            f"{fmt(m.get('seconds_per_step'), '.3f')} s/step"
+        )
     if row.get("reason"):
         parts.append(f"({row['reason']})")
     return "  ".join(parts)
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'slice':18} {'status':9} {'wall s':>7} {'s/step':>7} {'alloc':>6} {'resv':>6} {'est alloc':>9} "
-            f"{'est resv':>8} {'est card':>8} {'est/meas':>8}  note")
+    head = (
+        f"{'slice':18} {'status':9} {'wall s':>7} {'s/step':>7} {'alloc':>6} {'resv':>6} {'est alloc':>9} "
+        f"{'est resv':>8} {'est card':>8} {'est/meas':>8}  note"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         m, p, q = r.get("measured") or {}, r.get("planner") or {}, r.get("ratio_estimate_to_measured") or {}
-        lines.append(f"{r['slice']:18} {r['status']:9} {fmt(r.get('wall_s'), '.1f'):>7} "
-                     f"{fmt(m.get('seconds_per_step'), '.3f'):>7} {fmt(m.get('peak_allocated_gib')):>6} "
-                     f"{fmt(m.get('peak_reserved_gib')):>6} {fmt(p.get('allocated_gib')):>9} "
-                     f"{fmt(p.get('reserved_gib')):>8} {fmt(p.get('total_gib')):>8} "
-                     f"{fmt(q.get('allocated'), '.3f'):>8}  {(r.get('reason') or '')[:70]}")
+        lines.append(
+            f"{r['slice']:18} {r['status']:9} {fmt(r.get('wall_s'), '.1f'):>7} "
+            f"{fmt(m.get('seconds_per_step'), '.3f'):>7} {fmt(m.get('peak_allocated_gib')):>6} "
+            f"{fmt(m.get('peak_reserved_gib')):>6} {fmt(p.get('allocated_gib')):>9} "
+            f"{fmt(p.get('reserved_gib')):>8} {fmt(p.get('total_gib')):>8} "
+            f"{fmt(q.get('allocated'), '.3f'):>8}  {(r.get('reason') or '')[:70]}"
+        )
     return "\n".join(lines) + "\n(GiB. est: the planner's allocated, + allocator reserve, + CUDA context)"
 
 
@@ -601,8 +705,11 @@ def table(rows: list[dict]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget-s", type=float, help="seconds for the whole run (default 480; 240 with --dry-run)")
-    p.add_argument("--out", type=Path, help="folder for gpu_check_<device>.json (default benchmarks/results; "
-                                            "--dry-run: a temporary folder)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="folder for gpu_check_<device>.json (default benchmarks/results; --dry-run: a temporary folder)",
+    )
     p.add_argument("--only", help=f"comma-separated slices to run: {', '.join(s.name for s in slices())}")
     p.add_argument("--steps", type=int, default=STEPS, help="denoising / timed optimizer steps per heavy slice")
     p.add_argument("--dry-run", action="store_true", help="the same slices on the tiny model on the CPU")
@@ -651,7 +758,8 @@ def run_slice(sl: Slice, row: dict, ctx: Context, budget: Budget, known: dict[st
     if res and res.rc is None:
         row["status"] = "timed_out" if budget_bound else "failed"
         row["reason"] = f"killed at {timeout:.0f} s: " + (
-            "the budget ran out" if budget_bound else f"over 4x its expected {expected:.0f} s, hung?")
+            "the budget ran out" if budget_bound else f"over 4x its expected {expected:.0f} s, hung?"
+        )
     if row["status"] == "running":
         row["status"] = "passed"
     budget.record(expected, row["wall_s"])
@@ -740,11 +848,19 @@ def main(argv: list[str] | None = None) -> int:
         path = output_path(args, device)
         previous = previous_results(path)
         prov = provenance()
-        report = {"device": device, "device_memory_gib": round(vram_gib, 2) if vram_gib else None,
-                  "dry_run": args.dry_run, "versions": versions(prov), "command": prov["command"],
-                  "git_commit": prov["git_commit"] or args.commit,
-                  "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "budget_s": args.budget_s, "steps": args.steps, "complete": False, "rows": []}
+        report = {
+            "device": device,
+            "device_memory_gib": round(vram_gib, 2) if vram_gib else None,
+            "dry_run": args.dry_run,
+            "versions": versions(prov),
+            "command": prov["command"],
+            "git_commit": prov["git_commit"] or args.commit,
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "budget_s": args.budget_s,
+            "steps": args.steps,
+            "complete": False,
+            "rows": [],
+        }
         ctx = Context(args.dry_run, Path(work), vram_gib, args.steps)
         if args.dry_run:
             warm_imports()
@@ -753,8 +869,10 @@ def main(argv: list[str] | None = None) -> int:
         run_all(report, path, ctx, budget, known_costs(previous))
     print(table(report["rows"]))
     counts = report["summary"]["counts"]
-    print(f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped, "
-          f"{counts['timed_out']} timed out in {report['summary']['wall_s']:.0f} s; wrote {path}")
+    print(
+        f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped, "
+        f"{counts['timed_out']} timed out in {report['summary']['wall_s']:.0f} s; wrote {path}"
+    )
     return 1 if counts["failed"] else 0 if report["complete"] else 2  # 2: stopped by a signal before the end
 
 

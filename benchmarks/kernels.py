@@ -38,8 +38,7 @@ GOAL = {"M": 16896, "K": 3072, "N": 3072, "rank": 16, "method": "fused-nf4", "mo
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="only M=16896, (K, N) in (3072, 3072), (3072, 12288), rank 16")
+    p.add_argument("--quick", action="store_true", help="only M=16896, (K, N) in (3072, 3072), (3072, 12288), rank 16")
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/kernels_<device>.json)")
     p.add_argument("--iters", type=int, default=30, help="timed calls per row (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls per row (the first also autotunes)")
@@ -54,7 +53,8 @@ def import_kernels():
         import urae_lite.kernels as kernels
     except ModuleNotFoundError:
         spec = importlib.util.spec_from_file_location(
-            "urae_lite.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")])
+            "urae_lite.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
+        )
         kernels = importlib.util.module_from_spec(spec)
         sys.modules["urae_lite.kernels"] = kernels
         spec.loader.exec_module(kernels)
@@ -92,19 +92,34 @@ class Entry:
 
 def make_entry(torch, bnbf, kernels, M: int, K: int, N: int) -> Entry:
     w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
-    packed, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4",
-                                    quant_storage=torch.uint8)
+    packed, st = bnbf.quantize_4bit(
+        w, blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8
+    )
     offset = torch.as_tensor(st.offset, dtype=torch.float32, device="cuda").reshape(())
-    nf4 = Base("nf4", packed, w.shape, torch.bfloat16, lambda out: kernels.nf4_dequantize(
-        packed, st.absmax, st.state2.absmax, st.state2.code, offset, st.code, w.shape, out=out))
+    nf4 = Base(
+        "nf4",
+        packed,
+        w.shape,
+        torch.bfloat16,
+        lambda out: kernels.nf4_dequantize(
+            packed, st.absmax, st.state2.absmax, st.state2.code, offset, st.code, w.shape, out=out
+        ),
+    )
     scale = (w.abs().amax(dim=1, keepdim=True).float() / 448).to(torch.bfloat16)  # quanto's absmax scale
     data = (w.float() / scale.float()).clamp(-448, 448).to(torch.float8_e4m3fn)
     fp8 = Base("fp8", data, w.shape, torch.bfloat16, lambda out: kernels.fp8_dequantize(data, scale, out=out))
     bf16 = Base("bf16", w, w.shape, torch.bfloat16, lambda out: w if out is None else out.copy_(w))
-    return Entry(x=torch.randn(M, K, device="cuda", dtype=torch.bfloat16).requires_grad_(True),
-                 dy=torch.randn(M, N, device="cuda", dtype=torch.bfloat16),
-                 w=w, bias=torch.randn(N, device="cuda", dtype=torch.bfloat16) * 0.1,
-                 nf4=nf4, nf4_packed=packed, nf4_state=st, fp8=fp8, bf16=bf16)
+    return Entry(
+        x=torch.randn(M, K, device="cuda", dtype=torch.bfloat16).requires_grad_(True),
+        dy=torch.randn(M, N, device="cuda", dtype=torch.bfloat16),
+        w=w,
+        bias=torch.randn(N, device="cuda", dtype=torch.bfloat16) * 0.1,
+        nf4=nf4,
+        nf4_packed=packed,
+        nf4_state=st,
+        fp8=fp8,
+        bf16=bf16,
+    )
 
 
 def methods(torch, bnb, bnbf, kernels, A, B) -> dict[str, Callable]:
@@ -114,18 +129,23 @@ def methods(torch, bnb, bnbf, kernels, A, B) -> dict[str, Callable]:
     scaling = 1.0  # peft multiplies the LoRA output by lora_alpha / r even when that is 1
     return {
         "floor": lambda e: F.linear(e.x, e.w, e.bias),
-        "bnb+lora": lambda e: bnb.matmul_4bit(e.x, e.nf4_packed, quant_state=e.nf4_state, bias=e.bias)
-        + F.linear(F.linear(e.x, A), B) * scaling,
-        "torch-ref": lambda e: F.linear(e.x, bnbf.dequantize_4bit(e.nf4_packed, e.nf4_state, quant_type="nf4"), e.bias)
-        + F.linear(F.linear(e.x, A), B),
+        "bnb+lora": lambda e: (
+            bnb.matmul_4bit(e.x, e.nf4_packed, quant_state=e.nf4_state, bias=e.bias)
+            + F.linear(F.linear(e.x, A), B) * scaling
+        ),
+        "torch-ref": lambda e: (
+            F.linear(e.x, bnbf.dequantize_4bit(e.nf4_packed, e.nf4_state, quant_type="nf4"), e.bias)
+            + F.linear(F.linear(e.x, A), B)
+        ),
         "fused-nf4": lambda e: kernels.adapted_linear(e.x, e.nf4, e.bias, A, B, R),
         "fused-fp8": lambda e: kernels.adapted_linear(e.x, e.fp8, e.bias, A, B, R),
         "fused-bf16": lambda e: kernels.adapted_linear(e.x, e.bf16, e.bias, A, B, R),
     }
 
 
-def time_ms(torch, fn: Callable, pool: list[Entry], backward: bool, params: list, iters: int, warmup: int
-            ) -> tuple[list[float], float]:
+def time_ms(
+    torch, fn: Callable, pool: list[Entry], backward: bool, params: list, iters: int, warmup: int
+) -> tuple[list[float], float]:
     """(per-call CUDA-event times in ms, peak MiB allocated above the inputs during one call)."""
 
     def call(e: Entry) -> None:
@@ -174,8 +194,10 @@ def main() -> None:
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
     rows: list[dict] = []
     print(f"{device} | torch {torch.__version__} | triton {triton.__version__} | bitsandbytes {bnb.__version__}")
-    print(f"{'M':>6} {'K':>6} {'N':>6} {'R':>3} {'mode':8} {'method':11} {'ms':>9} {'TFLOP/s':>8} {'x floor':>8} "
-          f"{'peak MiB':>9}")
+    print(
+        f"{'M':>6} {'K':>6} {'N':>6} {'R':>3} {'mode':8} {'method':11} {'ms':>9} {'TFLOP/s':>8} {'x floor':>8} "
+        f"{'peak MiB':>9}"
+    )
     for M in ms_:
         for K, N in kns:
             entry_bytes = 2 * (M * K + M * N + 2 * N * K)
@@ -195,13 +217,27 @@ def main() -> None:
                         times, peak = time_ms(torch, fn, pool, mode == "fwd+bwd", [A, B], args.iters, args.warmup)
                         ms, ordered = statistics.median(times), sorted(times)
                         floor_ms = floor_ms or ms
-                        row = {"M": M, "K": K, "N": N, "rank": R, "mode": mode, "method": name, "ms": ms,
-                               "ms_p10": ordered[len(times) // 10], "ms_p90": ordered[-len(times) // 10 - 1],
-                               "tflops": flops / ms / 1e9, "ratio_to_floor": ms / floor_ms, "peak_mib": peak,
-                               "fused_nf4_rel_err_vs_torch_ref": check, "pool": pool_size}
+                        row = {
+                            "M": M,
+                            "K": K,
+                            "N": N,
+                            "rank": R,
+                            "mode": mode,
+                            "method": name,
+                            "ms": ms,
+                            "ms_p10": ordered[len(times) // 10],
+                            "ms_p90": ordered[-len(times) // 10 - 1],
+                            "tflops": flops / ms / 1e9,
+                            "ratio_to_floor": ms / floor_ms,
+                            "peak_mib": peak,
+                            "fused_nf4_rel_err_vs_torch_ref": check,
+                            "pool": pool_size,
+                        }
                         rows.append(row)
-                        print(f"{M:>6} {K:>6} {N:>6} {R:>3} {mode:8} {name:11} {ms:>9.3f} {row['tflops']:>8.1f} "
-                              f"{row['ratio_to_floor']:>8.3f} {peak:>9.1f}")
+                        print(
+                            f"{M:>6} {K:>6} {N:>6} {R:>3} {mode:8} {name:11} {ms:>9.3f} {row['tflops']:>8.1f} "
+                            f"{row['ratio_to_floor']:>8.3f} {peak:>9.1f}"
+                        )
             del pool
             torch.cuda.empty_cache()
 
@@ -210,14 +246,19 @@ def main() -> None:
     if goal_rows:
         ratio = goal_rows[0]["ratio_to_floor"]
         goal = {**GOAL, "ratio": ratio, "met": ratio <= GOAL["max_ratio"]}
-        print(f"goal: fused NF4 rank-16 fwd+bwd at M=16896, K=N=3072 = {ratio:.3f}x floor "
-              f"(target <= {GOAL['max_ratio']}): {'MET' if goal['met'] else 'NOT MET'}")
+        print(
+            f"goal: fused NF4 rank-16 fwd+bwd at M=16896, K=N=3072 = {ratio:.3f}x floor "
+            f"(target <= {GOAL['max_ratio']}): {'MET' if goal['met'] else 'NOT MET'}"
+        )
 
     out = args.out or result_path("kernels", device)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "device": device, **provenance(), "iters": args.iters, "warmup": args.warmup, "goal": goal, "rows": rows,
-    }, indent=1))
+    out.write_text(
+        json.dumps(
+            {"device": device, **provenance(), "iters": args.iters, "warmup": args.warmup, "goal": goal, "rows": rows},
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -9,7 +9,7 @@ The measurements are made by the feature benchmarks, each slice in a fresh proce
 allocator start empty: benchmarks/generate.py (the real UraePipeline stages with the real offload mechanisms:
 random full-size T5-XXL, CLIP-L and VAE, the transformer streamed from
 `urae_lite.tiny.iter_random_transformer_tensors(flux_dev_config(), device="cuda")` into `empty_transformer` +
-`fill_transformer(..., quant, device="cuda")`) and benchmarks/train.py (the real Trainer steps on the same
+`fill_transformer(..., LoadSpec(quant, "cuda"))`) and benchmarks/train.py (the real Trainer steps on the same
 streamed model, recipes' adapters, Prodigy). Matrix:
 
 * generate 1024², 2048², 4096² -- NF4, FP8 and bf16 with `model` offload; NF4 with `none`, `group`, `sequential`;
@@ -54,17 +54,30 @@ TOLERANCE = 0.10
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=("generate", "train"), help="one half of the matrix (default: both)")
-    p.add_argument("--offload", nargs="+", choices=list(GENERATE), default=list(GENERATE),
-                   help="generate: offload modes to measure")
-    p.add_argument("--quants", nargs="+", choices=("nf4", "fp8", "bf16"),
-                   help="generate: restrict every offload mode's quants to these")
+    p.add_argument(
+        "--offload",
+        nargs="+",
+        choices=list(GENERATE),
+        default=list(GENERATE),
+        help="generate: offload modes to measure",
+    )
+    p.add_argument(
+        "--quants",
+        nargs="+",
+        choices=("nf4", "fp8", "bf16"),
+        help="generate: restrict every offload mode's quants to these",
+    )
     p.add_argument("--sizes", nargs="+", type=int, default=list(SIZES), help="generate: square image sides")
     p.add_argument("--configs", default=",".join(TRAIN), help=f"train: comma-separated subset of {', '.join(TRAIN)}")
     p.add_argument("--modes", default=",".join(MODES), help="train: checkpointing modes (on, cpu, off)")
     p.add_argument("--steps", type=int, default=3, help="denoising steps per generation / optimizer steps per mode")
     p.add_argument("--dry-run", action="store_true", help="print the planner's estimates for the matrix and exit")
-    p.add_argument("--fake", action="store_true", help="no GPU: measure live tensor bytes of the real code at full "
-                   "size on fake tensors (benchmarks/memory_fake.py); default --out benchmarks/results/memory_fake.json")
+    p.add_argument(
+        "--fake",
+        action="store_true",
+        help="no GPU: measure live tensor bytes of the real code at full "
+        "size on fake tensors (benchmarks/memory_fake.py); default --out benchmarks/results/memory_fake.json",
+    )
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/memory_<device>.json)")
     args = p.parse_args(argv)
     unknown = [c for c in args.configs.split(",") if c not in TRAIN]
@@ -88,8 +101,9 @@ def train_slices(args: argparse.Namespace) -> list[str]:
 def plan_generate(quant: str, offload: str, size: int, rank: int, vram_gib: float | None):
     from urae_lite.plan import PlanConfig, estimate
 
-    return estimate(PlanConfig(task="generate", width=size, height=size, quant=quant, offload=offload, rank=rank),
-                    vram_gib)
+    return estimate(
+        PlanConfig(task="generate", width=size, height=size, quant=quant, offload=offload, rank=rank), vram_gib
+    )
 
 
 def plan_train(config: str, mode: str):
@@ -97,8 +111,11 @@ def plan_train(config: str, mode: str):
 
     size, quant = TRAIN[config]
     kind = "lora" if size < 4096 else "minor"  # benchmarks/train.py runs the 2K LoRA and 4K minor recipes
-    return estimate(PlanConfig(task="train", width=size, height=size, quant=quant, checkpointing=mode, adapter=kind,
-                               validation=False))
+    return estimate(
+        PlanConfig(
+            task="train", width=size, height=size, quant=quant, checkpointing=mode, adapter=kind, validation=False
+        )
+    )
 
 
 def dry_run(args: argparse.Namespace) -> None:
@@ -128,8 +145,11 @@ def run_script(script: str, options: list[str]) -> tuple[dict | None, str]:
     """Run benchmarks/<script> writing to a temporary JSON; (its result or None, the last line it printed)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *options, "--out", str(out)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / script), *options, "--out", str(out)],
+            capture_output=True,
+            text=True,
+        )
         print(done.stdout, end="", flush=True)
         last = ((done.stderr or done.stdout).strip().splitlines() or ["no output"])[-1]
         if done.returncode or not out.is_file():
@@ -141,54 +161,94 @@ def compare(measured: dict[str, dict], predicted: dict[str, int], est) -> dict:
     """Measured (allocated, reserved) peaks per phase beside the estimated allocated bytes, and the errors."""
     phases = {}
     for phase, m in measured.items():
-        phases[phase] = {"measured_allocated_gib": round(m["peak_allocated_gib"], 3),
-                         "measured_reserved_gib": round(m["peak_reserved_gib"], 3),
-                         "estimated_allocated_gib": round(predicted[phase] / GiB, 3),
-                         "error": round(predicted[phase] / GiB / m["peak_allocated_gib"] - 1, 4)}
+        phases[phase] = {
+            "measured_allocated_gib": round(m["peak_allocated_gib"], 3),
+            "measured_reserved_gib": round(m["peak_reserved_gib"], 3),
+            "estimated_allocated_gib": round(predicted[phase] / GiB, 3),
+            "error": round(predicted[phase] / GiB / m["peak_allocated_gib"] - 1, 4),
+        }
     peak_phase = max(phases, key=lambda p: phases[p]["measured_allocated_gib"])
-    return {"phases": phases, "measured_peak_gib": phases[peak_phase]["measured_allocated_gib"],
-            "measured_reserved_gib": max(v["measured_reserved_gib"] for v in phases.values()),
-            "measured_peak_phase": peak_phase, "estimated_peak_gib": round(est.peak_allocated / GiB, 3),
-            "estimated_card_gib": round(est.peak / GiB, 3), "estimated_peak_phase": est.peak_phase,
-            "error": round(est.peak_allocated / GiB / phases[peak_phase]["measured_allocated_gib"] - 1, 4),
-            "worst_phase_error": max((v["error"] for v in phases.values()), key=abs),
-            "within_tolerance": all(abs(v["error"]) <= TOLERANCE for v in phases.values())}
+    return {
+        "phases": phases,
+        "measured_peak_gib": phases[peak_phase]["measured_allocated_gib"],
+        "measured_reserved_gib": max(v["measured_reserved_gib"] for v in phases.values()),
+        "measured_peak_phase": peak_phase,
+        "estimated_peak_gib": round(est.peak_allocated / GiB, 3),
+        "estimated_card_gib": round(est.peak / GiB, 3),
+        "estimated_peak_phase": est.peak_phase,
+        "error": round(est.peak_allocated / GiB / phases[peak_phase]["measured_allocated_gib"] - 1, 4),
+        "worst_phase_error": max((v["error"] for v in phases.values()), key=abs),
+        "within_tolerance": all(abs(v["error"]) <= TOLERANCE for v in phases.values()),
+    }
 
 
 def measure_generate(offload: str, quants: tuple[str, ...], args, vram_gib: float) -> list[dict]:
-    options = ["--quants", *quants, "--sizes", *map(str, args.sizes), "--steps", str(max(2, args.steps)),
-               "--offload", offload, "--skip-vae"]
+    options = [
+        "--quants",
+        *quants,
+        "--sizes",
+        *map(str, args.sizes),
+        "--steps",
+        str(max(2, args.steps)),
+        "--offload",
+        offload,
+        "--skip-vae",
+    ]
     result, last = run_script("generate.py", options)
     if result is None:
-        return [{"key": f"generate {q} {offload} {s}", "task": "generate", "quant": q, "offload": offload,
-                 "resolution": s, "error": last} for q in quants for s in args.sizes]
+        return [
+            {
+                "key": f"generate {q} {offload} {s}",
+                "task": "generate",
+                "quant": q,
+                "offload": offload,
+                "resolution": s,
+                "error": last,
+            }
+            for q in quants
+            for s in args.sizes
+        ]
     rows = []
     for r in result["rows"]:
-        row = {"key": f"generate {r['quant']} {offload} {r['size']}", "task": "generate", "quant": r["quant"],
-               "offload": offload, "resolution": r["size"], "adapter_rank": r.get("adapter_rank"),
-               "seconds_per_step": r.get("seconds_per_step")}
+        row = {
+            "key": f"generate {r['quant']} {offload} {r['size']}",
+            "task": "generate",
+            "quant": r["quant"],
+            "offload": offload,
+            "resolution": r["size"],
+            "adapter_rank": r.get("adapter_rank"),
+            "seconds_per_step": r.get("seconds_per_step"),
+        }
         if "error" in r or not r.get("stages"):
             row["error"] = r.get("error", "no stage measured")
         else:
             rank = r.get("adapter_rank") or default_rank(offload, r["size"], args.sizes)
             est = plan_generate(r["quant"], offload, r["size"], rank, vram_gib)
-            row.update(compare({STAGES[k]: v for k, v in r["stages"].items()},
-                               dict(zip(est.phases, est.allocated())), est))
+            row.update(
+                compare({STAGES[k]: v for k, v in r["stages"].items()}, dict(zip(est.phases, est.allocated())), est)
+            )
         rows.append(row)
     return rows
 
 
 def measure_train(config: str, args) -> list[dict]:
     modes = args.modes.split(",")
-    result, last = run_script("train.py", ["--configs", config, "--modes", ",".join(modes),
-                                           "--steps", str(args.steps), "--warmup", "1"])
+    result, last = run_script(
+        "train.py", ["--configs", config, "--modes", ",".join(modes), "--steps", str(args.steps), "--warmup", "1"]
+    )
     by_mode = {r["mode"]: r for r in (result or {}).get("rows", []) if r.get("config") == config}
     rows = []
     for mode in modes:
         r = by_mode.get(mode, {"error": last})
         size, quant = TRAIN[config]
-        row = {"key": f"train {config} {mode}", "task": "train", "quant": quant, "checkpointing": mode,
-               "resolution": size, "seconds_per_step": r.get("s_per_step")}
+        row = {
+            "key": f"train {config} {mode}",
+            "task": "train",
+            "quant": quant,
+            "checkpointing": mode,
+            "resolution": size,
+            "seconds_per_step": r.get("s_per_step"),
+        }
         if "error" in r or "peak_allocated_gib" not in r:
             row["error"] = r.get("error", "no peak measured")
         else:
@@ -260,18 +320,36 @@ def main(argv: list[str] | None = None) -> None:
     ordered = sorted(rows.values(), key=lambda r: (r["task"], r["key"]))
     measured = [r for r in ordered if "error" not in r]
     for r in ordered:
-        print(f"{r['key']:32} " + (r["error"] if "error" in r else
-              f"measured {r['measured_peak_gib']:6.2f} GiB ({r['measured_peak_phase']}), estimated "
-              f"{r['estimated_peak_gib']:6.2f} GiB: {r['error']:+.1%}, worst phase {r['worst_phase_error']:+.1%}"))
+        print(
+            f"{r['key']:32} "
+            + (
+                r["error"]
+                if "error" in r
+                else f"measured {r['measured_peak_gib']:6.2f} GiB ({r['measured_peak_phase']}), estimated "
+                f"{r['estimated_peak_gib']:6.2f} GiB: {r['error']:+.1%}, worst phase {r['worst_phase_error']:+.1%}"
+            )
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "device": device, "device_memory_gib": round(vram_gib, 2), **provenance(),
-        "tolerance": TOLERANCE, "rows_within_tolerance": sum(r["within_tolerance"] for r in measured),
-        "rows_measured": len(measured), "rows": ordered,
-    }, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "device": device,
+                "device_memory_gib": round(vram_gib, 2),
+                **provenance(),
+                "tolerance": TOLERANCE,
+                "rows_within_tolerance": sum(r["within_tolerance"] for r in measured),
+                "rows_measured": len(measured),
+                "rows": ordered,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     chart(ordered, device, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}: {sum(r['within_tolerance'] for r in measured)} of "
-          f"{len(measured)} measured rows within ±{TOLERANCE:.0%} in every phase")
+    print(
+        f"wrote {out} and {out.with_suffix('.png')}: {sum(r['within_tolerance'] for r in measured)} of "
+        f"{len(measured)} measured rows within ±{TOLERANCE:.0%} in every phase"
+    )
 
 
 if __name__ == "__main__":

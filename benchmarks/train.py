@@ -83,8 +83,10 @@ def _random_2k_adapter(config: dict, folder: Path, rank: int = 16) -> Path:
     gen = torch.Generator().manual_seed(0)
     for name in adapter_target_names(model):
         layer = model.get_submodule(name)
-        factors[name] = LoraFactors(torch.randn(rank, layer.in_features, generator=gen) * layer.in_features**-0.5,
-                                    torch.randn(layer.out_features, rank, generator=gen) * 0.01)
+        factors[name] = LoraFactors(
+            torch.randn(rank, layer.in_features, generator=gen) * layer.in_features**-0.5,
+            torch.randn(layer.out_features, rank, generator=gen) * 0.01,
+        )
     return save_adapter(factors, folder / "random_2k.safetensors")
 
 
@@ -110,9 +112,10 @@ def run_one(name: str, modes: list[str], steps: int, warmup: int, tiny: bool) ->
     """Load one (resolution, quant) model, then time `steps` optimizer steps per checkpointing mode."""
     import torch
 
-    from urae_lite.loader import empty_transformer, fill_transformer
+    from urae_lite.flux_configs import flux_dev_config
+    from urae_lite.loader import LoadSpec, empty_transformer, fill_transformer
     from urae_lite.minor import MinorSpec
-    from urae_lite.tiny import flux_dev_config, iter_random_transformer_tensors, tiny_transformer_config
+    from urae_lite.tiny import iter_random_transformer_tensors, tiny_transformer_config
     from urae_lite.train.config import load_recipe
     from urae_lite.train.loop import Trainer
     from urae_lite.train.model import prepare_for_training, trainable_parameters
@@ -132,8 +135,11 @@ def run_one(name: str, modes: list[str], steps: int, warmup: int, tiny: bool) ->
     cfg = load_recipe(ROOT / "recipes" / recipe, overrides)
 
     start = time.perf_counter()
-    model = fill_transformer(empty_transformer(config), iter_random_transformer_tensors(config, device=device),
-                             quant, device, adapters=cfg.adapter.base_adapters, minor=minor, progress=False)
+    model = fill_transformer(
+        empty_transformer(config),
+        iter_random_transformer_tensors(config, device=device),
+        LoadSpec(quant, device, adapters=cfg.adapter.base_adapters, minor=minor, progress=False),
+    )
     model = prepare_for_training(model, cfg)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -151,8 +157,17 @@ def run_one(name: str, modes: list[str], steps: int, warmup: int, tiny: bool) ->
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        row = {"config": name, "mode": mode, "resolution": size, "quant": quant, "kind": cfg.adapter.kind,
-               "tokens": (size // 16) ** 2 + text_tokens, "load_s": round(load_s, 1), "steps": steps, "warmup": warmup}
+        row = {
+            "config": name,
+            "mode": mode,
+            "resolution": size,
+            "quant": quant,
+            "kind": cfg.adapter.kind,
+            "tokens": (size // 16) ** 2 + text_tokens,
+            "load_s": round(load_s, 1),
+            "steps": steps,
+            "warmup": warmup,
+        }
         try:
             times = []
             for i in range(warmup + steps):
@@ -202,8 +217,18 @@ def main(argv: list[str] | None = None) -> None:
     previous = json.loads(out.read_text()) if out.is_file() else {}
     rows = {(r["config"], r["mode"]): r for r in previous.get("rows", [])}
     for name in names:  # one fresh process per model: its peak counters and allocator start empty
-        command = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--modes", ",".join(modes),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--tiny"] if args.tiny else [])
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--one",
+            name,
+            "--modes",
+            ",".join(modes),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ] + (["--tiny"] if args.tiny else [])
         result = subprocess.run(command, capture_output=True, text=True)
         found = [line for line in result.stdout.splitlines() if line.startswith("ROWS ")]
         if result.returncode or not found:
@@ -215,13 +240,27 @@ def main(argv: list[str] | None = None) -> None:
                 rows[(row["config"], row["mode"])] = row
         for mode in modes:
             row = rows[(name, mode)]
-            print(f"{name:7} {mode:4} " + (row.get("error") or f"{row.get('s_per_step', '?')} s/step, peak "
-                  f"{row.get('peak_allocated_gib', '?')} GiB allocated / {row.get('peak_reserved_gib', '?')} reserved"))
+            print(
+                f"{name:7} {mode:4} "
+                + (
+                    row.get("error")
+                    or f"{row.get('s_per_step', '?')} s/step, peak "
+                    f"{row.get('peak_allocated_gib', '?')} GiB allocated / {row.get('peak_reserved_gib', '?')} reserved"
+                )
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "device": device, **provenance(), "goal_gib": {"2048": GOAL_GIB[2048], "4096": GOAL_GIB[4096]},
-        "rows": sorted(rows.values(), key=lambda r: (r["config"], r["mode"])),
-    }, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "device": device,
+                **provenance(),
+                "goal_gib": {"2048": GOAL_GIB[2048], "4096": GOAL_GIB[4096]},
+                "rows": sorted(rows.values(), key=lambda r: (r["config"], r["mode"])),
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

@@ -70,8 +70,15 @@ class AdaptedLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None,
-                base: DequantizableWeight, n_trainable: int) -> torch.Tensor:
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        bias: torch.Tensor | None,
+        base: DequantizableWeight,
+        n_trainable: int,
+    ) -> torch.Tensor:
         y, xa = torch.ops.urae_lite.lowrank_forward(x, _dense_weight(base, x.dtype), A, B, bias)
         need_A, need_B = ctx.needs_input_grad[1:3]
         train_A, train_B = need_A and n_trainable > 0, need_B and n_trainable > 0
@@ -109,8 +116,10 @@ def adapted_linear(
         A, B = x.new_empty(0, K), x.new_empty(N, 0)
     R = A.shape[0]
     if x.shape[-1] != K or A.shape != (R, K) or B.shape != (N, R) or not 0 <= n_trainable <= R:
-        raise ValueError(f"adapted_linear: x {tuple(x.shape)}, base {(N, K)}, A {tuple(A.shape)}, "
-                         f"B {tuple(B.shape)}, n_trainable {n_trainable} do not fit")
+        raise ValueError(
+            f"adapted_linear: x {tuple(x.shape)}, base {(N, K)}, A {tuple(A.shape)}, "
+            f"B {tuple(B.shape)}, n_trainable {n_trainable} do not fit"
+        )
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
     cast = [None if t is None else t.to(dtype) for t in (x.reshape(-1, K), A, B, bias)]

@@ -84,18 +84,34 @@ def _fp8_dequant_kernel(
 def _check_out(out: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """The kernels write `out` flat, in `dtype`."""
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)}, got "
-                         f"{out.dtype} {tuple(out.shape)} (contiguous={out.is_contiguous()})")
+        raise ValueError(
+            f"out must be a contiguous {dtype} tensor of shape {tuple(shape)}, got "
+            f"{out.dtype} {tuple(out.shape)} (contiguous={out.is_contiguous()})"
+        )
     return out
 
 
 # ---- launches (the real implementations of the custom ops below) -------------------------------------------------
-def nf4_kernel_args(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor,
-                    nested_quant_map: torch.Tensor, offset: torch.Tensor, quant_map: torch.Tensor,
-                    out: torch.Tensor) -> tuple[tuple, dict]:
+def nf4_kernel_args(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    nested_quant_map: torch.Tensor,
+    offset: torch.Tensor,
+    quant_map: torch.Tensor,
+    out: torch.Tensor,
+) -> tuple[tuple, dict]:
     """(positional args, meta kwargs) of the NF4 launch; the compile tests build their kernels from this too."""
-    args = (packed.contiguous().view(torch.uint8), absmax.contiguous(), nested_absmax.float().contiguous(),
-            nested_quant_map.float().contiguous(), offset.float(), quant_map.float().contiguous(), out, out.numel())
+    args = (
+        packed.contiguous().view(torch.uint8),
+        absmax.contiguous(),
+        nested_absmax.float().contiguous(),
+        nested_quant_map.float().contiguous(),
+        offset.float(),
+        quant_map.float().contiguous(),
+        out,
+        out.numel(),
+    )
     return args, {"ROWS": _NF4_ROWS, "num_warps": 4, "enable_fp_fusion": False}
 
 
@@ -106,9 +122,15 @@ def fp8_kernel_args(data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) 
     return args, {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": 4, "enable_fp_fusion": False}
 
 
-def _launch_nf4(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor,
-                nested_quant_map: torch.Tensor, offset: torch.Tensor, quant_map: torch.Tensor,
-                out: torch.Tensor) -> None:
+def _launch_nf4(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    nested_quant_map: torch.Tensor,
+    offset: torch.Tensor,
+    quant_map: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
     """Dequantize into `out` on the buffers' GPU (Triton launches on the *current* device otherwise)."""
     check_launchable(packed, absmax, nested_absmax, nested_quant_map, offset, quant_map, out)
     if out.numel() == 0:
@@ -133,9 +155,16 @@ def _launch_fp8(data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> N
 
 # ---- custom ops: what autograd, FakeTensorMode and torch.compile see --------------------------------------------
 @torch.library.custom_op("urae_lite::nf4_dequantize", mutates_args=())
-def _nf4_dequantize_op(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor,
-                       nested_quant_map: torch.Tensor, offset: torch.Tensor, quant_map: torch.Tensor,
-                       shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+def _nf4_dequantize_op(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    nested_quant_map: torch.Tensor,
+    offset: torch.Tensor,
+    quant_map: torch.Tensor,
+    shape: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """NF4 buffers -> a new dense `shape` tensor in `dtype`."""
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     _launch_nf4(packed, absmax, nested_absmax, nested_quant_map, offset, quant_map, out)
@@ -148,9 +177,15 @@ def _(packed, absmax, nested_absmax, nested_quant_map, offset, quant_map, shape,
 
 
 @torch.library.custom_op("urae_lite::nf4_dequantize_into", mutates_args=("out",))
-def _nf4_dequantize_into_op(packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor,
-                            nested_quant_map: torch.Tensor, offset: torch.Tensor, quant_map: torch.Tensor,
-                            out: torch.Tensor) -> None:
+def _nf4_dequantize_into_op(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    nested_quant_map: torch.Tensor,
+    offset: torch.Tensor,
+    quant_map: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
     """NF4 buffers -> `out` (a reused workspace; declared mutated, so tracing orders it correctly)."""
     _launch_nf4(packed, absmax, nested_absmax, nested_quant_map, offset, quant_map, out)
 
@@ -213,10 +248,7 @@ def nf4_dequantize(
 
 
 def fp8_dequantize(
-    data: torch.Tensor,
-    scale: torch.Tensor,
-    out: torch.Tensor | None = None,
-    dtype: torch.dtype = torch.bfloat16,
+    data: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
     """Dense (N, K) weight from quanto qfloat8_e4m3fn (axis 0) data (N, K) and scale (N, 1), into `out` if given.
 
@@ -225,8 +257,9 @@ def fp8_dequantize(
     `fp8_dequantize_into` with `out`).
     """
     if data.dim() != 2 or scale.numel() != data.shape[0]:
-        raise ValueError(f"fp8 data must be (N, K) with one scale per row, got {tuple(data.shape)} and "
-                         f"{tuple(scale.shape)}")
+        raise ValueError(
+            f"fp8 data must be (N, K) with one scale per row, got {tuple(data.shape)} and {tuple(scale.shape)}"
+        )
     if out is None:
         return torch.ops.urae_lite.fp8_dequantize(data, scale, dtype)
     torch.ops.urae_lite.fp8_dequantize_into(data, scale, _check_out(out, data.shape, dtype))

@@ -21,132 +21,25 @@ torch.compile trace through them.
 
 from __future__ import annotations
 
-import inspect
-from functools import cache
-
 import torch
 import triton
 import triton.language as tl
 
+from .gemm_tuning import (  # noqa: F401  (re-exported: tests and the compile checks read them here)
+    BLOCK_R_MAX,
+    MAX_TUNED,
+    _autotune_options,
+    _bench,
+    _early_prune,
+    block_r,
+    device_smem_limit,
+    gemm_configs,
+    gpu_configs,
+    m_bucket,
+    prune_configs,
+    smem_estimate,
+)
 from .triton_utils import check_launchable, device_guard, interpreting, round_to
-
-BLOCK_R_MAX = 32  # rank chunk: (BLOCK_M + BLOCK_N) x 32 low-rank tiles, whatever the stacked rank
-MAX_TUNED = 7  # configs compiled and timed per autotune key: the first that fit, largest tiles first
-_BENCH_REPS = 10  # timed launches per config when autotuning (after one warm-up launch)
-
-
-def block_r(R: int) -> int:
-    """Rank chunk for R: a power of two >= 16 (tl.dot's minimum), at most BLOCK_R_MAX; the kernel masks the tail."""
-    return min(max(16, triton.next_power_of_2(max(R, 1))), BLOCK_R_MAX)
-
-
-def m_bucket(M: int) -> int:
-    """Autotune key for the token count: the next power of two, so the ~11-22 distinct M of a FLUX run at one
-    resolution tune a handful of times instead of once each (the best tile hardly moves within 2x of M)."""
-    return triton.next_power_of_2(max(M, 1))
-
-
-def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
-    tiles = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
-    return triton.Config(tiles, num_warps=warps, num_stages=stages)
-
-
-def gpu_configs() -> list[triton.Config]:
-    """Compiled-kernel tiles in order of preference: H100/A100-class first, then smaller ones that fit ~99 KiB
-    (sm_86/89/120) even with fp32 inputs and a full rank chunk. `prune_configs` keeps what the device holds."""
-    return [
-        _config(128, 256, 64, 8, 3),
-        _config(256, 128, 64, 8, 3),
-        _config(128, 128, 64, 8, 4),
-        _config(128, 128, 64, 4, 4),
-        _config(64, 256, 64, 4, 4),
-        _config(128, 64, 64, 4, 4),
-        _config(64, 128, 64, 4, 4),
-        # consumer cards (~99 KiB a block) and fp32 inputs
-        _config(128, 64, 64, 4, 3),
-        _config(64, 128, 64, 4, 3),
-        _config(128, 128, 32, 8, 3),
-        _config(128, 64, 32, 4, 3),
-        _config(64, 128, 32, 4, 3),
-        _config(64, 64, 32, 4, 3),
-        _config(32, 64, 32, 4, 2),
-    ]
-
-
-def gemm_configs() -> list[triton.Config]:
-    """What the autotuner chooses from: `gpu_configs`, or one small config under the interpreter."""
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    return gpu_configs()
-
-
-def smem_estimate(config: triton.Config, elem_size: int, rank_chunk: int) -> int:
-    """Upper bound on the shared memory of `config`, in bytes: `num_stages` buffered A and W tiles, plus the
-    low-rank L and U chunk tiles (0 without adapter), or the output tile re-laid out for the store if larger.
-    Checked against Triton's `metadata.shared` by tests/test_kernels_compile.py."""
-    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    mainloop = config.num_stages * (bm * bk + bk * bn) * elem_size
-    lowrank = rank_chunk * (bm + bn) * elem_size
-    epilogue = bm * bn * elem_size
-    return max(mainloop + lowrank, epilogue)
-
-
-def prune_configs(configs: list[triton.Config], smem_limit: int | None, elem_size: int,
-                  rank_chunk: int) -> list[triton.Config]:
-    """The first MAX_TUNED configs whose shared memory fits `smem_limit` (None: no limit, the interpreter):
-    each one tuned costs a compile and a benchmark on the first step, and the small tiles never win where the
-    large ones fit. Never empty: the smallest config is kept when nothing fits (48 KiB by estimate with fp32
-    and a full rank chunk; every GPU Triton supports allows more).
-
-    fp32 inputs also drop BLOCK_K > 32: their exact (ieee) dot runs on CUDA cores, where reuse comes from
-    BLOCK_M x BLOCK_N alone and a deeper K tile only doubles shared memory and compile time (10-20 s a config)."""
-    if elem_size >= 4:
-        configs = [c for c in configs if c.kwargs["BLOCK_K"] <= 32] or configs
-    fitting = [c for c in configs if smem_limit is None or smem_estimate(c, elem_size, rank_chunk) <= smem_limit]
-    if not fitting:
-        return [min(configs, key=lambda c: smem_estimate(c, elem_size, rank_chunk))]
-    return fitting[:MAX_TUNED]
-
-
-@cache
-def device_smem_limit(device: torch.device) -> int | None:
-    """Shared memory one block may opt in to on `device` (None off CUDA: the interpreter has no limit)."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-
-
-def _early_prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Autotune hook: drop configs that cannot launch on the operands' device before any is benchmarked."""
-    a = named_args["a_ptr"]
-    rank_chunk = kwargs["BLOCK_R"] if kwargs["HAS_LOWRANK"] else 0
-    return prune_configs(configs, device_smem_limit(a.device), a.element_size(), rank_chunk)
-
-
-def _bench(kernel_call, quantiles: tuple[float, ...] | None = None) -> list[float] | float:
-    """Autotune timing on the current (guarded) device: one warm-up launch, then CUDA-event times (ms).
-
-    Triton's default benchmarker flushes L2 with a 256 MiB buffer before each launch, which may be allocated at
-    peak memory on a 24 GB card; at FLUX's sizes the GEMM is compute-bound and the flush changes no ranking."""
-    kernel_call()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(_BENCH_REPS)]
-    for start, end in events:
-        start.record()
-        kernel_call()
-        end.record()
-    torch.cuda.synchronize()
-    times = torch.tensor([start.elapsed_time(end) for start, end in events], dtype=torch.float64)
-    if quantiles is None:
-        return times.median().item()
-    return torch.quantile(times, torch.tensor(quantiles, dtype=torch.float64)).tolist()
-
-
-def _autotune_options() -> dict:
-    """Pass our benchmarker where the installed Triton takes one (3.2+); older ones keep their default."""
-    if "do_bench" in inspect.signature(triton.autotune).parameters:
-        return {"do_bench": _bench}
-    return {}
 
 
 @triton.jit
@@ -158,20 +51,44 @@ def _dot(a, b, acc, FP32_DOT: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
-@triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "N", "K", "stride_wk", "HAS_LOWRANK", "BLOCK_R"],
-                 prune_configs_by={"early_config_prune": _early_prune}, **_autotune_options())
+@triton.autotune(
+    configs=gemm_configs(),
+    key=["M_BUCKET", "N", "K", "stride_wk", "HAS_LOWRANK", "BLOCK_R"],
+    prune_configs_by={"early_config_prune": _early_prune},
+    **_autotune_options(),
+)
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _gemm_lowrank_kernel(
-    a_ptr, w_ptr, l_ptr, u_ptr, bias_ptr, c_ptr,  # a (M, K), w (N, K), l (M, R), u (N, R), bias (N,), c (M, N)
-    M, N, K, R,
+    a_ptr,
+    w_ptr,
+    l_ptr,
+    u_ptr,
+    bias_ptr,
+    c_ptr,  # a (M, K), w (N, K), l (M, R), u (N, R), bias (N,), c (M, N)
+    M,
+    N,
+    K,
+    R,
     M_BUCKET,  # autotune key only (m_bucket(M)); unused by the kernel
-    stride_am, stride_ak, stride_wn, stride_wk, stride_lm, stride_lr, stride_un, stride_ur, stride_cm, stride_cn,
+    stride_am,
+    stride_ak,
+    stride_wn,
+    stride_wk,
+    stride_lm,
+    stride_lr,
+    stride_un,
+    stride_ur,
+    stride_cm,
+    stride_cn,
     HAS_LOWRANK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,  # rank chunk (block_r(R)): a power of two >= 16 (tl.dot's minimum), tail masked
     FP32_DOT: tl.constexpr,  # interpreter (its bf16 dot is wrong) or fp32 inputs: exact fp32 products
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row-tiles walk the N tiles together so W tiles stay in L2.
@@ -239,18 +156,29 @@ def _check_dtypes(*tensors: torch.Tensor) -> None:
         raise ValueError(f"operands must share a dtype, got {', '.join(str(t.dtype) for t in tensors)}")
 
 
-def _check_gemm(a: torch.Tensor, w: torch.Tensor, l: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
-                out: torch.Tensor | None) -> None:
+def _check_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    l: torch.Tensor,
+    u: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None,
+) -> None:
     """c = a·wᵀ + l·uᵀ + bias: shapes must chain (the kernel trusts them)."""
     (M, K), (N, R) = a.shape, u.shape
-    if (w.shape != (N, K) or l.shape != (M, R) or (bias is not None and bias.shape != (N,))
-            or (out is not None and out.shape != (M, N))):
+    if (
+        w.shape != (N, K)
+        or l.shape != (M, R)
+        or (bias is not None and bias.shape != (N,))
+        or (out is not None and out.shape != (M, N))
+    ):
         raise _shape_error(a=a, w=w, l=l, u=u, bias=bias, out=out)
     _check_dtypes(a, w, l, u)
 
 
-def _check_forward(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                   bias: torch.Tensor | None) -> None:
+def _check_forward(
+    x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None
+) -> None:
     """y = x·weightᵀ + (x·Aᵀ)·Bᵀ + bias: shapes must chain."""
     K, (N, R) = x.shape[1], B.shape
     if weight.shape != (N, K) or A.shape != (R, K) or (bias is not None and bias.shape != (N,)):
@@ -258,24 +186,48 @@ def _check_forward(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: to
     _check_dtypes(x, weight, A, B)
 
 
-def kernel_args(a: torch.Tensor, w: torch.Tensor, l: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
-                out: torch.Tensor) -> tuple[tuple, dict]:
+def kernel_args(
+    a: torch.Tensor, w: torch.Tensor, l: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+) -> tuple[tuple, dict]:
     """(positional args, constexpr kwargs) of the kernel launch for these operands; the compile tests build
     their kernels from this too, so they compile what a launch would."""
     (M, K), (N, R) = a.shape, u.shape
     args = (
-        a, w, l if R else a, u if R else a, bias if bias is not None else out, out,
-        M, N, K, R, m_bucket(M),
-        a.stride(0), a.stride(1), w.stride(0), w.stride(1), l.stride(0), l.stride(1), u.stride(0), u.stride(1),
-        out.stride(0), out.stride(1),
+        a,
+        w,
+        l if R else a,
+        u if R else a,
+        bias if bias is not None else out,
+        out,
+        M,
+        N,
+        K,
+        R,
+        m_bucket(M),
+        a.stride(0),
+        a.stride(1),
+        w.stride(0),
+        w.stride(1),
+        l.stride(0),
+        l.stride(1),
+        u.stride(0),
+        u.stride(1),
+        out.stride(0),
+        out.stride(1),
     )
-    meta = {"HAS_LOWRANK": R > 0, "HAS_BIAS": bias is not None, "BLOCK_R": block_r(R),
-            "FP32_DOT": interpreting() or a.dtype == torch.float32, "enable_fp_fusion": False}
+    meta = {
+        "HAS_LOWRANK": R > 0,
+        "HAS_BIAS": bias is not None,
+        "BLOCK_R": block_r(R),
+        "FP32_DOT": interpreting() or a.dtype == torch.float32,
+        "enable_fp_fusion": False,
+    }
     return args, meta
 
 
-def _launch_gemm(a: torch.Tensor, w: torch.Tensor, l: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
-                 out: torch.Tensor) -> None:
+def _launch_gemm(
+    a: torch.Tensor, w: torch.Tensor, l: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+) -> None:
     """Run the kernel into `out` on the operands' GPU (Triton launches on the *current* device otherwise)."""
     check_launchable(a, w, l, u, out)
     M, N = out.shape
@@ -292,8 +244,9 @@ def _launch_gemm(a: torch.Tensor, w: torch.Tensor, l: torch.Tensor, u: torch.Ten
 
 # ---- custom ops: what autograd, FakeTensorMode and torch.compile see --------------------------------------------
 @torch.library.custom_op("urae_lite::gemm_lowrank", mutates_args=())
-def _gemm_lowrank_op(a: torch.Tensor, w: torch.Tensor, l: torch.Tensor, u: torch.Tensor,
-                     bias: torch.Tensor | None) -> torch.Tensor:
+def _gemm_lowrank_op(
+    a: torch.Tensor, w: torch.Tensor, l: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
     """c = a·wᵀ + l·uᵀ + bias into a new (M, N) tensor."""
     out = torch.empty((a.shape[0], w.shape[0]), dtype=a.dtype, device=a.device)
     _launch_gemm(a, w, l, u, bias, out)
@@ -306,8 +259,9 @@ def _(a, w, l, u, bias):
 
 
 @torch.library.custom_op("urae_lite::gemm_lowrank_into", mutates_args=("out",))
-def _gemm_lowrank_into_op(a: torch.Tensor, w: torch.Tensor, l: torch.Tensor, u: torch.Tensor,
-                          bias: torch.Tensor | None, out: torch.Tensor) -> None:
+def _gemm_lowrank_into_op(
+    a: torch.Tensor, w: torch.Tensor, l: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+) -> None:
     """c = a·wᵀ + l·uᵀ + bias written into `out` (declared mutated, so tracing orders it correctly)."""
     _launch_gemm(a, w, l, u, bias, out)
 
@@ -318,8 +272,9 @@ def _(a, w, l, u, bias, out):
 
 
 @torch.library.custom_op("urae_lite::lowrank_forward", mutates_args=())
-def _lowrank_forward_op(x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                        bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _lowrank_forward_op(
+    x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, xa) of the adapted linear's forward: xa = x·Aᵀ by cuBLAS, y by the fused kernel."""
     xa = x @ A.t()  # (M, R): skinny, memory-bound read of x
     y = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)

@@ -29,8 +29,14 @@ def tiny_config():
     return tiny_transformer_config("dev")
 
 
-def transformer_inputs(config: dict, height_tokens: int = 4, width_tokens: int = 6, text_tokens: int = 7,
-                       seed: int = 1, dtype: torch.dtype = torch.bfloat16) -> dict:
+def transformer_inputs(
+    config: dict,
+    height_tokens: int = 4,
+    width_tokens: int = 6,
+    text_tokens: int = 7,
+    seed: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+) -> dict:
     """Random but valid FluxTransformer2DModel inputs (packed latents, ids, embeddings)."""
     g = torch.Generator().manual_seed(seed)
     n_img = height_tokens * width_tokens

@@ -13,8 +13,9 @@ SINGLE_PROJ = ("to_q", "to_k", "to_v")
 
 def author_targets(config: dict) -> list[str]:
     names = [f"transformer_blocks.{i}.attn.{p}" for i in range(config["num_layers"]) for p in DOUBLE_PROJ]
-    names += [f"single_transformer_blocks.{j}.attn.{p}" for j in range(config["num_single_layers"])
-              for p in SINGLE_PROJ]
+    names += [
+        f"single_transformer_blocks.{j}.attn.{p}" for j in range(config["num_single_layers"]) for p in SINGLE_PROJ
+    ]
     return names
 
 

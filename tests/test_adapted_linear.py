@@ -21,8 +21,7 @@ def test_forward_equals_float64_formula(fmt):
     layer, _ = _layer(fmt)
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     layer.add_slice("a", torch.randn(3, 64, generator=g) * 0.1, torch.randn(40, 3, generator=g) * 0.1, scale=0.5)
-    layer.add_slice("b", torch.randn(5, 64, generator=g) * 0.1, torch.randn(40, 5, generator=g) * 0.1,
-                    trainable=True)
+    layer.add_slice("b", torch.randn(5, 64, generator=g) * 0.1, torch.randn(40, 5, generator=g) * 0.1, trainable=True)
     x = torch.randn(2, 7, 64, generator=g).to(torch.bfloat16)
     W = layer.base.dequantize().double()
     expected = x.double() @ W.T + layer.bias.double()

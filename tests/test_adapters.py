@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from synthetic_adapters import author_targets, write_authors_2k, write_authors_4k
+
 from urae_lite.adapter_io import attach_adapter, read_adapter, save_adapter
-from urae_lite.checkpoint import CheckpointReader
 from urae_lite.convert import convert_urae_4k
 from urae_lite.errors import UraeError
-from urae_lite.loader import add_lora, adapted_layers, load_transformer
+from urae_lite.loader import adapted_layers, add_lora, load_transformer
+from urae_lite.safetensors_io import CheckpointReader
 
 
 def _randomize_trainable(model, seed: int, std: float = 0.05) -> None:
@@ -73,8 +73,10 @@ def test_authors_2k_file_loads_and_stacks_with_a_style_lora(tiny_flux, tiny_conf
     attach_adapter(model, read_adapter(style_file), "style")
     attach_adapter(model, adapter, "urae2k")
     layer = model.get_submodule("transformer_blocks.1.attn.to_k")
-    expected = (read_adapter(style_file).modules["transformer_blocks.1.attn.to_k"].delta()
-                + adapter.modules["transformer_blocks.1.attn.to_k"].delta())
+    expected = (
+        read_adapter(style_file).modules["transformer_blocks.1.attn.to_k"].delta()
+        + adapter.modules["transformer_blocks.1.attn.to_k"].delta()
+    )
     torch.testing.assert_close(layer.delta(), expected, rtol=0, atol=1e-6)
     A, B, n_trainable = layer.branch()
     assert A.shape[0] == 2 + 4 and n_trainable == 0  # one concatenated branch, nothing trainable
@@ -102,9 +104,13 @@ def test_convert_4k_equals_the_authors_procedure(tiny_flux, tiny_config, tmp_pat
         short = "out" if proj == "to_out.0" else proj[3:]
         w0 = reader.get(f"{name}.weight")
         expected, b0a0 = _authors_effective_weight(
-            w0, raw2[f"transformer.{name}.lora_A.weight"], raw2[f"transformer.{name}.lora_B.weight"],
-            raw4[f"{block}.attn.processor.to_{short}_a.weight"], raw4[f"{block}.attn.processor.to_{short}_b.weight"],
-            rank=4)
+            w0,
+            raw2[f"transformer.{name}.lora_A.weight"],
+            raw2[f"transformer.{name}.lora_B.weight"],
+            raw4[f"{block}.attn.processor.to_{short}_a.weight"],
+            raw4[f"{block}.attn.processor.to_{short}_b.weight"],
+            rank=4,
+        )
         got = w0.float() + converted.modules[name].delta()
         err = (got - expected).abs().max()
         # Authors round the fused W1 to bf16 (≤ 2^-9 |w|) and we store factors in bf16: bound 2^-8 max|W|,
@@ -130,13 +136,17 @@ def test_streaming_4k_load_equals_converted_file(tiny_flux, tiny_config, make_in
 
 def test_adapter_errors_name_the_problem(tiny_flux, tiny_config, tmp_path):
     model = load_transformer(tiny_flux, quant="nf4", progress=False)
-    bad = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 48),
-           "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4)}
+    bad = {
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 48),
+        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4),
+    }
     save_file(bad, str(tmp_path / "bad_shape.safetensors"))
     with pytest.raises(UraeError, match=r"module transformer_blocks.0.attn.to_q has lora_A \(4, 48\).*32x32"):
         attach_adapter(model, read_adapter(tmp_path / "bad_shape.safetensors"), "x")
-    foreign = {"transformer.down_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32),
-               "transformer.down_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4)}
+    foreign = {
+        "transformer.down_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32),
+        "transformer.down_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4),
+    }
     save_file(foreign, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(UraeError, match="down_blocks.0.attn.to_q is not in this model"):
         load_transformer(tiny_flux, adapters=[tmp_path / "foreign.safetensors"], progress=False)
@@ -165,13 +175,13 @@ def test_default_save_of_a_minor_adapter_keeps_its_frozen_residual(tiny_flux, tm
 
 
 def test_minor_init_on_top_of_a_4k_adapter_decomposes_the_current_weight(tiny_flux, tiny_config, tmp_path):
-    from urae_lite.minor import MinorSpec
-    from urae_lite.minor import MINOR_SLICE
+    from urae_lite.minor import MINOR_SLICE, MinorSpec
 
     f2 = write_authors_2k(tmp_path / "a2k.safetensors", tiny_config)
     f4 = write_authors_4k(tmp_path / "a4k.safetensors", tiny_config, std=0.3)
-    model = load_transformer(tiny_flux, quant="bf16", dtype=torch.float32, adapters=[f2, f4],
-                             minor=MinorSpec(rank=2), progress=False)
+    model = load_transformer(
+        tiny_flux, quant="bf16", dtype=torch.float32, adapters=[f2, f4], minor=MinorSpec(rank=2), progress=False
+    )
     name = "transformer_blocks.0.attn.to_v"
     layer = model.get_submodule(name)
     w0 = CheckpointReader(tiny_flux / "transformer").get(f"{name}.weight").float()

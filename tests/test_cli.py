@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-
 from synthetic_adapters import write_authors_2k, write_authors_4k
+
 from urae_lite.adapter_io import read_adapter
 from urae_lite.cli import main
 from urae_lite.loader import load_transformer
@@ -36,10 +36,16 @@ def test_prepare_and_convert_from_the_command_line(tiny_flux, tiny_config, tmp_p
     assert read_adapter(out).ranks == {12}
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["prepare", "--model", "/nonexistent/flux", "--out", "x"], "model not found: /nonexistent/flux"),
-    (["convert", "a.safetensors", "b.safetensors", "--model", "tiny", "--out", "c"], "file not found: a.safetensors"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["prepare", "--model", "/nonexistent/flux", "--out", "x"], "model not found: /nonexistent/flux"),
+        (
+            ["convert", "a.safetensors", "b.safetensors", "--model", "tiny", "--out", "c"],
+            "file not found: a.safetensors",
+        ),
+    ],
+)
 def test_user_errors_are_one_line_with_exit_code_2(args, needle, tmp_path):
     proc = _run(*args)
     assert proc.returncode == 2

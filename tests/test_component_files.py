@@ -73,8 +73,10 @@ def comfy(base, tmp_path_factory) -> dict[str, Path]:
     ups = len(json.loads((base / "vae" / "config.json").read_text())["up_block_types"])
     clip = {k.removeprefix("text_model."): v for k, v in _component_state(base, "text_encoder").items()}
     t5 = _component_state(base, "text_encoder_2")
-    t5 = {"shared.weight": t5.get("shared.weight", t5.get("encoder.embed_tokens.weight")),
-          **{k: v for k, v in t5.items() if k.startswith("encoder.") and k != "encoder.embed_tokens.weight"}}
+    t5 = {
+        "shared.weight": t5.get("shared.weight", t5.get("encoder.embed_tokens.weight")),
+        **{k: v for k, v in t5.items() if k.startswith("encoder.") and k != "encoder.embed_tokens.weight"},
+    }
     scaled = {"scaled_fp8": torch.zeros(0, dtype=FP8)}
     for k, v in t5.items():
         if v.ndim == 2 and k != "shared.weight":
@@ -86,12 +88,15 @@ def comfy(base, tmp_path_factory) -> dict[str, Path]:
     return {
         "transformer": write_bfl_file(base, folder / "flux1-dev.safetensors"),
         "vae": _save(folder / "ae.safetensors", _vae_to_ldm(_component_state(base, "vae"), ups)),
-        "clip": _save(folder / "clip_l.safetensors", {**{f"text_model.{k}": v for k, v in clip.items()},
-                                                      "text_projection.weight": projection}),
+        "clip": _save(
+            folder / "clip_l.safetensors",
+            {**{f"text_model.{k}": v for k, v in clip.items()}, "text_projection.weight": projection},
+        ),
         "clip_plain": _save(folder / "clip_l_plain.safetensors", clip),
         "t5": _save(folder / "t5xxl_fp16.safetensors", {k: v.half() for k, v in t5.items()}),
-        "t5_fp8": _save(folder / "t5xxl_fp8_e4m3fn.safetensors",
-                        {k: v.to(FP8) if v.ndim == 2 else v.half() for k, v in t5.items()}),
+        "t5_fp8": _save(
+            folder / "t5xxl_fp8_e4m3fn.safetensors", {k: v.to(FP8) if v.ndim == 2 else v.half() for k, v in t5.items()}
+        ),
         "t5_scaled": _save(folder / "t5xxl_fp8_e4m3fn_scaled.safetensors", scaled),
     }
 
@@ -101,8 +106,10 @@ def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("component,file", [("vae", "vae"), ("text_encoder", "clip"), ("text_encoder", "clip_plain"),
-                                            ("text_encoder_2", "t5")])
+@pytest.mark.parametrize(
+    "component,file",
+    [("vae", "vae"), ("text_encoder", "clip"), ("text_encoder", "clip_plain"), ("text_encoder_2", "t5")],
+)
 def test_file_loads_the_folders_weights_exactly(base, comfy, component, file):
     if component == "vae":
         from diffusers import AutoencoderKL
@@ -131,8 +138,7 @@ def test_fp8_t5_dequantized_to_the_compute_dtype(base, comfy):
 
 
 # ---- generate ----------------------------------------------------------------------------------------------------
-GEN = ["--width", "64", "--height", "64", "--steps", "1", "--device", "cpu", "--quant", "bf16",
-       "--max-sequence-length", "16"]
+GEN = "--width 64 --height 64 --steps 1 --device cpu --quant bf16 --max-sequence-length 16".split()
 
 
 def _generate(tmp_path, name, *args) -> np.ndarray:
@@ -146,8 +152,17 @@ def _generate(tmp_path, name, *args) -> np.ndarray:
 def test_generate_with_component_files_equals_folder(tmp_path, base, comfy):
     folder = _generate(tmp_path, "folder", "--model", str(base))
     files = ["--vae", str(comfy["vae"]), "--clip", str(comfy["clip"])]
-    single = _generate(tmp_path, "files", "--model", str(comfy["transformer"]), "--base-pipeline", str(base),
-                       *files, "--t5", str(comfy["t5"]))
+    single = _generate(
+        tmp_path,
+        "files",
+        "--model",
+        str(comfy["transformer"]),
+        "--base-pipeline",
+        str(base),
+        *files,
+        "--t5",
+        str(comfy["t5"]),
+    )
     assert np.array_equal(folder, single)
     fp8 = _generate(tmp_path, "fp8", "--model", str(base), *files, "--t5", str(comfy["t5_fp8"]))
     # fp8 T5 rounds each weight to 3 mantissa bits: the prompt embedding moves a little, the image stays
@@ -172,14 +187,17 @@ def _wrong_width_clip(base: Path, folder: Path) -> Path:
     return _save(folder / "clip_g.safetensors", model.state_dict())
 
 
-@pytest.mark.parametrize("option,which,expect", [
-    ("--vae", "transformer", "is a FLUX transformer .* not the FLUX VAE"),
-    ("--clip", "vae", "is a VAE .* not a CLIP-L text encoder"),
-    ("--t5", "clip", "is a CLIP text encoder .* not a T5 encoder"),
-    ("--clip", "wide", "does not match the base pipeline's text_encoder .*expects"),
-    ("--t5", "truncated", "truncated"),
-    ("--vae", "missing", "--vae file not found"),
-])
+@pytest.mark.parametrize(
+    "option,which,expect",
+    [
+        ("--vae", "transformer", "is a FLUX transformer .* not the FLUX VAE"),
+        ("--clip", "vae", "is a VAE .* not a CLIP-L text encoder"),
+        ("--t5", "clip", "is a CLIP text encoder .* not a T5 encoder"),
+        ("--clip", "wide", "does not match the base pipeline's text_encoder .*expects"),
+        ("--t5", "truncated", "truncated"),
+        ("--vae", "missing", "--vae file not found"),
+    ],
+)
 def test_bad_component_file_is_one_line(tmp_path, base, comfy, capsys, option, which, expect):
     if which == "wide":
         path = _wrong_width_clip(base, tmp_path)
@@ -207,9 +225,31 @@ def data(tmp_path_factory, base):
 
 def test_cache_with_component_files_equals_folder(data, base, comfy, tmp_path):
     files = tmp_path / "files"
-    assert main(["cache", str(data), "--model", str(comfy["transformer"]), "--base-pipeline", str(base),
-                 "--resolution", str(RESOLUTION), "--max-sequence-length", "32", "--out", str(files),
-                 "--vae", str(comfy["vae"]), "--clip", str(comfy["clip"]), "--t5", str(comfy["t5"])]) == 0
+    assert (
+        main(
+            [
+                "cache",
+                str(data),
+                "--model",
+                str(comfy["transformer"]),
+                "--base-pipeline",
+                str(base),
+                "--resolution",
+                str(RESOLUTION),
+                "--max-sequence-length",
+                "32",
+                "--out",
+                str(files),
+                "--vae",
+                str(comfy["vae"]),
+                "--clip",
+                str(comfy["clip"]),
+                "--t5",
+                str(comfy["t5"]),
+            ]
+        )
+        == 0
+    )
     folder = data / ".urae_cache" / str(RESOLUTION)
     ours = sorted(p.relative_to(files) for p in files.rglob("*.safetensors"))
     assert ours == sorted(p.relative_to(folder) for p in folder.rglob("*.safetensors")) and ours
@@ -219,8 +259,15 @@ def test_cache_with_component_files_equals_folder(data, base, comfy, tmp_path):
     # the cache is tied to the files: without them (the folder's own weights) it is another model's cache
     fingerprints = [json.loads((c / "manifest.json").read_text())["fingerprint"] for c in (files, folder)]
     assert fingerprints[0] != fingerprints[1]
-    fp8 = build_cache(data, str(base), RESOLUTION, out=tmp_path / "fp8", max_sequence_length=32, progress=False,
-                      files=ComponentFiles(t5=comfy["t5_fp8"]))[0]
+    fp8 = build_cache(
+        data,
+        str(base),
+        RESOLUTION,
+        out=tmp_path / "fp8",
+        max_sequence_length=32,
+        progress=False,
+        files=ComponentFiles(t5=comfy["t5_fp8"]),
+    )[0]
     text = sorted(p.relative_to(fp8) for p in (fp8 / "text").glob("*.safetensors"))
     assert all(not torch.equal(load_file(fp8 / r)["t5"], load_file(folder / r)["t5"]) for r in text)  # file used
     assert all(torch.equal(load_file(fp8 / r)["pooled"], load_file(folder / r)["pooled"]) for r in text)
@@ -235,13 +282,28 @@ def test_train_from_single_files_equals_folder(data, base, comfy, tmp_path):
     fast = {"quant": "bf16", "training.precision": "fp32", "training.steps": 2}
     recipe = str(REPO / "recipes" / "train_2k_lora.yaml")
     files = {"vae": comfy["vae"], "clip": comfy["clip"], "t5": comfy["t5"]}
-    build_cache(data, str(comfy["transformer"]), RESOLUTION, out=tmp_path / "cache", max_sequence_length=32,
-                progress=False, base_pipeline=str(base), files=ComponentFiles(**files))
+    build_cache(
+        data,
+        str(comfy["transformer"]),
+        RESOLUTION,
+        out=tmp_path / "cache",
+        max_sequence_length=32,
+        progress=False,
+        base_pipeline=str(base),
+        files=ComponentFiles(**files),
+    )
     runs = {
         "folder": {},
         "file": {"model": comfy["transformer"], "base_pipeline": base},
-        "files": {"model": comfy["transformer"], "base_pipeline": base, "data.cache": tmp_path / "cache", **files,
-                  "validation.every": 2, "validation.prompts": "[a red fox]", "validation.steps": 2},
+        "files": {
+            "model": comfy["transformer"],
+            "base_pipeline": base,
+            "data.cache": tmp_path / "cache",
+            **files,
+            "validation.every": 2,
+            "validation.prompts": "[a red fox]",
+            "validation.steps": 2,
+        },
     }
     for name, extra in runs.items():
         overrides = recipe_overrides(base, data, tmp_path / name, **fast) + [f"{k}={v}" for k, v in extra.items()]

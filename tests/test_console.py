@@ -10,8 +10,16 @@ import sys
 import pytest
 
 #: descriptions of urae-lite's own progress bars (tqdm lines start with them)
-OUR_BARS = ("loading transformer", "loading prepared", "quantizing", "denoising", "SVD per target", "training",
-            "VAE encode", "T5 + CLIP encode")
+OUR_BARS = (
+    "loading transformer",
+    "loading prepared",
+    "quantizing",
+    "denoising",
+    "SVD per target",
+    "training",
+    "VAE encode",
+    "T5 + CLIP encode",
+)
 
 
 def _foreign_lines(stderr: str) -> list[str]:
@@ -28,9 +36,25 @@ def _env() -> dict[str, str]:
 
 
 def test_demo_stderr_holds_no_line_from_another_library(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "urae_lite.cli", "demo", "--size", "128", "--steps", "1",
-                           "--out", str(tmp_path / "demo.png")], capture_output=True, text=True, timeout=600,
-                          env=_env(), cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "urae_lite.cli",
+            "demo",
+            "--size",
+            "128",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "demo.png"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _foreign_lines(proc.stderr) == []
     assert "denoising" in proc.stderr and "wrote" in proc.stdout and "peak" in proc.stdout
@@ -50,8 +74,7 @@ logging.getLogger("urae_lite.train").warning("our own warning")
 
 @pytest.mark.parametrize("mode", ["quiet", "debug"])
 def test_library_output_is_silenced_unless_debug(mode):
-    proc = subprocess.run([sys.executable, "-c", _SPEAK, mode], capture_output=True, text=True, timeout=300,
-                          env=_env())
+    proc = subprocess.run([sys.executable, "-c", _SPEAK, mode], capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stderr
     assert "urae-lite: our own warning" in proc.stderr
     library = ("library note", "library deprecation", "library fallback note")

@@ -103,8 +103,22 @@ def test_generate_saves_to_the_fallback_when_the_save_fails(tiny_flux, tmp_path,
         return real_save(self, path)
 
     monkeypatch.setattr(GenerationResult, "save", failing_save)
-    args = ["generate", "a fox", "--model", str(tiny_flux), "--width", "64", "--height", "64", "--steps", "1",
-            "--device", "cpu", "--out", str(wanted)]
+    args = [
+        "generate",
+        "a fox",
+        "--model",
+        str(tiny_flux),
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(wanted),
+    ]
     assert main(args) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "cannot write the image to" in line and "it was saved to" in line

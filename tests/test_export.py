@@ -27,8 +27,8 @@ def _all_targets_lora(path, config, seed=0):
         if name == "transformer_blocks.0.attn.to_v":
             continue
         rank = 2 if name.endswith("to_k") else 4
-        state[f"transformer.{name}.lora_A.weight"] = (torch.randn(rank, m.in_features, generator=g) * .1).bfloat16()
-        state[f"transformer.{name}.lora_B.weight"] = (torch.randn(m.out_features, rank, generator=g) * .1).bfloat16()
+        state[f"transformer.{name}.lora_A.weight"] = (torch.randn(rank, m.in_features, generator=g) * 0.1).bfloat16()
+        state[f"transformer.{name}.lora_B.weight"] = (torch.randn(m.out_features, rank, generator=g) * 0.1).bfloat16()
         state[f"transformer.{name}.alpha"] = torch.tensor(2.0 * rank)
     save_file(state, str(path))
     return path
@@ -46,8 +46,9 @@ def tiny_kohya_reader(monkeypatch, tiny_config):
     namespace = dict(vars(lcu))
     exec(src.replace("dims=[3072, 3072, 3072, 12288]", f"dims=[{h}, {h}, {h}, {4 * h}]"), namespace)  # noqa: S102 -- diffusers' own source, one constant changed
     for module in (lcu, lora_pipeline):
-        monkeypatch.setattr(module, "_convert_kohya_flux_lora_to_diffusers",
-                            namespace["_convert_kohya_flux_lora_to_diffusers"])
+        monkeypatch.setattr(
+            module, "_convert_kohya_flux_lora_to_diffusers", namespace["_convert_kohya_flux_lora_to_diffusers"]
+        )
 
 
 def _output_with_lora(tiny_flux, lora, inputs):
@@ -60,8 +61,9 @@ def _output_with_lora(tiny_flux, lora, inputs):
 
 
 @pytest.mark.parametrize("which", ["all_targets", "authors_2k"])
-def test_kohya_export_loads_in_diffusers_to_same_output(tmp_path, tiny_flux, tiny_config, make_inputs,
-                                                        tiny_kohya_reader, which):
+def test_kohya_export_loads_in_diffusers_to_same_output(
+    tmp_path, tiny_flux, tiny_config, make_inputs, tiny_kohya_reader, which
+):
     src = tmp_path / "lora.safetensors"
     _all_targets_lora(src, tiny_config) if which == "all_targets" else write_authors_2k(src, tiny_config)
     out = tmp_path / "lora_kohya.safetensors"
@@ -89,8 +91,9 @@ def test_diffusers_export_roundtrip(tmp_path, tiny_config):
     assert main(["export", str(src), "--format", "diffusers", "--out", str(out)]) == 0
     a, b = read_adapter(src), read_adapter(out)
     assert set(a.modules) == set(b.modules)
-    assert all(torch.equal(a.modules[k].B, b.modules[k].B) and a.modules[k].scale == b.modules[k].scale
-               for k in a.modules)
+    assert all(
+        torch.equal(a.modules[k].B, b.modules[k].B) and a.modules[k].scale == b.modules[k].scale for k in a.modules
+    )
 
 
 def test_fused_parts_are_exact():
@@ -99,8 +102,10 @@ def test_fused_parts_are_exact():
 
     g = torch.Generator().manual_seed(0)
     parts = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
-    present = {0: LoraFactors(torch.randn(3, 8, generator=g), torch.randn(8, 3, generator=g), 0.5),
-               3: LoraFactors(torch.randn(2, 8, generator=g), torch.randn(32, 2, generator=g), 2.0)}
+    present = {
+        0: LoraFactors(torch.randn(3, 8, generator=g), torch.randn(8, 3, generator=g), 0.5),
+        3: LoraFactors(torch.randn(2, 8, generator=g), torch.randn(32, 2, generator=g), 2.0),
+    }
     fused = fuse_parts(parts, present)
     delta = fused.delta()
     assert delta.shape == (8 * 3 + 32, 8)

@@ -17,13 +17,14 @@ from safetensors.torch import load_file, save_file
 
 import urae_lite
 from urae_lite import adapter_cache
-from urae_lite.adapter_io import LoraFactors, read_adapter, save_adapter
 from urae_lite.adapted_linear import AdaptedLinear
+from urae_lite.adapter_io import LoraFactors, read_adapter, save_adapter
 from urae_lite.cli import main
 from urae_lite.errors import UraeError
 from urae_lite.hires import ProportionalAttnProcessor, attention_scale, set_ntk
 from urae_lite.loader import empty_transformer, fused_like_authors
 from urae_lite.minor import minor_components
+from urae_lite.model_files import resolve_files
 from urae_lite.pipeline import UraePipeline
 from urae_lite.presets import GenerationSettings, load_preset
 from urae_lite.refine import coarse_size
@@ -33,11 +34,18 @@ CPU = dict(device="cpu", dtype=torch.float32, progress=False)
 SMALL = dict(width=64, height=64, steps=2)
 
 
-def _lora_factors(names: list[str], shapes: dict[str, tuple[int, int]], rank: int, seed: int,
-                  scale: float = 1.0) -> dict[str, LoraFactors]:
+def _lora_factors(
+    names: list[str], shapes: dict[str, tuple[int, int]], rank: int, seed: int, scale: float = 1.0
+) -> dict[str, LoraFactors]:
     g = torch.Generator().manual_seed(seed)
-    return {n: LoraFactors(torch.randn(rank, shapes[n][1], generator=g) * 0.1,
-                           torch.randn(shapes[n][0], rank, generator=g) * 0.1, scale) for n in names}
+    return {
+        n: LoraFactors(
+            torch.randn(rank, shapes[n][1], generator=g) * 0.1,
+            torch.randn(shapes[n][0], rank, generator=g) * 0.1,
+            scale,
+        )
+        for n in names
+    }
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +93,9 @@ def test_sdpa_sees_the_proportional_scale(pipe, monkeypatch):
     pipe("a cat", seed=0, max_sequence_length=32)
     n = 32 + (64 // 16) ** 2  # text + image tokens
     assert len(seen) == 2 * (cfg.num_layers + cfg.num_single_layers)  # every block, every step
-    assert all(tokens == n and scale == pytest.approx(math.sqrt(math.log(n) / math.log(4608)) / 4) for tokens, scale
-               in seen)  # head_dim 16
+    assert all(
+        tokens == n and scale == pytest.approx(math.sqrt(math.log(n) / math.log(4608)) / 4) for tokens, scale in seen
+    )  # head_dim 16
     seen.clear()
     pipe("a cat", seed=0, max_sequence_length=32, proportional_attention=False)
     assert seen and all(scale is None for _, scale in seen)
@@ -142,13 +151,29 @@ def test_matches_plain_diffusers_with_urae_switched_off(tiny_flux):
 
     Measured: identical pixels. Tolerance 1/255 (one 8-bit level) for BLAS summation-order differences between
     our base linear (matmul, then bias) and nn.Linear (fused addmm)."""
-    settings = dict(width=128, height=96, steps=3, guidance=3.5, ntk=1.0, proportional_attention=False, shift=None,
-                    vae_tiling="off", max_sequence_length=64)
+    settings = dict(
+        width=128,
+        height=96,
+        steps=3,
+        guidance=3.5,
+        ntk=1.0,
+        proportional_attention=False,
+        shift=None,
+        vae_tiling="off",
+        max_sequence_length=64,
+    )
     ours = urae_lite.load_pipeline(tiny_flux, quant="bf16", **CPU, **settings)("a red fox in the snow", seed=3).image
     ref = FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)
-    theirs = ref("a red fox in the snow", width=128, height=96, num_inference_steps=3, guidance_scale=3.5,
-                 max_sequence_length=64, generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    theirs = ref(
+        "a red fox in the snow",
+        width=128,
+        height=96,
+        num_inference_steps=3,
+        guidance_scale=3.5,
+        max_sequence_length=64,
+        generator=torch.Generator("cpu").manual_seed(3),
+    ).images[0]
     diff = np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(theirs, dtype=np.int16))
     assert ours.size == theirs.size == (128, 96) and diff.max() <= 1
 
@@ -177,14 +202,20 @@ def _kohya_file(path, rank=4, alpha=2.0):
     """kohya/sd-scripts keys (BFL layout, fused img qkv): diffusers' converter splits them into to_q/k/v."""
     g = torch.Generator().manual_seed(4)
     down, up = torch.randn(rank, 32, generator=g), torch.randn(96, rank, generator=g) * 0.1
-    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": down,
-               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up,
-               "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(alpha)}, path)
+    save_file(
+        {
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": down,
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up,
+            "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(alpha),
+        },
+        path,
+    )
     return path, (alpha / rank) * up[:32] @ down  # the to_q update
 
 
-def test_every_adapter_kind_loads_and_the_4k_conversion_is_cached(tiny_flux, tmp_path, shapes, authors_targets,
-                                                                  our_lora, monkeypatch):
+def test_every_adapter_kind_loads_and_the_4k_conversion_is_cached(
+    tiny_flux, tmp_path, shapes, authors_targets, our_lora, monkeypatch
+):
     two, four = _authors_files(tmp_path, shapes, authors_targets)
     kohya, kohya_q = _kohya_file(tmp_path / "style_kohya.safetensors")
     p = urae_lite.load_pipeline(tiny_flux, quant="nf4", adapters=[our_lora, two, four, kohya], **CPU, **SMALL)
@@ -201,7 +232,8 @@ def test_every_adapter_kind_loads_and_the_4k_conversion_is_cached(tiny_flux, tmp
 
     # the converted slice is B2·A2 − B0·A0 + B'·A' (the authors' effective weight minus W0), B0·A0 from the SVD
     w0 = load_file(str(tiny_flux / "transformer" / "diffusion_pytorch_model.safetensors"))[
-        "transformer_blocks.0.attn.to_q.weight"]
+        "transformer_blocks.0.attn.to_q.weight"
+    ]
     sd2, sd4 = load_file(str(two)), load_file(str(four))
     A2 = sd2["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].float()
     B2 = sd2["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"].float()
@@ -220,7 +252,7 @@ def test_every_adapter_kind_loads_and_the_4k_conversion_is_cached(tiny_flux, tmp
         raise AssertionError("the 4K adapter was converted again")
 
     monkeypatch.setattr(adapter_cache, "convert_urae_4k", no_conversion)
-    again = adapter_cache.resolve_adapters(tiny_flux, [two, four], progress=False)
+    again = adapter_cache.resolve_adapters(resolve_files(tiny_flux), [two, four], progress=False)
     assert len(again) == 1 and again[0].path == str(cached[0]) and cached[0].stat().st_mtime_ns == mtime
 
 
@@ -229,7 +261,7 @@ def test_conversion_cache_key_follows_the_contents(tiny_flux, tmp_path, shapes, 
     (tmp_path / "b").mkdir()
     two, four = map(read_adapter, _authors_files(tmp_path / "a", shapes, authors_targets))
     other_two, _ = map(read_adapter, _authors_files(tmp_path / "b", shapes, authors_targets, rank=2))
-    base = adapter_cache.full_precision_folder(tiny_flux)
+    base = resolve_files(tiny_flux).full_precision
     key = adapter_cache.cache_key(base, two, four)
     assert adapter_cache.cache_key(base, two, four) == key != adapter_cache.cache_key(base, other_two, four)
 
@@ -237,7 +269,7 @@ def test_conversion_cache_key_follows_the_contents(tiny_flux, tmp_path, shapes, 
 def test_4k_adapter_needs_its_2k_adapter_first(tiny_flux, tmp_path, shapes, authors_targets):
     _, four = _authors_files(tmp_path, shapes, authors_targets)
     with pytest.raises(UraeError, match="2K adapter"):
-        adapter_cache.resolve_adapters(tiny_flux, [four], progress=False)
+        adapter_cache.resolve_adapters(resolve_files(tiny_flux), [four], progress=False)
 
 
 # ---- offload, refine, output ----------------------------------------------------------------------------------
@@ -254,8 +286,17 @@ def test_offload_modes_give_the_same_image_on_cpu(tiny_flux, our_lora, pipe):
 def test_offload_modes_on_cuda(tiny_flux, our_lora):
     images, peaks = {}, {}
     for mode in ("none", "model", "group", "sequential"):
-        p = urae_lite.load_pipeline(tiny_flux, quant="nf4", adapters=[our_lora], offload=mode, device="cuda",
-                                    progress=False, width=256, height=256, steps=2)
+        p = urae_lite.load_pipeline(
+            tiny_flux,
+            quant="nf4",
+            adapters=[our_lora],
+            offload=mode,
+            device="cuda",
+            progress=False,
+            width=256,
+            height=256,
+            steps=2,
+        )
         torch.cuda.reset_peak_memory_stats()
         images[mode] = np.asarray(p("a cat", seed=5).image, dtype=np.int16)
         peaks[mode] = torch.cuda.max_memory_allocated()
@@ -302,11 +343,33 @@ def test_png_carries_prompt_seed_model_adapters_and_settings(pipe, tmp_path, our
 # ---- presets and bad input ------------------------------------------------------------------------------------
 def test_presets_hold_the_authors_defaults():
     dev2, dev4 = load_preset("2k", "dev"), load_preset("4k", "dev")
-    assert (dev2.width, dev2.steps, dev2.guidance, dev2.shift, dev2.ntk, dev2.max_sequence_length) == \
-        (2048, 28, 3.5, 3.0, 10.0, 512)
+    assert (dev2.width, dev2.steps, dev2.guidance, dev2.shift, dev2.ntk, dev2.max_sequence_length) == (
+        2048,
+        28,
+        3.5,
+        3.0,
+        10.0,
+        512,
+    )
     assert dev2.proportional_attention and (dev4.width, dev4.height, dev4.vae_tiling) == (4096, 4096, "on")
     s2, s4 = load_preset("2k", "schnell"), load_preset("4k", "schnell")
     assert (s2.steps, s2.shift, s2.max_sequence_length, s4.width) == (4, 1.0, 256, 4096)
+
+
+def test_presets_take_key_value_overrides_like_recipes(tmp_path):
+    """One config system: `key=value` with YAML values, coerced to the field types; a typo names the known keys."""
+    s = load_preset("4k", "dev", ["steps=12", "ntk=5", "shift=null", "proportional_attention=false"])
+    assert (s.steps, s.ntk, s.shift, s.proportional_attention, s.width) == (12, 5.0, None, False, 4096)
+    assert isinstance(s.ntk, float)
+    with pytest.raises(UraeError, match="unknown setting 'stepz' .*known in this section: .*steps"):
+        load_preset("2k", "dev", ["stepz=3"])
+    with pytest.raises(UraeError, match="not key=value"):
+        load_preset("2k", "dev", ["steps"])
+    custom = tmp_path / "mine.yaml"
+    custom.write_text("width: 128\nheight: 64\nsteps: 3\nprofiles:\n  8: {quant: nf4}\n")
+    assert load_preset(custom, "dev", ["height=96"]).height == 96  # profiles are not settings
+    with pytest.raises(UraeError, match="steps must be a number"):
+        load_preset(custom, "dev", ["steps=many"])
 
 
 def _cli(capsys, *argv) -> tuple[int, list[str]]:
@@ -314,13 +377,16 @@ def _cli(capsys, *argv) -> tuple[int, list[str]]:
     return code, capsys.readouterr().err.strip().splitlines()
 
 
-@pytest.mark.parametrize("argv,message", [
-    (("--width", 1000, "--height", 64), "width 1000 is not a positive multiple of 16: use 992 or 1008"),
-    (("--width", 64, "--height", 70), "height 70 is not a positive multiple of 16: use 64 or 80"),
-    (("--preset", "8k"), "unknown preset '8k'"),
-    (("--width", 64, "--height", 64, "--refine-from", 128), "is not smaller than the target"),
-    (("--offload", "none", "--vae-tiling", "on", "--strength", 1.5), "strength must be in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (("--width", 1000, "--height", 64), "width 1000 is not a positive multiple of 16: use 992 or 1008"),
+        (("--width", 64, "--height", 70), "height 70 is not a positive multiple of 16: use 64 or 80"),
+        (("--preset", "8k"), "unknown preset '8k'"),
+        (("--width", 64, "--height", 64, "--refine-from", 128), "is not smaller than the target"),
+        (("--offload", "none", "--vae-tiling", "on", "--strength", 1.5), "strength must be in (0, 1]"),
+    ],
+)
 def test_bad_settings_exit_2_with_one_line(capsys, tiny_flux, argv, message):
     code, err = _cli(capsys, "--model", tiny_flux, "--device", "cpu", *argv)
     assert code == 2 and len(err) == 1 and err[0].startswith("urae-lite: error:") and message in err[0]
@@ -329,10 +395,11 @@ def test_bad_settings_exit_2_with_one_line(capsys, tiny_flux, argv, message):
 def test_missing_model_and_mismatched_adapter_exit_2(capsys, tiny_flux, tmp_path):
     code, err = _cli(capsys, "--model", tmp_path / "no_such_model", "--device", "cpu")
     assert code == 2 and len(err) == 1 and "model not found" in err[0]
-    wrong = save_adapter({"transformer_blocks.0.attn.to_q": LoraFactors(torch.zeros(4, 48), torch.zeros(48, 4))},
-                         tmp_path / "sdxl_like.safetensors")
-    code, err = _cli(capsys, "--model", tiny_flux, "--device", "cpu", "--adapter", wrong, "--width", 64,
-                     "--height", 64)
+    wrong = save_adapter(
+        {"transformer_blocks.0.attn.to_q": LoraFactors(torch.zeros(4, 48), torch.zeros(48, 4))},
+        tmp_path / "sdxl_like.safetensors",
+    )
+    code, err = _cli(capsys, "--model", tiny_flux, "--device", "cpu", "--adapter", wrong, "--width", 64, "--height", 64)
     assert code == 2 and len(err) == 1 and "does not match the base" in err[0]
 
 
@@ -341,23 +408,64 @@ def test_cuda_out_of_memory_is_caught_with_advice(capsys, tiny_flux, tmp_path, m
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(UraePipeline, "denoise", oom)
-    code, err = _cli(capsys, "--model", tiny_flux, "--device", "cpu", "--offload", "none", "--quant", "bf16",
-                     "--width", 64, "--height", 64, "--out", tmp_path / "x.png")
+    code, err = _cli(
+        capsys,
+        "--model",
+        tiny_flux,
+        "--device",
+        "cpu",
+        "--offload",
+        "none",
+        "--quant",
+        "bf16",
+        "--width",
+        64,
+        "--height",
+        64,
+        "--out",
+        tmp_path / "x.png",
+    )
     errors = [line for line in err if "error" in line.lower()]  # earlier stderr lines are the loading progress bars
     assert code == 2 and errors == [err[-1]] and not any("Traceback" in line for line in err)
     assert "out of memory in stage 'denoise'" in err[-1] and "--offload model" in err[-1] and "--quant nf4" in err[-1]
+    assert "--blocks-to-swap" in err[-1] and "--ff-chunks 4" in err[-1]  # the tiny model's block count
     assert not (tmp_path / "x.png").exists()
 
 
 def test_cli_generate_writes_the_png_and_report(capsys, tiny_flux, tmp_path, our_lora):
     out = tmp_path / "cli.png"
-    code = main(["generate", "a cat", "--model", str(tiny_flux), "--device", "cpu", "--adapter", str(our_lora),
-                 "--width", "64", "--height", "48", "--steps", "2", "--shift", "model", "--seed", "3",
-                 "--no-proportional-attention", "--out", str(out)])
+    code = main(
+        [
+            "generate",
+            "a cat",
+            "steps=1",
+            "ntk=4",
+            "--model",
+            str(tiny_flux),
+            "--device",
+            "cpu",
+            "--adapter",
+            str(our_lora),
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--steps",
+            "2",
+            "--shift",
+            "model",
+            "--seed",
+            "3",
+            "--no-proportional-attention",
+            "--out",
+            str(out),
+        ]
+    )
     stdout = capsys.readouterr().out
     assert code == 0 and Image.open(out).size == (64, 48)
     settings = json.loads(Image.open(out).text["settings"])
     assert settings["shift"] is None and settings["proportional_attention"] is False
+    assert settings["steps"] == 2 and settings["ntk"] == 4.0  # key=value overrides the preset, options win
     assert "denoise" in stdout and "peak rss" in stdout
 
 

@@ -13,8 +13,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-HEAVY = [f"{task}-{size}-{quant}" for task in ("generate", "train") for size in (2048, 4096)
-         for quant in ("nf4", "fp8")]
+HEAVY = [
+    f"{task}-{size}-{quant}" for task in ("generate", "train") for size in (2048, 4096) for quant in ("nf4", "fp8")
+]
 RAN = ["generate-2048-nf4", "train-2048-nf4"]  # one slice of each kind: every runner and parser, no 4K, no kernels
 # A Python that sees the checkout the way the GPU machine does: no editable-install finder, so urae_lite.kernels
 # and urae_lite.recipes (package-dir mappings of the install) are missing unless gpu_check maps them.
@@ -46,8 +47,15 @@ def plain_checkout_env(tmp_path_factory) -> dict:
 def dry_run(tmp_path_factory, plain_checkout_env):
     """One dry run from a plain checkout, two slices run; its exit, output folder and report."""
     out = tmp_path_factory.mktemp("gpu_check")
-    result = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--only", ",".join(RAN)],
-                            capture_output=True, text=True, timeout=600, cwd=out, check=False, env=plain_checkout_env)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--only", ",".join(RAN)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=out,
+        check=False,
+        env=plain_checkout_env,
+    )
     files = sorted(out.glob("gpu_check_*.json"))
     report = json.loads(files[0].read_text()) if len(files) == 1 else None
     return result, files, report
@@ -123,25 +131,39 @@ def test_pytest_summary_counts(gpu_check):
     assert counts == {"passed": 3, "failed": 1, "errors": 1, "skipped": 2, "deselected": 5}
 
 
-def test_every_process_below_gpu_check_maps_kernels_and_recipes(gpu_check, plain_checkout_env, tmp_path,
-                                                                 monkeypatch):
+def test_every_process_below_gpu_check_maps_kernels_and_recipes(gpu_check, plain_checkout_env, tmp_path, monkeypatch):
     """What the GPU run relies on, in a subprocess of a subprocess (a test's own worker) that puts the checkout
     first on sys.path as the benchmark scripts do."""
     editable = "import sys; print(any(getattr(f, '__module__', '').startswith('__editable__') for f in sys.meta_path))"
-    plain = subprocess.run([sys.executable, "-c", editable], capture_output=True, text=True, env=plain_checkout_env,
-                           timeout=60, check=False)
+    plain = subprocess.run(
+        [sys.executable, "-c", editable],
+        capture_output=True,
+        text=True,
+        env=plain_checkout_env,
+        timeout=60,
+        check=False,
+    )
     assert plain.stdout.strip() == "False"  # the simulation holds: no install maps kernels/ and recipes/
     monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setenv("PYTHONPATH", plain_checkout_env["PYTHONPATH"])
     gpu_check.map_checkout_everywhere(tmp_path / "site")
-    probe = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-             "import importlib.util, urae_lite.recipes\n"
-             f"{editable}\n"
-             "print(importlib.util.find_spec('urae_lite.kernels').origin, urae_lite.recipes.__file__)\n")
+    probe = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
+        "import importlib.util, urae_lite.recipes\n"
+        f"{editable}\n"
+        "print(importlib.util.find_spec('urae_lite.kernels').origin, urae_lite.recipes.__file__)\n"
+    )
     nested = f"import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', {probe!r}]).returncode)"
-    child = subprocess.run([sys.executable, "-c", nested], capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                           env={**plain_checkout_env, "PYTHONPATH": os.environ["PYTHONPATH"]}, check=False)
+    child = subprocess.run(
+        [sys.executable, "-c", nested],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        env={**plain_checkout_env, "PYTHONPATH": os.environ["PYTHONPATH"]},
+        check=False,
+    )
     assert child.returncode == 0, child.stderr[-2000:]
     still_editable, kernels, recipes = child.stdout.split()
     assert still_editable == "False"  # the sitecustomize gpu_check hid still ran

@@ -15,8 +15,10 @@ import torch
 from urae_lite.kernels import interpreting
 from urae_lite.loader import adapted_layers, add_lora, load_transformer
 
-pytestmark = pytest.mark.skipif(not interpreting() and not torch.cuda.is_available(),
-                                reason="urae_lite.kernels was imported before TRITON_INTERPRET=1 and there is no GPU")
+pytestmark = pytest.mark.skipif(
+    not interpreting() and not torch.cuda.is_available(),
+    reason="urae_lite.kernels was imported before TRITON_INTERPRET=1 and there is no GPU",
+)
 
 
 def _model(tiny_flux, quant: str, dtype: torch.dtype, seed: int):

@@ -35,8 +35,9 @@ from urae_lite.kernels.reference import (  # noqa: E402
 )
 
 if not interpreting() and not torch.cuda.is_available():
-    pytest.skip("urae_lite.kernels was imported before TRITON_INTERPRET=1 was set and there is no GPU",
-                allow_module_level=True)
+    pytest.skip(
+        "urae_lite.kernels was imported before TRITON_INTERPRET=1 was set and there is no GPU", allow_module_level=True
+    )
 
 DEVICE = "cpu" if interpreting() else "cuda"
 BF16 = torch.bfloat16
@@ -65,8 +66,13 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
-def assert_within(got: torch.Tensor, ref: torch.Tensor, full_abs: torch.Tensor, k: int,
-                  rounded: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+def assert_within(
+    got: torch.Tensor,
+    ref: torch.Tensor,
+    full_abs: torch.Tensor,
+    k: int,
+    rounded: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
     """Error bounds against a float64 reference computed from the same bf16 inputs.
 
     Sources of error: the output's one rounding to bf16 (round-to-nearest-even, unit roundoff u = 2^-8); one
@@ -98,17 +104,27 @@ def assert_within(got: torch.Tensor, ref: torch.Tensor, full_abs: torch.Tensor, 
 
 def quantize_nf4(w: torch.Tensor, dtype: torch.dtype = BF16) -> tuple[tuple, torch.Tensor]:
     """Our NF4 buffers for w (as urae_lite.quant stores them) and bitsandbytes' own dequantization to `dtype`."""
-    packed, st = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4",
-                                    quant_storage=torch.uint8)
-    buffers = (packed, st.absmax, st.state2.absmax.float(), st.state2.code.float(),
-               torch.as_tensor(st.offset, dtype=torch.float32, device=w.device).reshape(()), st.code.float())
+    packed, st = bnbf.quantize_4bit(
+        w, blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8
+    )
+    buffers = (
+        packed,
+        st.absmax,
+        st.state2.absmax.float(),
+        st.state2.code.float(),
+        torch.as_tensor(st.offset, dtype=torch.float32, device=w.device).reshape(()),
+        st.code.float(),
+    )
     st.dtype = dtype
     return buffers, bnbf.dequantize_4bit(packed, st, quant_type="nf4")
 
 
 # ---- dequantization: bit for bit ------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape", [(48, 200), (50, 70), (7, 9), (130, 128)],
-                         ids=["N*K%64==0", "tail-block", "odd-numel", "two-nested-blocks"])
+@pytest.mark.parametrize(
+    "shape",
+    [(48, 200), (50, 70), (7, 9), (130, 128)],
+    ids=["N*K%64==0", "tail-block", "odd-numel", "two-nested-blocks"],
+)
 def test_nf4_dequantize_bit_exact_with_bitsandbytes(shape, gen):
     w = randn(*shape, gen=gen, scale=0.05)
     w.view(-1)[: min(64, w.numel())] = 0  # an all-zero block (absmax 0)
@@ -146,8 +162,9 @@ def test_fp8_dequantize_bit_exact_with_quanto(gen):
     from optimum.quanto.calibrate import absmax_scale
 
     w = randn(50, 70, gen=gen, scale=0.05)
-    q = quanto.quantize_weight(w, qtype=quanto.qfloat8_e4m3fn, axis=0,
-                               scale=absmax_scale(w, quanto.qfloat8_e4m3fn, axis=0))
+    q = quanto.quantize_weight(
+        w, qtype=quanto.qfloat8_e4m3fn, axis=0, scale=absmax_scale(w, quanto.qfloat8_e4m3fn, axis=0)
+    )
     out = torch.full(w.shape, float("nan"), dtype=BF16, device=DEVICE)
     fp8_dequantize(q._data, q._scale, out=out)
     assert same_bits(out, q.dequantize())
@@ -208,13 +225,19 @@ def test_large_stacked_rank_forward_and_dx_match_float64(rank, gen):
     dx = torch.full((M, K), float("nan"), dtype=BF16, device=DEVICE)  # poisoned
     gemm_lowrank(dy, w.t(), dyB, A.t(), out=dx)
     dy64, dyB64 = dy.double(), dy.double() @ B64
-    assert_within(dx, dy64 @ w64 + dyB64 @ A64, dy64.abs() @ w64.abs() + (dy64.abs() @ B64.abs()) @ A64.abs(),
-                  N + rank, rounded=(dyB64, A64))
+    assert_within(
+        dx,
+        dy64 @ w64 + dyB64 @ A64,
+        dy64.abs() @ w64.abs() + (dy64.abs() @ B64.abs()) @ A64.abs(),
+        N + rank,
+        rounded=(dyB64, A64),
+    )
 
 
 @pytest.mark.parametrize("rank", [0, 16, 300])
 def test_gemm_fp32_inputs_match_float64(rank, gen):
     """fp32 compute (exact ieee products, one fp32 rounding per accumulation) against float64."""
+
     def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return torch.randn(*shape, generator=gen, device=DEVICE) * scale
 
@@ -274,8 +297,9 @@ def test_adapted_linear_grads_match_float64_autograd(rank, trainable, has_bias, 
     xa64, dyB64 = x64.detach() @ A64.detach().t(), dy64 @ B64.detach()  # the intermediates rounded to bf16
     full_y = a_x @ a_w.t() + (a_x @ a_A.t()) @ a_B.t() + (0 if bias is None else bias64.detach().abs())
     assert_within(y.reshape(M, N), ref.detach(), full_y, K + rank, rounded=(xa64, B64.detach().t()))
-    assert_within(x.grad.reshape(M, K), x64.grad, a_dy @ a_w + (a_dy @ a_B) @ a_A, N + rank,
-                  rounded=(dyB64, A64.detach()))
+    assert_within(
+        x.grad.reshape(M, K), x64.grad, a_dy @ a_w + (a_dy @ a_B) @ a_A, N + rank, rounded=(dyB64, A64.detach())
+    )
     if bias is not None:
         assert_within(bias.grad, bias64.grad, a_dy.sum(0), M)
 
@@ -284,8 +308,9 @@ def test_adapted_linear_grads_match_float64_autograd(rank, trainable, has_bias, 
         assert A.grad is None and B.grad is None
         return
     assert_within(A.grad[:t], A64.grad[:t], ((a_dy @ a_B).t() @ a_x)[:t], M + N, rounded=(dyB64.t()[:t], x64.detach()))
-    assert_within(B.grad[:, :t], B64.grad[:, :t], (a_dy.t() @ (a_x @ a_A.t()))[:, :t], M + K,
-                  rounded=(dy64.t(), xa64[:, :t]))
+    assert_within(
+        B.grad[:, :t], B64.grad[:, :t], (a_dy.t() @ (a_x @ a_A.t()))[:, :t], M + K, rounded=(dy64.t(), xa64[:, :t])
+    )
     assert torch.count_nonzero(A.grad[t:]) == 0 and torch.count_nonzero(B.grad[:, t:]) == 0
 
 

@@ -95,8 +95,18 @@ GEMM_COMBOS = (
 
 def gemm_jobs(arch: int, limit: int) -> list[dict]:
     """GEMM compiles for one target: the pruned config nearest the limit for each of GEMM_COMBOS."""
-    return [{"kind": "gemm", "arch": arch, "dtype": dtype, "rank": R, "bias": bias, "layout": layout,
-             "config": chosen_config(limit, dtype, R)} for dtype, R, bias, layout in GEMM_COMBOS]
+    return [
+        {
+            "kind": "gemm",
+            "arch": arch,
+            "dtype": dtype,
+            "rank": R,
+            "bias": bias,
+            "layout": layout,
+            "config": chosen_config(limit, dtype, R),
+        }
+        for dtype, R, bias, layout in GEMM_COMBOS
+    ]
 
 
 def dequant_jobs(arch: int) -> list[dict]:
@@ -120,8 +130,14 @@ def compiled(tmp_path_factory) -> dict[str, dict]:
     folder = tmp_path_factory.mktemp("compile")
     (folder / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__, str(folder / "jobs.json"), str(folder / "results.json")],
-                          env=env, capture_output=True, text=True, timeout=900, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(folder / "jobs.json"), str(folder / "results.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert proc.returncode == 0, f"compile worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     results = json.loads((folder / "results.json").read_text())
     distinct = {r["key"]: r["seconds"] for r in results}
@@ -147,8 +163,11 @@ def test_pruning_keeps_only_fitting_configs(arch):
         for R in RANKS + (300, 520, 4096):
             assert chunk(R) <= 32  # shared memory is bounded whatever the stacked rank
             survivors = prune_configs(gpu_configs(), limit, size, chunk(R))
-            eligible = [c for c in gpu_configs() if smem_estimate(c, size, chunk(R)) <= limit
-                        and not (size == 4 and c.kwargs["BLOCK_K"] > 32)]
+            eligible = [
+                c
+                for c in gpu_configs()
+                if smem_estimate(c, size, chunk(R)) <= limit and not (size == 4 and c.kwargs["BLOCK_K"] > 32)
+            ]
             assert survivors and survivors == eligible[:MAX_TUNED], (dtype, R)
 
 
@@ -211,8 +230,14 @@ def _dequant_launch(job: dict):
     out = _meta(getattr(torch, job["dtype"]), N, K)
     if job["kind"] == "nf4":
         n, u8, f32 = N * K, torch.uint8, torch.float32
-        buffers = (_meta(u8, n // 2), _meta(u8, n // 64), _meta(f32, n // 16384 + 1), _meta(f32, 256), _meta(f32),
-                   _meta(f32, 16))
+        buffers = (
+            _meta(u8, n // 2),
+            _meta(u8, n // 64),
+            _meta(f32, n // 16384 + 1),
+            _meta(f32, 256),
+            _meta(f32),
+            _meta(f32, 16),
+        )
         args, kwargs = dequant.nf4_kernel_args(*buffers, out)
         return dequant._nf4_dequant_kernel, args, kwargs
     args, kwargs = dequant.fp8_kernel_args(_meta(torch.float8_e4m3fn, N, K), _meta(torch.bfloat16, N, 1), out)

@@ -67,12 +67,12 @@ def test_minor_adapter_initialised_while_streaming(tiny_flux, tiny_config, make_
         a, b = plain(**inputs).sample, model(**inputs).sample
     assert _rel_err(b, a) < 1e-2  # +B0A0 - B0A0 cancels up to bf16 rounding of the branch
     # the trainable factors are the smallest singular triplets of the full-precision stored weight
-    from urae_lite.checkpoint import CheckpointReader
+    from urae_lite.safetensors_io import CheckpointReader
 
     w = CheckpointReader(tiny_flux / "transformer").get(f"{targets[0]}.weight").float()
     s = model.get_submodule(targets[0]).slices[MINOR_SLICE]
     expected = torch.linalg.svdvals(w.double())[-4:]
-    got = torch.linalg.svdvals((s.B.double() @ s.A.double()))[:4]
+    got = torch.linalg.svdvals(s.B.double() @ s.A.double())[:4]
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-4)
 
 
@@ -85,8 +85,9 @@ def test_prepared_checkpoint_loads_bit_identical(tiny_flux, tmp_path, quant):
     a, b = direct.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
     for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k].reshape(-1).view(torch.uint8),
-                                                        b[k].reshape(-1).view(torch.uint8)), k
+        assert a[k].dtype == b[k].dtype and torch.equal(
+            a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)
+        ), k
     with pytest.raises(UraeError, match=f"was prepared as {quant}"):
         load_transformer(out, quant="bf16", progress=False)
     with pytest.raises(UraeError, match="need the full-precision weights"):
@@ -110,14 +111,22 @@ def test_streaming_load_peak_rss_stays_well_under_bf16_size(tmp_path):
     """~210M-parameter FLUX-shaped checkpoint: the load must never hold the bf16 model in host memory."""
     from urae_lite.tiny import write_random_transformer
 
-    config = dict(patch_size=1, in_channels=64, num_layers=3, num_single_layers=6, attention_head_dim=128,
-                  num_attention_heads=8, joint_attention_dim=512, pooled_projection_dim=256,
-                  guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    config = dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=3,
+        num_single_layers=6,
+        attention_head_dim=128,
+        num_attention_heads=8,
+        joint_attention_dim=512,
+        pooled_projection_dim=256,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )
     folder = write_random_transformer(tmp_path / "big", config, seed=0, max_shard_bytes=200 * 2**20)
     bf16_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     assert bf16_bytes > 350 * 2**20
-    proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(folder)], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(folder)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     growth = json.loads(proc.stdout.strip().splitlines()[-1])["growth"]
     # The NF4 model is 0.28x the bf16 size (4 bits + absmax; embedders stay bf16); one tensor in flight, the
@@ -156,3 +165,38 @@ def test_errors_are_one_clear_line(tiny_flux, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UraeError, match="no transformer/config.json"):
         load_transformer(tmp_path / "empty", progress=False)
+
+
+@pytest.mark.parametrize("source", ["folder", "prepared"])
+def test_park_blocks_leaves_exactly_the_swapped_blocks_frozen_tensors_in_host_memory(
+    tiny_flux, tmp_path, monkeypatch, source
+):
+    """With block swap the loader parks the swapped blocks as they load (quantized on the device first), so loading
+    never holds them on the device: the same blocks `enable_block_swap` takes, their frozen tensors only. The host
+    is the meta device here, so the CPU can tell the two sides apart."""
+    from urae_lite import loader
+    from urae_lite.block_swap import swapped_block_names
+
+    model = tiny_flux if source == "folder" else prepare(tiny_flux, tmp_path / "prep", "nf4", progress=False)
+    minor = MinorSpec(rank=2, targets="authors", trainable=True) if source == "folder" else None
+    reference = load_transformer(model, "nf4", "cpu", torch.bfloat16, minor=minor, progress=False)
+    monkeypatch.setattr(loader, "HOST", torch.device("meta"))
+    # (folders and prepared folders alike) its "still on meta = never loaded" rule cannot tell meta hosts apart
+    monkeypatch.setattr(loader, "_check_complete", lambda model: None)
+    parked = load_transformer(model, "nf4", "cpu", torch.bfloat16, minor=minor, park_blocks=2, progress=False)
+    config = json.loads((tiny_flux / "transformer" / "config.json").read_text())
+    swapped = swapped_block_names(config, 2)
+    assert len(swapped) == 2 and swapped[-1] == f"single_transformer_blocks.{config['num_single_layers'] - 1}"
+    tensors = dict(parked.named_parameters()) | dict(parked.named_buffers())
+    expected = dict(reference.named_parameters()) | dict(reference.named_buffers())
+    assert tensors.keys() == expected.keys()
+    on_host = []
+    for name, t in tensors.items():
+        if any(name.startswith(f"{b}.") for b in swapped) and not t.requires_grad:
+            assert t.is_meta, name
+            on_host.append(name)
+        else:  # everything else, and the trainable minor factors of swapped blocks, where it loads, unchanged
+            assert t.device.type == "cpu" and torch.equal(t, expected[name]), name
+    assert any(".base." in n for n in on_host) and any(n.endswith("bias") for n in on_host)
+    if minor is not None:
+        assert any(t.requires_grad and any(n.startswith(f"{b}.") for b in swapped) for n, t in tensors.items())

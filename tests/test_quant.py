@@ -72,10 +72,17 @@ def test_serialization_round_trip_is_bit_identical(fmt):
 def test_nf4_keys_are_bitsandbytes_serialization():
     qw = QuantizedWeight.quantize(_weight(32, 64, seed=4), "nf4")
     tensors = qw.to_state_tensors("m")
-    assert {"m.weight", "m.weight.absmax", "m.weight.quant_map", "m.weight.nested_absmax",
-            "m.weight.nested_quant_map", "m.weight.quant_state.bitsandbytes__nf4"} == set(tensors)
-    state = bnbf.QuantState.from_dict({k[len("m.weight."):]: v for k, v in tensors.items() if k != "m.weight"},
-                                      device=torch.device("cpu"))
+    assert {
+        "m.weight",
+        "m.weight.absmax",
+        "m.weight.quant_map",
+        "m.weight.nested_absmax",
+        "m.weight.nested_quant_map",
+        "m.weight.quant_state.bitsandbytes__nf4",
+    } == set(tensors)
+    state = bnbf.QuantState.from_dict(
+        {k[len("m.weight.") :]: v for k, v in tensors.items() if k != "m.weight"}, device=torch.device("cpu")
+    )
     assert torch.equal(bnbf.dequantize_4bit(tensors["m.weight"], state), qw.dequantize())
 
 
@@ -104,8 +111,17 @@ def test_nf4_odd_widths_match_bitsandbytes(shape):
     expected = bnbf.dequantize_4bit(packed, state)
     assert torch.equal(qw.dequantize(), expected)
     out = torch.full(shape, float("nan"), dtype=torch.bfloat16)
-    kernels.nf4_dequantize(qw.weight, qw.absmax, qw.nested_absmax, qw.nested_quant_map, qw.offset, qw.quant_map,
-                           qw.shape, out=out, dtype=torch.bfloat16)
+    kernels.nf4_dequantize(
+        qw.weight,
+        qw.absmax,
+        qw.nested_absmax,
+        qw.nested_quant_map,
+        qw.offset,
+        qw.quant_map,
+        qw.shape,
+        out=out,
+        dtype=torch.bfloat16,
+    )
     assert torch.equal(out, expected)
     absmax = torch.nn.functional.pad(w.float().reshape(-1), (0, -w.numel() % 64)).reshape(-1, 64).abs().amax(1)
     err = (expected.float() - w.float()).reshape(-1)

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from urae_lite.cli import main
 from urae_lite.errors import UraeError
 from urae_lite.loader import load_transformer
-from urae_lite.single_file import SingleFileReader, open_single_file
+from urae_lite.model_files import resolve_files
+from urae_lite.single_file import SingleFileReader
 
 FP8_PREFIX = "model.diffusion_model."
 
@@ -25,8 +26,12 @@ def bfl_file(tiny_flux, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fp8_file(tiny_flux, tmp_path_factory):
-    return write_bfl_file(tiny_flux, tmp_path_factory.mktemp("comfy") / "flux1-dev-fp8.safetensors",
-                          dtype=torch.float8_e4m3fn, prefix=FP8_PREFIX)
+    return write_bfl_file(
+        tiny_flux,
+        tmp_path_factory.mktemp("comfy") / "flux1-dev-fp8.safetensors",
+        dtype=torch.float8_e4m3fn,
+        prefix=FP8_PREFIX,
+    )
 
 
 def _diffusers_converter_for(hidden: int):
@@ -54,10 +59,12 @@ def test_streamed_tensors_equal_folder_and_diffusers_converter(tiny_flux, bfl_fi
 
 def test_config_and_variant_from_weights(tiny_flux, bfl_file, fp8_file, tiny_config):
     for path in (bfl_file, fp8_file):
-        config, reader = open_single_file(path, tiny_flux)
+        files = resolve_files(path, tiny_flux)
+        config, reader = files.config, files.reader()
         assert reader.variant == "dev"
-        assert {k: config[k] for k in tiny_config if k != "axes_dims_rope"} == \
-               {k: v for k, v in tiny_config.items() if k != "axes_dims_rope"}
+        assert {k: config[k] for k in tiny_config if k != "axes_dims_rope"} == {
+            k: v for k, v in tiny_config.items() if k != "axes_dims_rope"
+        }
         assert tuple(config["axes_dims_rope"]) == tuple(tiny_config["axes_dims_rope"])
 
 
@@ -82,19 +89,23 @@ def _write(path, tensors):
     return path
 
 
-@pytest.mark.parametrize("kind,expect", [
-    ("sd", "Stable Diffusion checkpoint"),
-    ("vae", "VAE"),
-    ("truncated", "truncated"),
-])
+@pytest.mark.parametrize(
+    "kind,expect", [("sd", "Stable Diffusion checkpoint"), ("vae", "VAE"), ("truncated", "truncated")]
+)
 def test_bad_files_one_clear_line(tmp_path, bfl_file, tiny_flux, kind, expect):
     if kind == "sd":
-        path = _write(tmp_path / "v1-5.safetensors",
-                      {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2),
-                       "first_stage_model.decoder.conv_in.weight": torch.zeros(2)})
+        path = _write(
+            tmp_path / "v1-5.safetensors",
+            {
+                "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2),
+                "first_stage_model.decoder.conv_in.weight": torch.zeros(2),
+            },
+        )
     elif kind == "vae":
-        path = _write(tmp_path / "ae.safetensors", {"decoder.conv_in.weight": torch.zeros(2),
-                                                    "encoder.conv_in.weight": torch.zeros(2)})
+        path = _write(
+            tmp_path / "ae.safetensors",
+            {"decoder.conv_in.weight": torch.zeros(2), "encoder.conv_in.weight": torch.zeros(2)},
+        )
     else:
         data = bfl_file.read_bytes()
         path = tmp_path / "flux1-dev.safetensors"
@@ -125,8 +136,7 @@ def test_missing_base_pipeline_is_one_line(bfl_file, tmp_path, capsys, monkeypat
     assert code == 2 and "--base-pipeline" in err and len(err.splitlines()) == 1
 
 
-GEN = ["--width", "64", "--height", "64", "--steps", "1", "--device", "cpu", "--quant", "bf16",
-       "--max-sequence-length", "16"]
+GEN = "--width 64 --height 64 --steps 1 --device cpu --quant bf16 --max-sequence-length 16".split()
 
 
 def _generate(tmp_path, name, model, *extra) -> np.ndarray:

@@ -13,8 +13,9 @@ from urae_lite.plan import PlanConfig, estimate
 def test_t5_nf4_pipeline_generates(tiny_flux):
     import bitsandbytes as bnb
 
-    pipe = load_pipeline(tiny_flux, quant="nf4", t5_quant="nf4", device="cpu", progress=False,
-                         width=64, height=64, steps=1)
+    pipe = load_pipeline(
+        tiny_flux, quant="nf4", t5_quant="nf4", device="cpu", progress=False, width=64, height=64, steps=1
+    )
     t5 = pipe.flux.text_encoder_2
     kinds = {n.rsplit(".", 1)[-1]: type(m) for n, m in t5.named_modules() if isinstance(m, torch.nn.Linear)}
     # every projection is 4-bit except the FF output `wo`, which transformers keeps unquantized for T5
@@ -47,9 +48,18 @@ def test_t5_nf4_keeps_layers_too_narrow_for_nf4_in_bf16(tmp_path, caplog):
 
     from urae_lite.text_encoders import load_t5_nf4
 
-    config = T5Config(vocab_size=128, d_model=64, d_kv=8, d_ff=96, num_layers=2, num_heads=4,
-                      feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
-                      tie_word_embeddings=False)
+    config = T5Config(
+        vocab_size=128,
+        d_model=64,
+        d_kv=8,
+        d_ff=96,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(torch.seed() % 2**31)
     T5EncoderModel(config).save_pretrained(tmp_path / "text_encoder_2")
     reference = T5EncoderModel.from_pretrained(tmp_path / "text_encoder_2", dtype=torch.bfloat16).eval()

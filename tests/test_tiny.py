@@ -152,8 +152,11 @@ def test_t5_tokenizer_handles_arbitrary_prompts(tiny_dev_folder: Path, tiny_dev_
     assert all(0 <= i < vocab_size for i in ids)
     assert tokenizer.pad_token_id == 0 and tokenizer.unk_token_id == 2
     assert ids.count(tokenizer.unk_token_id) < len(ids) / 2
-    assert tokenizer("the photo").input_ids == [tokenizer.convert_tokens_to_ids("▁the"),
-                                                tokenizer.convert_tokens_to_ids("▁photo"), 1]
+    assert tokenizer("the photo").input_ids == [
+        tokenizer.convert_tokens_to_ids("▁the"),
+        tokenizer.convert_tokens_to_ids("▁photo"),
+        1,
+    ]
     padded = tokenizer(PROMPT, padding="max_length", max_length=512, truncation=True).input_ids
     assert len(padded) == 512
 
@@ -200,7 +203,7 @@ def test_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     def fail(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(tiny, "_write_scheduler", fail)
+    monkeypatch.setattr(tiny.build, "_write_scheduler", fail)
     with pytest.raises(RuntimeError, match="disk on fire"):
         build_tiny_flux(tmp_path / "m")
     assert list(tmp_path.iterdir()) == []

@@ -19,10 +19,28 @@ def test_help_works_without_a_gpu():
 
 def test_tiny_smoke_run_writes_a_result(tmp_path):
     out = tmp_path / "train_cpu.json"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--configs", "4k-nf4", "--modes", "cpu",
-                             "--steps", "1", "--warmup", "0", "--out", str(out)],
-                            capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--tiny",
+            "--configs",
+            "4k-nf4",
+            "--modes",
+            "cpu",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["device"] == "cpu-tiny" and report["command"] and "torch" in report

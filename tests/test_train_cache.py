@@ -8,13 +8,12 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_utils import RESOLUTION, make_dataset, make_image, one_thread  # noqa: F401
 
 from urae_lite.cli import main
 from urae_lite.errors import UraeError
 from urae_lite.train.cache import build_cache, default_cache_dir, open_cache
 from urae_lite.train.data import make_buckets
-
-from train_utils import RESOLUTION, make_dataset, make_image, one_thread  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +49,9 @@ def test_cache_contents_and_bad_input(dataset, tiny_flux, tmp_path):
     assert (manifest["items"]["image_2"]["width"], manifest["items"]["image_2"]["height"]) == (32, 128)  # 1:4
 
     # --skip-small drops the image that would need upscaling instead of warning
-    cache2, skips2 = build_cache(dataset, str(tiny_flux), RESOLUTION, out=tmp_path / "c2", skip_small=True,
-                                 progress=False)
+    cache2, skips2 = build_cache(
+        dataset, str(tiny_flux), RESOLUTION, out=tmp_path / "c2", skip_small=True, progress=False
+    )
     assert "small" not in json.loads((cache2 / "manifest.json").read_text())["items"]
     assert skips2.reasons["smaller than its bucket"] == 1
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from train_utils import REPO
 
 from urae_lite.errors import UraeError
 from urae_lite.train.config import instantiate, load_recipe
-
-from train_utils import REPO
 
 RECIPE_2K = REPO / "recipes" / "train_2k_lora.yaml"
 RECIPE_4K = REPO / "recipes" / "train_4k_minor.yaml"
@@ -17,8 +16,18 @@ REQUIRED = ["data.dir=/data", "output_dir=/out"]
 def _planned_peak_gib(cfg) -> float:
     from urae_lite.plan import PlanConfig, estimate
 
-    plan = PlanConfig(task="train", width=cfg.data.resolution, height=cfg.data.resolution, quant=cfg.quant,
-                      adapter=cfg.adapter.kind, rank=cfg.adapter.rank, checkpointing=cfg.training.checkpointing)
+    plan = PlanConfig(
+        task="train",
+        width=cfg.data.resolution,
+        height=cfg.data.resolution,
+        quant=cfg.quant,
+        adapter=cfg.adapter.kind,
+        rank=cfg.adapter.rank,
+        checkpointing=cfg.training.checkpointing,
+        blocks_to_swap=cfg.training.blocks_to_swap,
+        ff_chunks=cfg.training.ff_chunks,
+        checkpoint_every=cfg.training.checkpoint_every,
+    )
     return estimate(plan).peak / 2**30
 
 
@@ -29,8 +38,14 @@ def test_shipped_recipes_hold_the_authors_settings():
     assert cfg.training.guidance == 1.0 and cfg.training.timesteps == "uniform" and cfg.training.max_grad_norm == 1.0
     assert cfg.data.caption_mix == {"prompt": 0.2, "generated_prompt": 0.8} and cfg.data.resolution == 2048
     assert _planned_peak_gib(cfg) <= 16  # README goal: 2K training within 16 GiB, by the planner's estimate
-    assert cfg.optimizer == {"_component_": "prodigyopt.Prodigy", "lr": 1.0, "weight_decay": 1e-4, "decouple": True,
-                             "use_bias_correction": True, "safeguard_warmup": True}
+    assert cfg.optimizer == {
+        "_component_": "prodigyopt.Prodigy",
+        "lr": 1.0,
+        "weight_decay": 1e-4,
+        "decouple": True,
+        "use_bias_correction": True,
+        "safeguard_warmup": True,
+    }
     cfg4 = load_recipe(RECIPE_4K, REQUIRED + ["adapter.base_adapters=[/a/2k.safetensors]"])
     assert (cfg4.adapter.kind, cfg4.adapter.rank, cfg4.data.resolution) == ("minor", 16, 4096)
     assert (cfg4.hires.ntk, cfg4.hires.proportional_attention) == (10.0, True)
@@ -38,10 +53,19 @@ def test_shipped_recipes_hold_the_authors_settings():
 
 
 def test_overrides_are_typed_and_checked():
-    cfg = load_recipe(RECIPE_2K, REQUIRED + ["training.steps=7", "optimizer.weight_decay=1e-3",
-                                             "optimizer._component_=bitsandbytes.optim.AdamW8bit", "optimizer.lr=1e-4",
-                                             "training.guidance=3.5", "adapter.base_adapters=x.safetensors",
-                                             "training.checkpointing=off"])
+    cfg = load_recipe(
+        RECIPE_2K,
+        REQUIRED
+        + [
+            "training.steps=7",
+            "optimizer.weight_decay=1e-3",
+            "optimizer._component_=bitsandbytes.optim.AdamW8bit",
+            "optimizer.lr=1e-4",
+            "training.guidance=3.5",
+            "adapter.base_adapters=x.safetensors",
+            "training.checkpointing=off",
+        ],
+    )
     assert cfg.training.steps == 7 and cfg.training.guidance == 3.5 and cfg.training.checkpointing == "off"
     assert cfg.optimizer["weight_decay"] == 1e-3 and cfg.optimizer["lr"] == 1e-4
     assert cfg.adapter.base_adapters == ["x.safetensors"]

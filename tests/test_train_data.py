@@ -7,12 +7,20 @@ import math
 from collections import Counter
 
 import pytest
+from train_utils import make_image
 
 from urae_lite.errors import UraeError
-from urae_lite.train.data import (BUCKET_RATIOS, Bucket, SkipLog, choose_caption, fit_to_bucket, make_buckets,
-                                  nearest_bucket, needs_upscale, scan_dataset)
-
-from train_utils import make_image
+from urae_lite.train.data import (
+    BUCKET_RATIOS,
+    Bucket,
+    SkipLog,
+    choose_caption,
+    fit_to_bucket,
+    make_buckets,
+    nearest_bucket,
+    needs_upscale,
+    scan_dataset,
+)
 
 
 @pytest.mark.parametrize("resolution", [1024, 2048, 4096])

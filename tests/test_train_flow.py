@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from urae_lite.train.flow import (latent_image_ids, noisy_and_target, pack_latents, posterior_sample,
-                                  sample_generator, sample_sigma, shifted_sigmas, unpack_latents)
+from urae_lite.train.flow import (
+    latent_image_ids,
+    noisy_and_target,
+    pack_latents,
+    posterior_sample,
+    sample_generator,
+    sample_sigma,
+    unpack_latents,
+)
 
 
 def test_pack_and_ids_match_diffusers_flux_pipeline():
@@ -42,12 +49,6 @@ def test_posterior_sample_and_noisy_target_follow_the_formulas():
     # a fresh posterior draw per sample: another index gives another ε
     other = posterior_sample(mean, std, sample_generator(0, 1), 0.1159, 0.3611)
     again = posterior_sample(mean, std, sample_generator(0, 1), 0.1159, 0.3611)
-    assert torch.equal(other, again) and not torch.equal(other, posterior_sample(mean, std, sample_generator(0, 2),
-                                                                                 0.1159, 0.3611))
-
-
-def test_shifted_sigmas_are_the_static_shift():
-    sig = shifted_sigmas(4, 3.0)
-    base = [1.0, 0.75, 0.5, 0.25]
-    assert sig[-1] == 0.0 and len(sig) == 5
-    assert sig[:-1] == pytest.approx([3 * s / (1 + 2 * s) for s in base])
+    assert torch.equal(other, again) and not torch.equal(
+        other, posterior_sample(mean, std, sample_generator(0, 2), 0.1159, 0.3611)
+    )

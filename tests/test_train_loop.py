@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_utils import REPO, RESOLUTION, make_dataset, one_thread, recipe_overrides  # noqa: F401
 
 from urae_lite.adapter_io import read_adapter, save_adapter
 from urae_lite.errors import UraeError
@@ -21,12 +22,10 @@ from urae_lite.minor import MINOR_RESIDUAL_SLICE, MINOR_SLICE
 from urae_lite.train.cache import build_cache, open_cache
 from urae_lite.train.config import TrainConfig, load_recipe
 from urae_lite.train.data import SkipLog
-from urae_lite.train.loop import Trainer, _oom_guard, oom_advice, train
+from urae_lite.train.loop import Trainer, oom_advice, oom_guard, train
 from urae_lite.train.model import build_model, load_trainable, trainable_parameters
 from urae_lite.train.optim import build_optimizer
 from urae_lite.train.samples import SampleSource, vae_factors
-
-from train_utils import REPO, RESOLUTION, make_dataset, one_thread, recipe_overrides  # noqa: F401
 
 RECIPE_2K = REPO / "recipes" / "train_2k_lora.yaml"
 RECIPE_4K = REPO / "recipes" / "train_4k_minor.yaml"
@@ -67,8 +66,9 @@ def hires_4k(model):
 def trainer_for(cfg: TrainConfig) -> tuple[Trainer, SampleSource]:
     model = build_model(cfg, CPU, progress=False)
     optimizer, scheduler = build_optimizer(cfg, (p for _, p in trainable_parameters(model)))
-    source = SampleSource(open_cache(cfg.data.dir, cfg.model, RESOLUTION), cfg, *vae_factors(Path(cfg.model)),
-                          SkipLog())
+    source = SampleSource(
+        open_cache(cfg.data.dir, cfg.model, RESOLUTION), cfg, *vae_factors(Path(cfg.model)), SkipLog()
+    )
     return Trainer(model, optimizer, scheduler, cfg, CPU), source
 
 
@@ -111,8 +111,9 @@ def test_a_step_changes_only_the_adapter_and_feeds_guidance_one(tiny_flux, data,
 def test_checkpointing_modes_give_the_same_gradients(tiny_flux, data, tmp_path):
     grads = {}
     for mode in ("off", "on", "cpu"):
-        trainer, source = trainer_for(recipe(RECIPE_2K, tiny_flux, data, tmp_path, **FAST,
-                                             **{"training.checkpointing": mode}))
+        trainer, source = trainer_for(
+            recipe(RECIPE_2K, tiny_flux, data, tmp_path, **FAST, **{"training.checkpointing": mode})
+        )
         for p in trainer.params:  # non-zero B so that every factor gets a gradient
             torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(p.numel()))
         trainer.micro_step(source.get(0))
@@ -124,26 +125,44 @@ def test_checkpointing_modes_give_the_same_gradients(tiny_flux, data, tmp_path):
 
 def test_2k_lora_loss_goes_down(tiny_flux, data, tmp_path):
     steps = 30
-    cfg = recipe(RECIPE_2K, tiny_flux, data, tmp_path / "run", **FAST, **{
-        "training.steps": steps, "checkpoint.every": steps, "optimizer.d0": 1e-3})
+    cfg = recipe(
+        RECIPE_2K,
+        tiny_flux,
+        data,
+        tmp_path / "run",
+        **FAST,
+        **{"training.steps": steps, "checkpoint.every": steps, "optimizer.d0": 1e-3},
+    )
     train(cfg, progress=False)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, steps + 1)) and all(r["loss"] > 0 for r in log)
     trainer, source = trainer_for(cfg)
     before = fixed_loss(trainer, source)
-    load_trainable(trainer.model, load_file(tmp_path / "run" / "checkpoints" / f"step-{steps:08d}" /
-                                            "trainable.safetensors"))
+    load_trainable(
+        trainer.model, load_file(tmp_path / "run" / "checkpoints" / f"step-{steps:08d}" / "trainable.safetensors")
+    )
     assert fixed_loss(trainer, source) < before * 0.995
     adapter = read_adapter(tmp_path / "run" / "adapter.safetensors")
     assert adapter.kind == "lora" and adapter.ranks == {16} and len(adapter.modules) == 14
 
 
-def test_4k_minor_starts_at_base_plus_2k_and_loss_goes_down(tiny_flux, data, adapter_2k, tmp_path, make_inputs,
-                                                             tiny_config):
+def test_4k_minor_starts_at_base_plus_2k_and_loss_goes_down(
+    tiny_flux, data, adapter_2k, tmp_path, make_inputs, tiny_config
+):
     steps = 30
-    cfg = recipe(RECIPE_4K, tiny_flux, data, tmp_path / "run", **FAST, **{
-        "adapter.base_adapters": f"[{adapter_2k}]", "training.steps": steps, "checkpoint.every": steps,
-        "optimizer": "{_component_: bitsandbytes.optim.AdamW8bit, lr: 3.0e-3}"})
+    cfg = recipe(
+        RECIPE_4K,
+        tiny_flux,
+        data,
+        tmp_path / "run",
+        **FAST,
+        **{
+            "adapter.base_adapters": f"[{adapter_2k}]",
+            "training.steps": steps,
+            "checkpoint.every": steps,
+            "optimizer": "{_component_: bitsandbytes.optim.AdamW8bit, lr: 3.0e-3}",
+        },
+    )
     trainer, source = trainer_for(cfg)
     model = trainer.model
     layers = [m for m in model.modules() if hasattr(m, "slices") and MINOR_SLICE in m.slices]
@@ -153,8 +172,9 @@ def test_4k_minor_starts_at_base_plus_2k_and_loss_goes_down(tiny_flux, data, ada
         assert not layer.slices["adapter0"].trainable and layer.slices[MINOR_SLICE].trainable
     assert model.pos_embed.theta == 100000
     assert {type(p) for p in model.attn_processors.values()} == {ProportionalAttnProcessor}
-    reference = hires_4k(load_transformer(tiny_flux, "bf16", dtype=torch.float32, adapters=[adapter_2k],
-                                          progress=False))
+    reference = hires_4k(
+        load_transformer(tiny_flux, "bf16", dtype=torch.float32, adapters=[adapter_2k], progress=False)
+    )
     inputs = make_inputs(tiny_config, dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).sample, reference(**inputs).sample, rtol=0, atol=1e-5)
@@ -170,10 +190,13 @@ def test_4k_minor_starts_at_base_plus_2k_and_loss_goes_down(tiny_flux, data, ada
     assert read_adapter(tmp_path / "run" / "adapter_urae4k.safetensors").kind == "urae_minor"
     with torch.no_grad():
         want = model(**inputs).sample
-        for adapters in ([tmp_path / "run" / "adapter.safetensors"],
-                         [adapter_2k, tmp_path / "run" / "adapter_urae4k.safetensors"]):
-            loaded = hires_4k(load_transformer(tiny_flux, "bf16", dtype=torch.float32, adapters=adapters,
-                                               progress=False))
+        for adapters in (
+            [tmp_path / "run" / "adapter.safetensors"],
+            [adapter_2k, tmp_path / "run" / "adapter_urae4k.safetensors"],
+        ):
+            loaded = hires_4k(
+                load_transformer(tiny_flux, "bf16", dtype=torch.float32, adapters=adapters, progress=False)
+            )
             torch.testing.assert_close(loaded(**inputs).sample, want, rtol=0, atol=2e-2)
 
 
@@ -186,17 +209,25 @@ def _cli(*args: str, env: dict | None = None, launcher: list[str] | None = None)
 
 def _killed_at(step: int, recipe_path: Path, overrides: list[str]) -> subprocess.CompletedProcess:
     """A training run in a fresh process that dies (as if killed: no cleanup) when step `step` begins."""
-    script = (f"import os\nfrom urae_lite.train.config import load_recipe\nfrom urae_lite.train.loop import train\n"
-              f"train(load_recipe({str(recipe_path)!r}, {list(overrides)!r}), progress=False,\n"
-              f"      on_step=lambda step: step == {step} and os._exit(3))\n")
+    script = (
+        f"import os\nfrom urae_lite.train.config import load_recipe\nfrom urae_lite.train.loop import train\n"
+        f"train(load_recipe({str(recipe_path)!r}, {list(overrides)!r}), progress=False,\n"
+        f"      on_step=lambda step: step == {step} and os._exit(3))\n"
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_resume_after_a_kill_is_exact(tiny_flux, data, tmp_path):
     extra = {**FAST, "training.steps": 10, "checkpoint.every": 5, "optimizer.d0": 1e-3}
-    straight = recipe(RECIPE_2K, tiny_flux, data, tmp_path / "straight", **extra, **{
-        "checkpoint.keep": 1, "validation.every": 5, "validation.steps": 2, "validation.prompts": "[a red flower]"})
+    straight = recipe(
+        RECIPE_2K,
+        tiny_flux,
+        data,
+        tmp_path / "straight",
+        **extra,
+        **{"checkpoint.keep": 1, "validation.every": 5, "validation.steps": 2, "validation.prompts": "[a red flower]"},
+    )
     train(straight, progress=False)  # validation draws from its own generators: it cannot change the training
     assert [p.name for p in (tmp_path / "straight" / "checkpoints").iterdir()] == ["step-00000010"]  # keep 1
     from PIL import Image
@@ -223,8 +254,10 @@ def test_resume_after_a_kill_is_exact(tiny_flux, data, tmp_path):
     opt_a = torch.load(tmp_path / "straight" / "checkpoints" / "step-00000010" / "optimizer.pt", weights_only=False)
     opt_b = torch.load(ckpts / "step-00000010" / "optimizer.pt", weights_only=False)
     assert opt_a["optimizer"]["param_groups"] == opt_b["optimizer"]["param_groups"]
-    logs = [[json.loads(x)["loss"] for x in (tmp_path / run / "log.jsonl").read_text().splitlines()]
-            for run in ("straight", "killed")]
+    logs = [
+        [json.loads(x)["loss"] for x in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        for run in ("straight", "killed")
+    ]
     assert len(logs[1]) == 10 and logs[0] == logs[1]  # step 6-7 lines of the killed run were replaced
 
 
@@ -235,40 +268,60 @@ def test_two_processes_match_gradient_accumulation(tiny_flux, data, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(port)]
-    result = _cli(str(RECIPE_2K), *recipe_overrides(tiny_flux, data, tmp_path / "multi", **extra),
-                  launcher=launcher)
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+    ]
+    result = _cli(str(RECIPE_2K), *recipe_overrides(tiny_flux, data, tmp_path / "multi", **extra), launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     a = load_file(tmp_path / "single" / "checkpoints" / "step-00000003" / "trainable.safetensors")
     b = load_file(tmp_path / "multi" / "checkpoints" / "step-00000003" / "trainable.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
-    losses = [[json.loads(x)["loss"] for x in (tmp_path / run / "log.jsonl").read_text().splitlines()]
-              for run in ("single", "multi")]
+    losses = [
+        [json.loads(x)["loss"] for x in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        for run in ("single", "multi")
+    ]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     state = json.loads((tmp_path / "multi" / "checkpoints" / "step-00000003" / "state.json").read_text())
     assert state["world_size"] == 2 and state["samples_per_step"] == 2
-    assert {p.name for p in (tmp_path / "multi" / "checkpoints" / "step-00000003").glob("rng-*.pt")} == \
-        {"rng-0.pt", "rng-1.pt"}
+    assert {p.name for p in (tmp_path / "multi" / "checkpoints" / "step-00000003").glob("rng-*.pt")} == {
+        "rng-0.pt",
+        "rng-1.pt",
+    }
 
 
 def test_bad_runs_fail_with_one_line(tiny_flux, data, tmp_path):
-    cfg = recipe(RECIPE_2K, tiny_flux, data, tmp_path, **{"data.resolution": 128, "quant": "fp8",
-                                                              "training.checkpointing": "on"})
+    cfg = recipe(
+        RECIPE_2K, tiny_flux, data, tmp_path, **{"data.resolution": 128, "quant": "fp8", "training.checkpointing": "on"}
+    )
     with pytest.raises(UraeError, match="no cache at .*urae-lite cache .* --resolution 128"):
         train(cfg, progress=False)
     from urae_lite.cli import main
 
     overrides = recipe_overrides(tiny_flux, data, tmp_path, **{"data.resolution": 128})
     assert main(["train", str(RECIPE_2K), *overrides]) == 2
-    with pytest.raises(UraeError, match="CUDA out of memory during training step 3.*checkpointing=on.*"
-                                        "most effective first: training.checkpointing=cpu quant=nf4 "
-                                        "optimizer._component_=bitsandbytes.optim.AdamW8bit"):
-        with _oom_guard(cfg, CPU, "training step 3"):
+    with pytest.raises(
+        UraeError,
+        match="CUDA out of memory during training step 3.*checkpointing=on.*"
+        "most effective first: training.checkpointing=cpu training.ff_chunks=4 "
+        "training.blocks_to_swap=57 .*quant=nf4 "
+        "optimizer._component_=bitsandbytes.optim.AdamW8bit",
+    ):
+        with oom_guard(cfg, CPU, "training step 3"):
             raise torch.cuda.OutOfMemoryError("out of memory")
     cfg.quant, cfg.training.checkpointing = "nf4", "cpu"
+    cfg.training.ff_chunks, cfg.training.blocks_to_swap = 4, 4
     cfg.optimizer = {"_component_": "bitsandbytes.optim.AdamW8bit"}
     text = oom_advice(cfg, "training step 1", 23.5, 24.0)
     assert "peak 23.5 of 24.0 GiB" in text and "Every memory saving is already on" in text

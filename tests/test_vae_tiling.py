@@ -15,7 +15,9 @@ from diffusers import AutoencoderKL
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from urae_lite import vae_strips as vs
 from urae_lite import vae_tiling as vt
+from urae_lite.plan import vae as vm
 
 FLUX_VAE_CONFIG = {
     "block_out_channels": (128, 256, 512, 512),
@@ -110,8 +112,10 @@ def test_matches_untiled_bf16(vae: AutoencoderKL, shape: tuple[int, ...], strip_
     bf16_err = _maxdiff(ref16, ref32)  # what bf16 rounding alone costs the untiled decode
     ours_err = _maxdiff(out16, ref32)
     vs_untiled = _maxdiff(out16, ref16)
-    print(f"bf16 {tuple(shape[2:])} strips={strip_rows}: untiled-bf16 vs fp32 {bf16_err:.4f}, "
-          f"tiled-bf16 vs fp32 {ours_err:.4f}, tiled vs untiled bf16 {vs_untiled:.4f}")
+    print(
+        f"bf16 {tuple(shape[2:])} strips={strip_rows}: untiled-bf16 vs fp32 {bf16_err:.4f}, "
+        f"tiled-bf16 vs fp32 {ours_err:.4f}, tiled vs untiled bf16 {vs_untiled:.4f}"
+    )
     # Tolerance: bf16 keeps 8 significant bits (1 ulp = 0.03 at |x| in [4, 8)), and each of ~25 layers rounds
     # its output, so the untiled bf16 decode is itself off fp32 by bf16_err (0.06-0.12 here). The tiled decode
     # performs the same roundings in another summation order, so it must be as close to fp32 (within 1.5x;
@@ -145,7 +149,7 @@ def test_output_written_fresh(vae: AutoencoderKL, monkeypatch: pytest.MonkeyPatc
     def poisoned(self, shape, device):  # every buffer starts as NaN: an unwritten row would show
         return torch.full(shape, float("nan"), dtype=self.dtype, device=device)
 
-    monkeypatch.setattr(vt._Ctx, "alloc", poisoned)
+    monkeypatch.setattr(vs.StripContext, "alloc", poisoned)
     z = _latents((1, 16, 11, 14))
     z_before = z.clone()
     out = vt.decode_exact_tiled(vae, z, strip_rows=4, home_device="cpu")
@@ -200,9 +204,11 @@ def test_peak_live_bytes_below_untiled(vae: AutoencoderKL) -> None:
     with _LiveBytes() as tiled:
         out = vt.decode_exact_tiled(vae, z, strip_rows=16)
     assert _maxdiff(out, ref) < 1e-4
-    est = vt.estimate_untiled_decode_bytes(vae, 512, 512, torch.float32)
-    print(f"\npeak live bytes at 512x512 fp32: untiled {untiled.peak / 2**20:.1f} MiB "
-          f"(estimate {est / 2**20:.1f} MiB), exact tiled {tiled.peak / 2**20:.1f} MiB")
+    est = vm.estimate_untiled_decode_bytes(vae, 512, 512, torch.float32)
+    print(
+        f"\npeak live bytes at 512x512 fp32: untiled {untiled.peak / 2**20:.1f} MiB "
+        f"(estimate {est / 2**20:.1f} MiB), exact tiled {tiled.peak / 2**20:.1f} MiB"
+    )
     assert untiled.peak > 0 and tiled.peak > 0
     assert tiled.peak < 0.5 * untiled.peak
     assert 0.8 * untiled.peak <= est <= 1.25 * untiled.peak  # the formula models diffusers' liveness
@@ -210,15 +216,15 @@ def test_peak_live_bytes_below_untiled(vae: AutoencoderKL) -> None:
 
 def test_estimate_and_should_tile(vae: AutoencoderKL) -> None:
     bf16 = torch.bfloat16
-    sizes = [vt.estimate_untiled_decode_bytes(FLUX_VAE_CONFIG, s, s, bf16) for s in (1024, 2048, 4096)]
+    sizes = [vm.estimate_untiled_decode_bytes(FLUX_VAE_CONFIG, s, s, bf16) for s in (1024, 2048, 4096)]
     assert sizes[0] < sizes[1] < sizes[2]
     assert sizes[2] > 14 * 2**30  # a plain 4K decode does not fit a 16 GB card
-    assert vt.estimate_untiled_decode_bytes(FLUX_VAE_CONFIG, 4096, 4096, bf16, batch=2) == 2 * sizes[2]
-    assert vt.estimate_untiled_decode_bytes(FLUX_VAE_CONFIG, 4096, 4096, torch.float32) == 2 * sizes[2]
+    assert vm.estimate_untiled_decode_bytes(FLUX_VAE_CONFIG, 4096, 4096, bf16, batch=2) == 2 * sizes[2]
+    assert vm.estimate_untiled_decode_bytes(FLUX_VAE_CONFIG, 4096, 4096, torch.float32) == 2 * sizes[2]
     # the stored maps of the tiled decode at 4K are a quarter of the untiled peak
-    assert vt._tiled_home_bytes(FLUX_VAE_CONFIG, 512, 512, bf16, 1) <= sizes[2] // 4
-    assert vt.should_tile(vae, 1024, 1024, free_bytes=1 << 20)
-    assert not vt.should_tile(vae, 1024, 1024, free_bytes=1 << 40)
+    assert vm.tiled_home_bytes(FLUX_VAE_CONFIG, 512, 512, bf16, 1) <= sizes[2] // 4
+    assert vm.should_tile(vae, 1024, 1024, free_bytes=1 << 20)
+    assert not vm.should_tile(vae, 1024, 1024, free_bytes=1 << 40)
 
 
 def test_decode_modes(vae: AutoencoderKL, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -261,10 +267,19 @@ def test_rejects_what_it_cannot_reproduce(vae: AutoencoderKL) -> None:
 def test_home_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     z = torch.empty((1, 16, 512, 512), device="meta")  # a 4K FLUX latent; only its shape is read
     cuda, cpu, bf16 = torch.device("cuda", 0), torch.device("cpu"), torch.bfloat16
-    assert vt._default_home_device(FLUX_VAE_CONFIG, cpu, z, bf16, 64) == cpu
+    assert vt.default_home_device(FLUX_VAE_CONFIG, cpu, z, bf16, 64) == cpu
     monkeypatch.setattr(vt, "_free_device_bytes", lambda device: 40 << 30)
-    assert vt._default_home_device(FLUX_VAE_CONFIG, cuda, z, bf16, 64) == cuda  # 6 GiB of stored maps fit
+    assert vt.default_home_device(FLUX_VAE_CONFIG, cuda, z, bf16, 64) == cuda  # 6 GiB of stored maps fit
     monkeypatch.setattr(vt, "_free_device_bytes", lambda device: 8 << 30)
-    assert vt._default_home_device(FLUX_VAE_CONFIG, cuda, z, bf16, 64) == cpu
+    assert vt.default_home_device(FLUX_VAE_CONFIG, cuda, z, bf16, 64) == cpu
     monkeypatch.setattr(vt, "_free_device_bytes", lambda device: None)
-    assert vt._default_home_device(FLUX_VAE_CONFIG, cuda, z, bf16, 64) == cpu
+    assert vt.default_home_device(FLUX_VAE_CONFIG, cuda, z, bf16, 64) == cpu
+    # the threshold: stored maps + working set, with the one headroom of plan/vae.py
+    need = (
+        vm.tiled_home_bytes(FLUX_VAE_CONFIG, 512, 512, bf16, 1)
+        + vm.tiled_working_bytes(FLUX_VAE_CONFIG, 512, 512, bf16, 1, 64)
+    ) * vm.HEADROOM
+    monkeypatch.setattr(vt, "_free_device_bytes", lambda device: int(need) + 1)
+    assert vt.default_home_device(FLUX_VAE_CONFIG, cuda, z, bf16, 64) == cuda
+    monkeypatch.setattr(vt, "_free_device_bytes", lambda device: int(need) - 1)
+    assert vt.default_home_device(FLUX_VAE_CONFIG, cuda, z, bf16, 64) == cpu

@@ -2,43 +2,96 @@
 
 from __future__ import annotations
 
-import argparse
 import pytest
 from PIL import Image
 
 from urae_lite.cli import main
+from urae_lite.model_files import resolve_files
 from urae_lite.plan import best_config
+from urae_lite.plan.choose import model_fields
+from urae_lite.plan.search import options
 
 
 def test_generate_vram_uses_the_planners_pick(tiny_flux, tmp_path, capsys):
     out = tmp_path / "x.png"
-    args = ["generate", "a fox", "--model", str(tiny_flux), "--width", "128", "--height", "128", "--steps", "1",
-            "--device", "cpu", "--out", str(out)]
-    assert main(args + ["--vram", "48"]) == 0
-    expected = best_config("generate", 128, 128, 48).best.config
-    assert f"planner picks --quant {expected.quant} --offload {expected.offload}" in capsys.readouterr().out
+    args = [
+        "generate",
+        "a fox",
+        "--model",
+        str(tiny_flux),
+        "--width",
+        "128",
+        "--height",
+        "128",
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    assert main(args + ["--vram", "48", "--ram", "20"]) == 0  # planned for the model's own config
+    fields = model_fields(resolve_files(str(tiny_flux)))
+    expected = best_config("generate", 128, 128, 48, ram_gib=20, **fields).best.config
+    assert f"planner picks {options(expected)} " in capsys.readouterr().out
     assert Image.open(out).info["quant"] == expected.quant
-    assert main(args + ["--vram", "48", "--quant", "nf4"]) == 0  # a --quant the user gave stays
-    assert Image.open(out).info["quant"] == "nf4"
+    assert main(args + ["--vram", "48", "--ram", "20", "--quant", "nf4", "--ff-chunks", "3"]) == 0  # given: stay
+    assert "--quant nf4 " in capsys.readouterr().out and Image.open(out).info["quant"] == "nf4"
+    assert main(args + ["--vram", "48", "--ram", "20", "--blocks-to-swap", "3"]) == 0  # given: stays, and runs
+    assert "--blocks-to-swap 3" in capsys.readouterr().out
 
 
 def test_generate_vram_too_small_is_one_clear_error(tiny_flux, tmp_path, capsys):
-    code = main(["generate", "a fox", "--model", str(tiny_flux), "--width", "4096", "--height", "4096",
-                 "--vram", "2", "--out", str(tmp_path / "x.png")])
+    code = main(
+        [
+            "generate",
+            "a fox",
+            "--model",
+            str(tiny_flux),
+            "--width",
+            "4096",
+            "--height",
+            "4096",
+            "--vram",
+            "2",
+            "--out",
+            str(tmp_path / "x.png"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "GiB" in err
 
 
-@pytest.mark.parametrize("overrides,fixed_quant,vram", [([], None, 16.0), (["quant=fp8"], "fp8", 24.0)])
-def test_train_vram_sets_quant_and_checkpointing(overrides, fixed_quant, vram):
-    from urae_lite.train.cli import _plan_memory
+@pytest.mark.parametrize(
+    "overrides,fixed,vram",
+    [([], {}, 8.0), (["quant=fp8"], {"quant": "fp8"}, 24.0), (["training.ff_chunks=4"], {"ff_chunks": 4}, 12.0)],
+)
+def test_train_vram_sets_the_memory_settings_and_keeps_the_users(tiny_flux, overrides, fixed, vram):
+    """Planned for the recipe's model, whose depth bounds blocks_to_swap (here the tiny one)."""
+    from urae_lite.train.cli import vram_overrides
     from urae_lite.train.config import load_recipe
 
-    overrides = ["data.dir=x", "output_dir=y", *overrides]
+    overrides = ["data.dir=x", "output_dir=y", f"model={tiny_flux}", *overrides]
     cfg = load_recipe("recipes/train_2k_lora.yaml", overrides)
-    _plan_memory(cfg, argparse.Namespace(vram=vram, overrides=overrides))
-    pick = best_config("train", 2048, 2048, vram, adapter="lora", rank=16, validation=True,
-                       **({"quant": fixed_quant} if fixed_quant else {})).best.config
-    assert (cfg.quant, cfg.training.checkpointing) == (pick.quant, pick.checkpointing)
-    if fixed_quant:
-        assert cfg.quant == fixed_quant
+    cfg = load_recipe("recipes/train_2k_lora.yaml", [*vram_overrides(cfg, overrides, vram, 24), *overrides])
+    pick = best_config(
+        "train",
+        2048,
+        2048,
+        vram,
+        24,
+        adapter="lora",
+        rank=16,
+        validation=True,
+        optimizer="prodigy",
+        **model_fields(resolve_files(str(tiny_flux))),
+        **fixed,
+    ).best.config
+    t = cfg.training
+    assert (cfg.quant, t.checkpointing, t.blocks_to_swap, t.ff_chunks) == (
+        pick.quant,
+        pick.checkpointing,
+        pick.blocks_to_swap,
+        pick.ff_chunks,
+    )
+    assert all(getattr(pick, k) == v for k, v in fixed.items())

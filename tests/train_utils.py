@@ -20,8 +20,9 @@ def make_image(width: int, height: int, seed: int):
 
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    channels = [np.sin(2 * np.pi * (rng.uniform(0.5, 2) * x + rng.uniform(0.5, 2) * y + rng.uniform()))
-                for _ in range(3)]
+    channels = [
+        np.sin(2 * np.pi * (rng.uniform(0.5, 2) * x + rng.uniform(0.5, 2) * y + rng.uniform())) for _ in range(3)
+    ]
     image = 127.5 + 100 * np.stack(channels, -1) + rng.normal(0, 8, (height, width, 3))
     return Image.fromarray(image.clip(0, 255).astype(np.uint8))
 
@@ -30,15 +31,29 @@ def make_dataset(folder: Path, sizes=SIZES) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i, (w, h) in enumerate(sizes):
         make_image(w, h, i).save(folder / f"image_{i}.{('png', 'jpg', 'webp')[i % 3]}")
-        (folder / f"image_{i}.json").write_text(json.dumps(
-            {"prompt": f"photo {i}", "generated_prompt": f"a detailed photo of a red flower in a garden, number {i}"}))
+        (folder / f"image_{i}.json").write_text(
+            json.dumps(
+                {
+                    "prompt": f"photo {i}",
+                    "generated_prompt": f"a detailed photo of a red flower in a garden, number {i}",
+                }
+            )
+        )
     return folder
 
 
 def recipe_overrides(model: Path, data: Path, out: Path, **extra) -> list[str]:
     """Settings that make a recipe run on the tiny model on the CPU in well under a second per step."""
-    settings = {"model": str(model), "data.dir": str(data), "data.resolution": RESOLUTION, "output_dir": str(out),
-                "device": "cpu", "validation.every": 0, "checkpoint.every": 0, "training.steps": 4}
+    settings = {
+        "model": str(model),
+        "data.dir": str(data),
+        "data.resolution": RESOLUTION,
+        "output_dir": str(out),
+        "device": "cpu",
+        "validation.every": 0,
+        "checkpoint.every": 0,
+        "training.steps": 4,
+    }
     settings.update(extra)
     return [f"{k}={v}" for k, v in settings.items()]
 

@@ -5,18 +5,35 @@ from .adapter_io import AdapterFile, attach_adapter, read_adapter, save_adapter
 from .component_files import ComponentFiles
 from .convert import convert_urae_4k
 from .errors import UraeError
-from .loader import add_lora, load_transformer
+from .loader import LoadSpec, add_lora, load_transformer, read_transformer
 from .minor import MinorSpec
+from .model_files import ModelFiles, resolve_files
 from .prepare import prepare
 from .quant import QUANT_FORMATS, QuantizedWeight
+from .version import __version__ as __version__
 
 __all__ = [
-    "AdaptedLinear", "LowRankSlice", "AdapterFile", "attach_adapter", "read_adapter", "save_adapter",
-    "convert_urae_4k", "UraeError", "MinorSpec", "add_lora", "load_transformer", "prepare",
-    "load_pipeline", "ComponentFiles",
-    "QUANT_FORMATS", "QuantizedWeight",
+    "AdaptedLinear",
+    "LowRankSlice",
+    "AdapterFile",
+    "attach_adapter",
+    "read_adapter",
+    "save_adapter",
+    "convert_urae_4k",
+    "UraeError",
+    "MinorSpec",
+    "add_lora",
+    "load_transformer",
+    "prepare",
+    "LoadSpec",
+    "read_transformer",
+    "ModelFiles",
+    "resolve_files",
+    "load_pipeline",
+    "ComponentFiles",
+    "QUANT_FORMATS",
+    "QuantizedWeight",
 ]
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):

@@ -65,8 +65,7 @@ class _FrozenBaseLinear(torch.autograd.Function):
 class AdaptedLinear(nn.Module):
     """Drop-in for nn.Linear inside FLUX blocks; the base weight lives in `self.base` (NF4/FP8/bf16 buffers)."""
 
-    def __init__(self, base: QuantizedWeight | None, bias: torch.Tensor | None,
-                 in_features: int, out_features: int):
+    def __init__(self, base: QuantizedWeight | None, bias: torch.Tensor | None, in_features: int, out_features: int):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.base = base
@@ -74,26 +73,42 @@ class AdaptedLinear(nn.Module):
         self.slices = nn.ModuleDict()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fmt: str, dtype: torch.dtype = torch.bfloat16) -> "AdaptedLinear":
+    def from_linear(cls, linear: nn.Linear, fmt: str, dtype: torch.dtype = torch.bfloat16) -> AdaptedLinear:
         base = QuantizedWeight.quantize(linear.weight.data, fmt, dtype)
         bias = None if linear.bias is None else linear.bias.data.to(dtype)
         return cls(base, bias, linear.in_features, linear.out_features)
 
     # ---- slices --------------------------------------------------------------------------------------
-    def add_slice(self, name: str, A: torch.Tensor, B: torch.Tensor, scale: float = 1.0,
-                  trainable: bool = False, dtype: torch.dtype = torch.bfloat16) -> LowRankSlice:
+    def add_slice(
+        self,
+        name: str,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        scale: float = 1.0,
+        trainable: bool = False,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> LowRankSlice:
         """Attach factors A (r, in_features), B (out_features, r); names are unique per module."""
         if A.shape[1] != self.in_features or B.shape[0] != self.out_features:
-            raise ValueError(f"adapter '{name}' has A {tuple(A.shape)}, B {tuple(B.shape)} but the layer is "
-                             f"{self.out_features}x{self.in_features}")
+            raise ValueError(
+                f"adapter '{name}' has A {tuple(A.shape)}, B {tuple(B.shape)} but the layer is "
+                f"{self.out_features}x{self.in_features}"
+            )
         device = next(self.base.buffers()).device  # the base is filled first; a bias may still be a meta placeholder
-        piece = LowRankSlice(A.detach().to(device, dtype).clone(), B.detach().to(device, dtype).clone(),
-                             scale, trainable)
+        piece = LowRankSlice(
+            A.detach().to(device, dtype).clone(), B.detach().to(device, dtype).clone(), scale, trainable
+        )
         self.slices[name] = piece
         return piece
 
-    def add_lora(self, name: str, rank: int, alpha: float | None = None, generator: torch.Generator | None = None,
-                 dtype: torch.dtype = torch.bfloat16) -> LowRankSlice:
+    def add_lora(
+        self,
+        name: str,
+        rank: int,
+        alpha: float | None = None,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> LowRankSlice:
         """A fresh trainable LoRA: A Kaiming-uniform (as peft), B zero, so the layer is unchanged at init."""
         A = torch.empty(rank, self.in_features)
         bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) as nn.Linear and peft use
@@ -134,8 +149,9 @@ class AdaptedLinear(nn.Module):
             return kernels.adapted_linear(x, self.base, bias, A.to(dtype), B.to(dtype), n_trainable)
         return self.forward_reference(x, bias, branch)
 
-    def forward_reference(self, x: torch.Tensor, bias: torch.Tensor | None,
-                          branch: tuple[torch.Tensor, torch.Tensor, int] | None) -> torch.Tensor:
+    def forward_reference(
+        self, x: torch.Tensor, bias: torch.Tensor | None, branch: tuple[torch.Tensor, torch.Tensor, int] | None
+    ) -> torch.Tensor:
         """Plain PyTorch: dequantize-and-matmul for the base, (x·Aᵀ)·Bᵀ for the branch."""
         with torch.autocast(x.device.type, enabled=False):
             y = _FrozenBaseLinear.apply(x, self.base)

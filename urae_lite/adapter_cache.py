@@ -10,32 +10,18 @@ schnell). If that folder is read-only the cache goes to `$URAE_LITE_CACHE/conver
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from .adapter_io import AdapterFile, read_adapter
-from .checkpoint import file_digest
 from .convert import convert_urae_4k
 from .errors import UraeError
-from .loader import PREPARED_MARKER, resolve_model, transformer_folder
+from .model_files import ModelFiles
+from .safetensors_io import file_digest
 
 SAMPLE_BYTES = 2**20  # bytes hashed at each sampled offset of a base weight file
 SAMPLE_STRIDE = 2**30  # one sample per GiB, plus the header and the file's end
-
-
-def full_precision_folder(model: str | os.PathLike) -> Path:
-    """The transformer folder with unquantized weights (a `prepare`d folder points at its source)."""
-    folder = transformer_folder(resolve_model(model))
-    marker = folder / PREPARED_MARKER
-    if not marker.is_file():
-        return folder
-    source = Path(json.loads(marker.read_text()).get("source", ""))
-    if not (source / "config.json").is_file() and not source.is_file():  # prepared from a folder or a file
-        raise UraeError(f"{folder} is a prepared (quantized) checkpoint and its source {source} is gone; a URAE 4K "
-                        f"adapter needs the full-precision base once: pass the original model folder")
-    return source
 
 
 def base_fingerprint(folder: Path) -> str:
@@ -60,15 +46,17 @@ def cache_key(base: Path, lora: AdapterFile, minor: AdapterFile) -> str:
 
 
 def _cache_dirs(minor_path: Path) -> list[Path]:
-    root = Path(os.environ.get("URAE_LITE_CACHE") or
-                Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "urae_lite").expanduser()
+    root = Path(
+        os.environ.get("URAE_LITE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "urae_lite"
+    ).expanduser()
     return [minor_path.parent, root / "converted"]
 
 
-def converted_4k(model: str | os.PathLike, lora: AdapterFile, minor: AdapterFile, svd_device: str | None = None,
-                 progress: bool = True) -> Path:
+def converted_4k(
+    model: ModelFiles, lora: AdapterFile, minor: AdapterFile, svd_device: str | None = None, progress: bool = True
+) -> Path:
     """Path of the exact LoRA for base + 2K + 4K, converting only when no cached file has this content key."""
-    base = full_precision_folder(model)
+    base = model.full_precision  # a `prepare`d folder points at its source
     name = f"{Path(minor.path).stem}.{cache_key(base, lora, minor)}.converted.safetensors"
     dirs = _cache_dirs(Path(minor.path))
     for d in dirs:
@@ -80,13 +68,15 @@ def converted_4k(model: str | os.PathLike, lora: AdapterFile, minor: AdapterFile
         except OSError:
             continue
         if os.access(d, os.W_OK):
-            return convert_urae_4k(base, lora, minor, d / name, svd_device=svd_device, progress=progress)
-    raise UraeError(f"cannot write the converted 4K adapter to {dirs[0]} or {dirs[1]}: set URAE_LITE_CACHE to a "
-                    f"writable folder")
+            return convert_urae_4k(model, lora, minor, d / name, svd_device=svd_device, progress=progress)
+    raise UraeError(
+        f"cannot write the converted 4K adapter to {dirs[0]} or {dirs[1]}: set URAE_LITE_CACHE to a writable folder"
+    )
 
 
-def resolve_adapters(model: str | os.PathLike, adapters: Sequence[str | os.PathLike], svd_device: str | None = None,
-                     progress: bool = True) -> list[AdapterFile]:
+def resolve_adapters(
+    model: ModelFiles, adapters: Sequence[str | os.PathLike], svd_device: str | None = None, progress: bool = True
+) -> list[AdapterFile]:
     """Read the adapter files in order; each URAE 4K file replaces itself and the LoRA listed right before it
     (its 2K adapter) by their cached conversion, which already contains that LoRA."""
     out: list[AdapterFile] = []

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from .adapted_linear import AdaptedLinear
-from .checkpoint import atomic_save_file, load_file_checked
 from .errors import UraeError
+from .safetensors_io import atomic_save_file, load_file_checked
 
 URAE_MINOR_KEY = re.compile(r"^(?:transformer\.)?(.+)\.attn\.processor\.to_(q|k|v|out)_(a|b)\.weight$")
 PEFT_KEY = re.compile(r"^(.+)\.lora_(A|B)(?:\.default)?\.weight$")
@@ -62,7 +62,7 @@ class AdapterFile:
 def _strip_prefix(name: str) -> str:
     for p in KNOWN_PREFIXES:
         if name.startswith(p):
-            name = name[len(p):]
+            name = name[len(p) :]
     return name
 
 
@@ -102,8 +102,9 @@ def _parse_peft(tensors: dict[str, torch.Tensor], path: str) -> AdapterFile:
             raise UraeError(f"{path}: module {module} lacks its lora_{'B' if 'A' in ab else 'A'} weight")
         A, B = ab["A"], ab["B"]
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise UraeError(f"{path}: module {module} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
-                            f"which do not chain")
+            raise UraeError(
+                f"{path}: module {module} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, which do not chain"
+            )
         scale = alphas[module] / A.shape[0] if module in alphas else 1.0
         modules[module] = LoraFactors(A, B, scale)
     if not modules:
@@ -151,20 +152,27 @@ def check_fits(modules: dict[str, nn.Module], adapter: AdapterFile) -> None:
         layer = modules.get(name)
         if not isinstance(layer, AdaptedLinear):
             hint = "not in this model" if layer is None else f"a {type(layer).__name__}, not an adapted block linear"
-            raise UraeError(f"adapter {adapter.path} does not match the base: module {name} is {hint} "
-                            f"(is it a FLUX.1 transformer adapter?)")
+            raise UraeError(
+                f"adapter {adapter.path} does not match the base: module {name} is {hint} "
+                f"(is it a FLUX.1 transformer adapter?)"
+            )
         if f.A.shape[1] != layer.in_features or f.B.shape[0] != layer.out_features:
-            raise UraeError(f"adapter {adapter.path} does not match the base: module {name} has lora_A "
-                            f"{tuple(f.A.shape)} and lora_B {tuple(f.B.shape)} but the layer is "
-                            f"{layer.out_features}x{layer.in_features} (out x in)")
+            raise UraeError(
+                f"adapter {adapter.path} does not match the base: module {name} has lora_A "
+                f"{tuple(f.A.shape)} and lora_B {tuple(f.B.shape)} but the layer is "
+                f"{layer.out_features}x{layer.in_features} (out x in)"
+            )
 
 
-def attach_adapter(model: nn.Module, adapter: AdapterFile, name: str, trainable: bool = False,
-                   dtype: torch.dtype = torch.bfloat16) -> int:
+def attach_adapter(
+    model: nn.Module, adapter: AdapterFile, name: str, trainable: bool = False, dtype: torch.dtype = torch.bfloat16
+) -> int:
     """Add the adapter's factors as slice `name` on each of its modules; returns how many modules."""
     if adapter.kind != "lora":
-        raise UraeError(f"{adapter.path} is a URAE 4K minor-component adapter: it needs the full-precision base. "
-                        f"Pass it to load_transformer(..., adapters=[2k, 4k]) or run `urae-lite convert` first")
+        raise UraeError(
+            f"{adapter.path} is a URAE 4K minor-component adapter: it needs the full-precision base. "
+            f"Pass it to load_transformer(..., adapters=[2k, 4k]) or run `urae-lite convert` first"
+        )
     modules = dict(model.named_modules())
     check_fits(modules, adapter)
     for module, f in adapter.modules.items():
@@ -190,8 +198,11 @@ def collect_factors(model: nn.Module, slice_names: list[str] | None = None) -> d
     for module_name, layer in model.named_modules():
         if not isinstance(layer, AdaptedLinear):
             continue
-        chosen = [s for n, s in layer.slices.items()
-                  if (n in slice_names if slice_names is not None else _default_slice(layer, n))]
+        chosen = [
+            s
+            for n, s in layer.slices.items()
+            if (n in slice_names if slice_names is not None else _default_slice(layer, n))
+        ]
         if not chosen:
             continue
         scales = {s.scale for s in chosen}
@@ -217,12 +228,15 @@ def lora_state_dict(factors: dict[str, LoraFactors], dtype: torch.dtype = torch.
     return state
 
 
-def save_adapter(model_or_factors: nn.Module | dict[str, LoraFactors], path: str | os.PathLike,
-                 slice_names: list[str] | None = None, metadata: dict[str, str] | None = None,
-                 dtype: torch.dtype = torch.bfloat16) -> Path:
+def save_adapter(
+    model_or_factors: nn.Module | dict[str, LoraFactors],
+    path: str | os.PathLike,
+    slice_names: list[str] | None = None,
+    metadata: dict[str, str] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
     """Write a LoRA file that diffusers' `load_lora_weights` and our `read_adapter` both load."""
-    factors = (model_or_factors if isinstance(model_or_factors, dict)
-               else collect_factors(model_or_factors, slice_names))
+    factors = model_or_factors if isinstance(model_or_factors, dict) else collect_factors(model_or_factors, slice_names)
     if not factors:
         raise UraeError("nothing to save: the model carries no (trainable) adapter slices")
     meta = {"format": "urae_lite.lora", "version": "1"}

@@ -31,8 +31,15 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 def _cmd_convert(args: argparse.Namespace) -> None:
     from .convert import convert_urae_4k
 
-    out = convert_urae_4k(args.model, args.adapter_2k, args.adapter_4k, args.out, svd_device=args.svd_device,
-                          fmt=args.format)
+    out = convert_urae_4k(
+        args.model,
+        args.adapter_2k,
+        args.adapter_4k,
+        args.out,
+        svd_device=args.svd_device,
+        fmt=args.format,
+        base_pipeline=args.base_pipeline,
+    )
     print(f"wrote {out}")
 
 
@@ -45,8 +52,12 @@ def _cmd_tiny(args: argparse.Namespace) -> None:
 
 
 # Feature modules that add their own subcommands: each has `register(subparsers)` setting `func`.
-FEATURE_MODULES: tuple[str, ...] = ("urae_lite.train.cli", "urae_lite.generate", "urae_lite.plan.cli",
-                                    "urae_lite.export")
+FEATURE_MODULES: tuple[str, ...] = (
+    "urae_lite.train.cli",
+    "urae_lite.generate",
+    "urae_lite.plan.cli",
+    "urae_lite.export",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,10 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("prepare", help="quantize a FLUX transformer once and save it")
-    p.add_argument("--model", required=True, help="diffusers FLUX folder, hub id, single FLUX transformer "
-                   ".safetensors, or 'tiny'")
-    p.add_argument("--base-pipeline", help="with a single file as --model: the diffusers FLUX folder or hub id it "
-                   "belongs to (only its transformer/config.json is read; default: FLUX.1 defaults)")
+    p.add_argument(
+        "--model", required=True, help="diffusers FLUX folder, hub id, single FLUX transformer .safetensors, or 'tiny'"
+    )
+    p.add_argument(
+        "--base-pipeline",
+        help="with a single file as --model: the diffusers FLUX folder or hub id it "
+        "belongs to (only its transformer/config.json is read; default: FLUX.1 defaults)",
+    )
     p.add_argument("--quant", choices=QUANT_FORMATS, default="nf4")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu", help="where to quantize (cuda is much faster)")
@@ -79,12 +94,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="the authors' 4K adapter -> one exact plain LoRA for this base")
     p.add_argument("adapter_2k", help="urae_2k_adapter.safetensors")
     p.add_argument("adapter_4k", help="urae_4k_adapter.safetensors")
-    p.add_argument("--model", required=True, help="the FLUX base the adapters are used with (diffusers folder, "
-                   "hub id, or single transformer .safetensors)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="the FLUX base the adapters are used with (diffusers folder, hub id, or single transformer .safetensors)",
+    )
+    p.add_argument(
+        "--base-pipeline",
+        help="with a single file as --model: the diffusers FLUX folder or hub id it "
+        "belongs to (only its transformer/config.json is read; default: FLUX.1 defaults)",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--svd-device", default=None, help="device for the SVDs (e.g. cuda)")
-    p.add_argument("--format", choices=("diffusers", "kohya"), default="diffusers",
-                   help="diffusers keys, or kohya keys for ComfyUI / Forge (default: %(default)s)")
+    p.add_argument(
+        "--format",
+        choices=("diffusers", "kohya"),
+        default="diffusers",
+        help="diffusers keys, or kohya keys for ComfyUI / Forge (default: %(default)s)",
+    )
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("tiny", help="build the tiny offline FLUX model folder (for tests and the demo)")

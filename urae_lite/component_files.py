@@ -26,17 +26,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointReader
 from .console import library_bars_off
 from .errors import UraeError
+from .safetensors_io import CheckpointReader
 from .text_encoders import declared_class, load_component
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALE_SUFFIXES = (".scale_weight", ".scale_input")
 MARKERS = ("scaled_fp8",)  # ComfyUI's scaled-fp8 marker tensor
 # tensors some files carry that the diffusers pipeline's classes do not have
-DROPPED = ("text_projection.weight", "text_projection", "logit_scale", "embeddings.position_ids",
-           "text_model.embeddings.position_ids")
+DROPPED = (
+    "text_projection.weight",
+    "text_projection",
+    "logit_scale",
+    "embeddings.position_ids",
+    "text_model.embeddings.position_ids",
+)
 T5_TIED = ("shared.weight", "encoder.embed_tokens.weight")  # the same embedding under two names
 
 
@@ -53,10 +58,16 @@ class Kind:
 
 KINDS = {
     "vae": Kind("--vae", "vae", "the FLUX VAE", "ae.safetensors", "encoder.conv_in.weight"),
-    "clip": Kind("--clip", "text_encoder", "a CLIP-L text encoder", "clip_l.safetensors",
-                 "embeddings.token_embedding.weight"),
-    "t5": Kind("--t5", "text_encoder_2", "a T5 encoder", "t5xxl_fp16.safetensors",
-               "encoder.block.0.layer.0.SelfAttention.q.weight"),
+    "clip": Kind(
+        "--clip", "text_encoder", "a CLIP-L text encoder", "clip_l.safetensors", "embeddings.token_embedding.weight"
+    ),
+    "t5": Kind(
+        "--t5",
+        "text_encoder_2",
+        "a T5 encoder",
+        "t5xxl_fp16.safetensors",
+        "encoder.block.0.layer.0.SelfAttention.q.weight",
+    ),
 }
 
 
@@ -91,6 +102,7 @@ def _open(path: Path, kind: Kind) -> CheckpointReader:
 
 def _describe(names: list[str]) -> str:
     """What a file holds, judged by its tensor names, for the 'wrong file' message."""
+
     def has(*parts: str) -> bool:
         return any(p in n for n in names for p in parts)
 
@@ -111,13 +123,15 @@ def _prefix(path: Path, names: list[str], kind: Kind) -> str:
     """The file's own prefix before the component's names ('' for plain files), or the 'wrong file' line."""
     hits = sorted((n for n in names if n.endswith(kind.anchor)), key=len)
     if not hits:
-        raise UraeError(f"{path} is {_describe(names)}, not {kind.label}: {kind.option} takes a file like "
-                        f"{kind.example}")
+        raise UraeError(
+            f"{path} is {_describe(names)}, not {kind.label}: {kind.option} takes a file like {kind.example}"
+        )
     return hits[0][: -len(kind.anchor)]
 
 
-def _dequantized(reader: CheckpointReader, name: str, t: torch.Tensor, scales: set[str],
-                 dtype: torch.dtype) -> torch.Tensor:
+def _dequantized(
+    reader: CheckpointReader, name: str, t: torch.Tensor, scales: set[str], dtype: torch.dtype
+) -> torch.Tensor:
     """fp8 -> dtype (times the tensor's scale in a scaled-fp8 file); other tensors just cast."""
     if t.dtype in FP8:
         scale = name.rpartition(".")[0] + ".scale_weight"
@@ -137,7 +151,7 @@ def _tensors(reader: CheckpointReader, prefix: str, dtype: torch.dtype) -> Itera
 
 def _header_tensors(path: Path, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
     """Like `_tensors`, but meta tensors of the header's shapes: checks a 10 GB file without reading it."""
-    from .checkpoint import _open as open_safetensors
+    from .safetensors_io import open_safetensors
 
     with open_safetensors(path) as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
@@ -156,8 +170,10 @@ def _skeleton(root: Path, kind: Kind) -> nn.Module:
     cls = declared_class(root, kind.component)
     folder = root / kind.component
     if not (folder / "config.json").is_file():
-        raise UraeError(f"{folder} has no config.json: {kind.option} needs the base pipeline's {kind.component} "
-                        f"config (its widths) even when the weights come from a file")
+        raise UraeError(
+            f"{folder} has no config.json: {kind.option} needs the base pipeline's {kind.component} "
+            f"config (its widths) even when the weights come from a file"
+        )
     with init_empty_weights(include_buffers=False):
         if hasattr(cls, "from_config") and hasattr(cls, "load_config"):  # diffusers
             return cls.from_config(cls.load_config(folder))
@@ -172,16 +188,22 @@ def _check_fit(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, r
     base = f"the base pipeline's {kind.component} ({type(model).__name__}, {root / kind.component})"
     for name, t in tensors.items():
         if name in expected and tuple(t.shape) != expected[name]:
-            raise UraeError(f"{path} does not match {base}: its {name} is {tuple(t.shape)}, the base config "
-                            f"expects {expected[name]}; pass the file of the same model as the base pipeline")
+            raise UraeError(
+                f"{path} does not match {base}: its {name} is {tuple(t.shape)}, the base config "
+                f"expects {expected[name]}; pass the file of the same model as the base pipeline"
+            )
     extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise UraeError(f"{path} has {len(extra)} tensors that {base} does not (first: {extra[0]}): a larger "
-                        f"model than the base pipeline's? pass the file of the same model")
+        raise UraeError(
+            f"{path} has {len(extra)} tensors that {base} does not (first: {extra[0]}): a larger "
+            f"model than the base pipeline's? pass the file of the same model"
+        )
     missing = sorted(set(expected) - set(tensors))
     if missing:
-        raise UraeError(f"{path} lacks {len(missing)} tensors of {base} (first: {missing[0]}): an incomplete "
-                        f"download, or a smaller model than the base pipeline's")
+        raise UraeError(
+            f"{path} lacks {len(missing)} tensors of {base} (first: {missing[0]}): an incomplete "
+            f"download, or a smaller model than the base pipeline's"
+        )
 
 
 def _fill(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path, root: Path, kind: Kind) -> nn.Module:
@@ -222,8 +244,9 @@ def _named(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], kind: 
     return {k: v.contiguous() for k, v in tensors.items()}  # the 1x1-conv attention weights become views
 
 
-def _read(component: str, path: str | os.PathLike, root: Path, dtype: torch.dtype
-          ) -> tuple[nn.Module, dict[str, torch.Tensor], Path, Kind]:
+def _read(
+    component: str, path: str | os.PathLike, root: Path, dtype: torch.dtype
+) -> tuple[nn.Module, dict[str, torch.Tensor], Path, Kind]:
     """(empty skeleton, the file's tensors under its names in dtype, path, kind): the common part of loading."""
     kind = _kind(component)
     path = Path(path).expanduser()
@@ -250,8 +273,13 @@ def load_t5_file_nf4(path: str | os.PathLike, root: Path, dtype: torch.dtype) ->
     _check_fit(model, tensors, path, root, kind)
     cls = declared_class(root, kind.component)
     with library_bars_off():
-        return cls.from_pretrained(None, config=AutoConfig.from_pretrained(root / kind.component), state_dict=tensors,
-                                   quantization_config=nf4_config(model, dtype), dtype=dtype).eval()
+        return cls.from_pretrained(
+            None,
+            config=AutoConfig.from_pretrained(root / kind.component),
+            state_dict=tensors,
+            quantization_config=nf4_config(model, dtype),
+            dtype=dtype,
+        ).eval()
 
 
 def check_fits(files: ComponentFiles | None, root: Path) -> None:
@@ -276,8 +304,9 @@ def load_model(root: Path, component: str, files: ComponentFiles | None, dtype: 
     return load_component(root, component, dtype=dtype).eval()
 
 
-def pipeline_components(files: ComponentFiles | None, root: Path, dtype: torch.dtype,
-                        t5_nf4: bool = False) -> dict[str, nn.Module]:
+def pipeline_components(
+    files: ComponentFiles | None, root: Path, dtype: torch.dtype, t5_nf4: bool = False
+) -> dict[str, nn.Module]:
     """Keyword arguments for `FluxPipeline.from_pretrained`: diffusers then skips those folders' weights."""
     out = {}
     for component, path in (files or NO_FILES).given().items():
@@ -307,8 +336,9 @@ def file_identity(path: Path) -> str:
     except (OSError, struct.error) as e:
         raise UraeError(f"cannot read {path}: {e} (file truncated or corrupt?)") from e
     try:
-        header = json.dumps({k: v for k, v in json.loads(header).items() if k != "__metadata__"},
-                            sort_keys=True).encode()
+        header = json.dumps(
+            {k: v for k, v in json.loads(header).items() if k != "__metadata__"}, sort_keys=True
+        ).encode()
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         pass
     return f"{path.stat().st_size}:{hashlib.sha256(header).hexdigest()[:16]}"
@@ -317,12 +347,22 @@ def file_identity(path: Path) -> str:
 # ---- command line ------------------------------------------------------------------------------------------------
 def add_component_options(parser) -> None:
     """--vae / --clip / --t5 for `generate` and `cache` (argparse)."""
-    parser.add_argument("--vae", metavar="FILE", help="single-file FLUX VAE (ComfyUI's ae.safetensors) instead of "
-                        "the pipeline folder's vae/")
-    parser.add_argument("--clip", metavar="FILE", help="single-file CLIP-L text encoder (clip_l.safetensors) "
-                        "instead of the folder's text_encoder/")
-    parser.add_argument("--t5", metavar="FILE", help="single-file T5-XXL encoder (t5xxl_fp16 / t5xxl_fp8_e4m3fn"
-                        ".safetensors) instead of the folder's text_encoder_2/")
+    parser.add_argument(
+        "--vae",
+        metavar="FILE",
+        help="single-file FLUX VAE (ComfyUI's ae.safetensors) instead of the pipeline folder's vae/",
+    )
+    parser.add_argument(
+        "--clip",
+        metavar="FILE",
+        help="single-file CLIP-L text encoder (clip_l.safetensors) instead of the folder's text_encoder/",
+    )
+    parser.add_argument(
+        "--t5",
+        metavar="FILE",
+        help="single-file T5-XXL encoder (t5xxl_fp16 / t5xxl_fp8_e4m3fn"
+        ".safetensors) instead of the folder's text_encoder_2/",
+    )
 
 
 def component_files(args) -> ComponentFiles:

@@ -18,12 +18,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 #: libraries whose loggers and warnings a command keeps quiet (their errors still show)
-LIBRARIES = ("accelerate", "bitsandbytes", "diffusers", "huggingface_hub", "optimum", "peft", "safetensors",
-             "tokenizers", "torch", "transformers", "triton", "PIL")
+LIBRARIES = (
+    "accelerate",
+    "bitsandbytes",
+    "diffusers",
+    "huggingface_hub",
+    "optimum",
+    "peft",
+    "safetensors",
+    "tokenizers",
+    "torch",
+    "transformers",
+    "triton",
+    "PIL",
+)
 #: the libraries' own verbosity switches, read when they first configure their loggers
-_VERBOSITY_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
-                  "HF_HUB_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-                  "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+_VERBOSITY_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "HF_HUB_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
 PREFIX = "urae-lite: "
 
 

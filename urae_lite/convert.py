@@ -22,15 +22,23 @@ from .adapter_io import AdapterFile, LoraFactors, read_adapter, save_adapter
 from .destinations import check_output_file, write_with_fallback
 from .errors import UraeError
 from .export import check_format, write_lora
-from .loader import fused_like_authors, transformer_reader
+from .loader import fused_like_authors
 from .minor import minor_components
+from .model_files import ModelFiles, as_model_files, open_weights
 
 
-def convert_urae_4k(model: str | os.PathLike, adapter_2k: str | os.PathLike | AdapterFile,
-                    adapter_4k: str | os.PathLike | AdapterFile, out: str | os.PathLike,
-                    svd_device: str | None = None, progress: bool = True, fmt: str = "diffusers") -> Path:
+def convert_urae_4k(
+    model: str | os.PathLike | ModelFiles,
+    adapter_2k: str | os.PathLike | AdapterFile,
+    adapter_4k: str | os.PathLike | AdapterFile,
+    out: str | os.PathLike,
+    svd_device: str | None = None,
+    progress: bool = True,
+    fmt: str = "diffusers",
+    base_pipeline: str | os.PathLike | None = None,
+) -> Path:
     """Write the exact rank-48 (for r = 16) LoRA equivalent of base + 2K + 4K; returns `out`. `fmt`: diffusers
-    keys (default) or kohya keys for ComfyUI / Forge."""
+    keys (default) or kohya keys for ComfyUI / Forge. `base_pipeline`: as for a single-file `model` elsewhere."""
     check_output_file(out)
     check_format(fmt)
     lora = adapter_2k if isinstance(adapter_2k, AdapterFile) else read_adapter(adapter_2k)
@@ -39,13 +47,16 @@ def convert_urae_4k(model: str | os.PathLike, adapter_2k: str | os.PathLike | Ad
         raise UraeError(f"{lora.path} is not a LoRA file (the 2K adapter comes first, then the 4K one)")
     if minor.kind != "urae_minor":
         raise UraeError(f"{minor.path} is not a URAE 4K minor-component file (keys ...attn.processor.to_q_a.weight)")
-    reader = transformer_reader(model)  # a diffusers folder or a single (BFL) file: same tensors
+    files = as_model_files(model, base_pipeline)
+    reader = open_weights(files.full_precision)  # a diffusers folder or a single (BFL) file: same tensors
     factors: dict[str, LoraFactors] = {}
     for name, f4 in tqdm(minor.modules.items(), desc="SVD per target", disable=not progress):
         w0 = reader.get(f"{name}.weight")
         if tuple(w0.shape) != (f4.B.shape[0], f4.A.shape[1]):
-            raise UraeError(f"{minor.path} does not match the base: module {name} has A {tuple(f4.A.shape)}, "
-                            f"B {tuple(f4.B.shape)} but the weight is {tuple(w0.shape)}")
+            raise UraeError(
+                f"{minor.path} does not match the base: module {name} has A {tuple(f4.A.shape)}, "
+                f"B {tuple(f4.B.shape)} but the weight is {tuple(w0.shape)}"
+            )
         f2 = lora.modules.get(name)
         w1 = w0.float() + (f2.delta() if f2 is not None else 0.0)
         B0, A0 = minor_components(fused_like_authors(w1, w0.dtype), f4.rank, svd_device)
@@ -56,7 +67,7 @@ def convert_urae_4k(model: str | os.PathLike, adapter_2k: str | os.PathLike | Ad
         factors[name] = LoraFactors(torch.cat(As, 0), torch.cat(Bs, 1), 1.0)
     for name, f2 in lora.modules.items():  # 2K-only modules keep their LoRA
         factors.setdefault(name, LoraFactors(f2.A.float(), f2.B.float() * f2.scale, 1.0))
-    meta = {"converted_from": f"{Path(lora.path).name} + {Path(minor.path).name}", "base": str(model)}
+    meta = {"converted_from": f"{Path(lora.path).name} + {Path(minor.path).name}", "base": files.model}
     if fmt == "kohya":  # ComfyUI / Forge keys on the original (fused) module names, bf16 like the diffusers file
         stored = {n: LoraFactors(f.A.to(torch.bfloat16), f.B.to(torch.bfloat16), f.scale) for n, f in factors.items()}
         return write_lora(stored, out, fmt, meta)

@@ -19,21 +19,41 @@ from .report import RunReport
 DEMO_PROMPT = "a photo of a red fox in a snowy forest at golden hour, high resolution, detailed"
 
 
-def run_demo(out: str | os.PathLike = "urae_lite_demo.png", size: int = 2048, steps: int = 2, quant: str = "nf4",
-             seed: int = 0, progress: bool = True) -> Path:
+def run_demo(
+    out: str | os.PathLike = "urae_lite_demo.png",
+    size: int = 2048,
+    steps: int = 2,
+    quant: str = "nf4",
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
     from .pipeline import load_pipeline
 
     check_output_file(out)
     report = RunReport()
-    pipe = load_pipeline("tiny", quant=quant, preset="2k", minor=MinorSpec(rank=4, trainable=False),
-                         progress=progress, report=report, width=size, height=size, steps=steps,
-                         vae_tiling="on", vae_strip_rows=512, ntk=10.0, proportional_attention=True)
+    pipe = load_pipeline(
+        "tiny",
+        quant=quant,
+        preset="2k",
+        minor=MinorSpec(rank=4, trainable=False),
+        progress=progress,
+        report=report,
+        width=size,
+        height=size,
+        steps=steps,
+        vae_tiling="on",
+        vae_strip_rows=512,
+        ntk=10.0,
+        proportional_attention=True,
+    )
     result = pipe(DEMO_PROMPT, seed=seed, report=report)
     with report.stage("save png"):
         path = write_with_fallback(out, result.save, "image")
     n_adapted = sum(1 for m in pipe.transformer.modules() if getattr(m, "slices", None))
-    print(f"wrote {path}: {size}x{size}, tiny FLUX with a {quant} base and a rank-4 minor-component adapter on "
-          f"{n_adapted} linears, {steps} steps, proportional attention + NTK x10 + static shift "
-          f"{result.settings.shift}, exact tiled VAE")
+    print(
+        f"wrote {path}: {size}x{size}, tiny FLUX with a {quant} base and a rank-4 minor-component adapter on "
+        f"{n_adapted} linears, {steps} steps, proportional attention + NTK x10 + static shift "
+        f"{result.settings.shift}, exact tiled VAE"
+    )
     print(report.format())
     return path

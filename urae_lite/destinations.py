@@ -34,20 +34,24 @@ def _check_folder(folder: Path, option: str, target: Path, min_free_bytes: int) 
     if not folder.is_dir():
         raise UraeError(f"{option} {target}: {folder} is a file, not a folder; choose another {option}")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise UraeError(f"{option} {target}: cannot write in {folder} (no permission or a read-only disk); "
-                        f"choose another {option}")
+        raise UraeError(
+            f"{option} {target}: cannot write in {folder} (no permission or a read-only disk); choose another {option}"
+        )
     free = shutil.disk_usage(folder).free
     if free < min_free_bytes:
-        raise UraeError(f"{option} {target}: the disk holding {folder} is full ({free / 2**20:.0f} MiB free, "
-                        f"{min_free_bytes / 2**20:.0f} MiB needed); free some space or choose another {option}")
+        raise UraeError(
+            f"{option} {target}: the disk holding {folder} is full ({free / 2**20:.0f} MiB free, "
+            f"{min_free_bytes / 2**20:.0f} MiB needed); free some space or choose another {option}"
+        )
 
 
 def check_output_file(path: str | os.PathLike, option: str = "--out", min_free_bytes: int = MIN_FREE_BYTES) -> Path:
     """A file can be created (or replaced) at `path`; call before any work. Returns the path."""
     target = Path(path).expanduser()
     if target.is_dir():
-        raise UraeError(f"{option} {target} is a folder: give a file name inside it, e.g. {target / 'out'}"
-                        f"{target.suffix or ''}")
+        raise UraeError(
+            f"{option} {target} is a folder: give a file name inside it, e.g. {target / 'out'}{target.suffix or ''}"
+        )
     _check_folder(_existing_ancestor(target.parent), option, target, min_free_bytes)
     return target
 
@@ -77,6 +81,8 @@ def write_with_fallback(path: str | os.PathLike, write: Callable[[Path], Path], 
         try:
             saved = write(spare)
         except OSError as e2:
-            raise UraeError(f"cannot write the {what} to {path} ({reason}) nor to {spare} "
-                            f"({e2.strerror or e2}); free some disk space and run again") from e2
+            raise UraeError(
+                f"cannot write the {what} to {path} ({reason}) nor to {spare} "
+                f"({e2.strerror or e2}); free some disk space and run again"
+            ) from e2
         raise UraeError(f"cannot write the {what} to {path} ({reason}); it was saved to {saved} instead") from e

@@ -19,9 +19,9 @@ import torch
 
 from .adapter_io import LoraFactors, lora_state_dict, read_adapter
 from .bfl_layout import SWAPPED, swap_halves, to_bfl
-from .checkpoint import atomic_save_file
 from .destinations import check_output_file, write_with_fallback
 from .errors import UraeError
+from .safetensors_io import atomic_save_file
 
 FORMATS = ("kohya", "diffusers")
 MLP_RATIO = 4  # FLUX's proj_mlp rows per hidden unit, for a linear1 whose proj_mlp carries no LoRA
@@ -52,17 +52,19 @@ def fuse_parts(parts: tuple[str, ...], present: dict[int, LoraFactors]) -> LoraF
     hidden, dtype = first.A.shape[1], first.A.dtype
     scales = {f.scale for f in present.values()}
     keep = scales.pop() if len(scales) == 1 else 1.0  # a shared scale stays in alpha; mixed ones go into up
-    rows = [present[i].B.shape[0] if i in present else MLP_RATIO * hidden if p.endswith("proj_mlp") else hidden
-            for i, p in enumerate(parts)]
+    rows = [
+        present[i].B.shape[0] if i in present else MLP_RATIO * hidden if p.endswith("proj_mlp") else hidden
+        for i, p in enumerate(parts)
+    ]
     down = torch.zeros(len(parts) * rank, hidden, dtype=dtype)
     up = torch.zeros(sum(rows), len(parts) * rank, dtype=dtype)
     start = 0
     for i, n in enumerate(rows):
         if i in present:
             f = present[i]
-            down[i * rank: i * rank + f.rank] = f.A.to(dtype)
+            down[i * rank : i * rank + f.rank] = f.A.to(dtype)
             B = f.B if f.scale == keep else (f.B.float() * (f.scale / keep)).to(dtype)
-            up[start:start + n, i * rank: i * rank + f.rank] = B.to(dtype)
+            up[start : start + n, i * rank : i * rank + f.rank] = B.to(dtype)
         start += n
     return LoraFactors(down, up, keep)
 
@@ -102,8 +104,10 @@ def export_adapter(adapter: str | os.PathLike, fmt: str, out: str | os.PathLike)
     check_output_file(out)
     f = read_adapter(adapter)
     if f.kind != "lora":
-        raise UraeError(f"{adapter} is a URAE 4K minor-component file, which only means something against its base: "
-                        f"run `urae-lite convert 2K_FILE {adapter} --model BASE --out FILE` and export that FILE")
+        raise UraeError(
+            f"{adapter} is a URAE 4K minor-component file, which only means something against its base: "
+            f"run `urae-lite convert 2K_FILE {adapter} --model BASE --out FILE` and export that FILE"
+        )
     return write_lora(f.modules, out, fmt, {"exported_from": Path(adapter).name})
 
 
@@ -112,8 +116,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="adapter -> kohya LoRA (ComfyUI / Forge) or diffusers LoRA",
-                       description=__doc__)
+    p = sub.add_parser("export", help="adapter -> kohya LoRA (ComfyUI / Forge) or diffusers LoRA", description=__doc__)
     p.add_argument("adapter", help="our adapter, the authors' 2K file, or a converted 4K file (`urae-lite convert`)")
     p.add_argument("--format", choices=FORMATS, default="kohya", help="(default: %(default)s)")
     p.add_argument("--out", required=True, help=".safetensors file to write")

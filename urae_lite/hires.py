@@ -5,10 +5,11 @@
   + 64·64 image tokens. Multipliers: 1024² 1.000, 2048² 1.0743, 4096² 1.1470. An attention processor, on all
   57 blocks.
 * NTK RoPE: the rotary base θ = 10000 · ntk (same for the three axes; positions are not interpolated).
-* Static time shift: dynamic (resolution-dependent) shifting off, ``σ' = s·σ / (1 + (s−1)·σ)`` on
-  σ = linspace(1, 1/N, N). The authors' notebooks set ``time_shift = 10`` on the scheduler config, but no code
-  reads that name: their images were made with the scheduler's own ``shift`` (3.0 for dev, 1.0 for schnell),
-  so that is our default and ``shift`` is a setting. See docs/high-resolution.md.
+* Static time shift: dynamic (resolution-dependent) shifting off and a static ``shift``; it lives in
+  urae_lite/timeshift.py, shared with training's validation sampler. The authors' notebooks set
+  ``time_shift = 10`` on the scheduler config, but no code reads that name: their images were made with the
+  scheduler's own ``shift`` (3.0 for dev, 1.0 for schnell), so that is our default and ``shift`` is a setting.
+  See docs/high-resolution.md.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
@@ -42,9 +42,14 @@ class ProportionalAttnProcessor(FluxAttnProcessor):
         super().__init__()
         self.base_tokens = base_tokens
 
-    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None,
-                 image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         # (B, S, heads·D) -> (B, S, heads, D)
         query = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, (-1, attn.head_dim)))
         key = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, (-1, attn.head_dim)))
@@ -58,8 +63,15 @@ class ProportionalAttnProcessor(FluxAttnProcessor):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         scale = attention_scale(query.shape[1], attn.head_dim, self.base_tokens)  # N = text + image tokens
-        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, scale=scale,
-                                    backend=self._attention_backend, parallel_config=self._parallel_config)
+        out = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            scale=scale,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
         out = out.flatten(2, 3).to(query.dtype)  # (B, N, heads·D)
         if encoder_hidden_states is None:
             return out
@@ -79,13 +91,3 @@ def set_ntk(transformer: nn.Module, factor: float) -> None:
     if factor <= 0:
         raise ValueError(f"ntk factor must be positive, got {factor}")
     transformer.pos_embed.theta = BASE_THETA * factor
-
-
-def static_shift_scheduler(scheduler: FlowMatchEulerDiscreteScheduler,
-                           shift: float | None) -> FlowMatchEulerDiscreteScheduler:
-    """The scheduler with dynamic shifting off and a static `shift`; None keeps the model's own scheduler."""
-    if shift is None:
-        return scheduler
-    if shift <= 0:
-        raise ValueError(f"shift must be positive, got {shift}")
-    return FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, use_dynamic_shifting=False, shift=shift)

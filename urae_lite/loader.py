@@ -1,113 +1,53 @@
-"""Streaming loader: diffusers FLUX checkpoint -> FluxTransformer2DModel with quantized, adapted block linears.
+"""Streaming loader: the transformer a `ModelFiles` names -> FluxTransformer2DModel with quantized, adapted block
+linears, built as a `LoadSpec` says.
 
 The model is built on the meta device and filled tensor by tensor, so the full bf16 model never sits in host
 memory: each block weight is read, (optionally) decomposed for minor-component adapters, quantized on the target
-device and dropped before the next one is read.
+device and dropped before the next one is read. A folder written by `urae-lite prepare` is read back here too,
+its quantized tensors used as stored.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .adapted_linear import AdaptedLinear
-from .adapter_io import AdapterFile, check_fits, read_adapter
-from .checkpoint import CheckpointReader
+from .adapter_io import AdapterFile, attach_adapter, check_fits, read_adapter
+from .block_swap import swapped_block_names
 from .errors import UraeError
 from .minor import MinorSpec, add_minor_slices, minor_components
+from .model_files import ModelFiles, as_model_files
 from .quant import QuantizedWeight, check_quant_format
-from .single_file import (
-    SingleFileReader,
-    base_pipeline_root,
-    is_single_file,
-    open_single_file,
-)
 from .targets import block_linear_names, is_adapter_target
 
-PREPARED_MARKER = "urae_lite_quant.json"
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
+# ---- what to build -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadSpec:
+    """How to build the transformer, checked once here: the base's quant format, the device it is quantized on and
+    the compute dtype, frozen adapters attached in order as `adapter0, adapter1, ...` (a URAE 4K file right after
+    its 2K LoRA), an optional minor-component adapter initialised from the (base + adapters) weights, and
+    `park_blocks`: the last N blocks' frozen tensors stay in host memory as they load, for `enable_block_swap`
+    with the same N."""
 
-# ---- where the weights are ----------------------------------------------------------------------------------------
-def resolve_model(model: str | os.PathLike) -> Path:
-    """`tiny`, a local diffusers FLUX folder, or a Hugging Face hub id -> local pipeline (or transformer) folder;
-    a single transformer .safetensors file (ComfyUI / Forge layout) is returned as is."""
-    text = str(model)
-    if text in ("tiny", "tiny-dev", "tiny-schnell"):
-        from .tiny import tiny_flux_path
+    quant: str = "nf4"
+    device: torch.device | str = "cpu"
+    dtype: torch.dtype = torch.bfloat16
+    adapters: Sequence[str | os.PathLike | AdapterFile] = ()
+    minor: MinorSpec | None = None
+    progress: bool = True
+    park_blocks: int = 0
 
-        return tiny_flux_path("schnell" if text == "tiny-schnell" else "dev")
-    path = Path(text).expanduser()
-    if path.exists():
-        if not path.is_dir() and path.suffix != ".safetensors":
-            raise UraeError(f"--model {text} is a file but not .safetensors; pass a FLUX transformer .safetensors "
-                            f"file or the diffusers folder that holds model_index.json")
-        return path
-    if text.endswith(".safetensors"):
-        raise UraeError(f"model file not found: {text}")
-    if HUB_ID.match(text) and not text.startswith((".", "/")):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(text, allow_patterns=["*.json", "*.txt", "*.model", "transformer/*",
-                                                                 "vae/*", "text_encoder*/*", "tokenizer*/*",
-                                                                 "scheduler/*"]))
-        except Exception as e:  # offline, gated, unknown repo: all mean the same to the user
-            raise UraeError(f"cannot fetch {text} from the Hugging Face hub ({type(e).__name__}); "
-                            f"download it once and pass the local folder") from e
-    raise UraeError(f"model not found: {text} (a diffusers FLUX folder, a hub id like "
-                    f"black-forest-labs/FLUX.1-dev, or 'tiny')")
-
-
-def transformer_folder(root: Path) -> Path:
-    """The folder holding the transformer's config.json and weights (pipeline root or the subfolder itself); a
-    single transformer file stands for itself."""
-    if root.is_file():
-        return root
-    for cand in (root / "transformer", root):
-        if (cand / "config.json").is_file() or (cand / PREPARED_MARKER).is_file():
-            return cand
-    raise UraeError(f"{root} has no transformer/config.json: is it a diffusers FLUX folder?")
-
-
-def load_config(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UraeError(f"cannot read {folder / 'config.json'}: {e}") from e
-
-
-def open_transformer(model: str | os.PathLike, base_pipeline: str | os.PathLike | None = None
-                     ) -> tuple[dict, CheckpointReader | SingleFileReader]:
-    """(config, reader of diffusers-named tensors) for a diffusers folder, hub id, or single transformer file.
-
-    `base_pipeline` is only read for a single file (RoPE axes, and a check that its widths match the file).
-    """
-    if is_single_file(model):
-        return open_single_file(model, base_pipeline)
-    folder = transformer_folder(resolve_model(model))
-    return load_config(folder), CheckpointReader(folder)
-
-
-def transformer_reader(model: str | os.PathLike) -> CheckpointReader | SingleFileReader:
-    """Diffusers-named tensors of a folder, hub id or single transformer file, when no config is needed."""
-    return SingleFileReader(model) if is_single_file(model) else CheckpointReader(transformer_folder(resolve_model(model)))
-
-
-def components_root(model: str | os.PathLike, base_pipeline: str | os.PathLike | None = None) -> Path:
-    """The folder whose VAE, text encoders, tokenizers and scheduler go with `model` (the base pipeline of a
-    single transformer file, or `base_pipeline` when given)."""
-    if base_pipeline is None and not is_single_file(model):
-        return resolve_model(model)
-    variant = SingleFileReader(model).variant if is_single_file(model) else "dev"
-    return base_pipeline_root(base_pipeline, variant, model)
+    def __post_init__(self) -> None:
+        check_quant_format(self.quant)
+        object.__setattr__(self, "device", torch.device(self.device))
+        object.__setattr__(self, "adapters", tuple(self.adapters))
 
 
 # ---- building the skeleton -----------------------------------------------------------------------------------
@@ -140,42 +80,56 @@ def _adapter_plan(adapters: Sequence[str | os.PathLike | AdapterFile]) -> list[t
 
 
 # ---- streaming fill --------------------------------------------------------------------------------------------------
-def fill_transformer(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], quant: str,
-                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
-                     adapters: Sequence[str | os.PathLike | AdapterFile] = (), minor: MinorSpec | None = None,
-                     total: int | None = None, progress: bool = True) -> nn.Module:
-    """Consume (name, tensor) pairs into the meta skeleton from `empty_transformer`."""
+def fill_transformer(
+    model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], spec: LoadSpec, total: int | None = None
+) -> nn.Module:
+    """Consume (name, tensor) pairs into the meta skeleton from `empty_transformer`, as `spec` says.
+
+    The blocks `spec.park_blocks` names (the last ones, `single_transformer_blocks.37`, ...) have their frozen
+    tensors moved to host memory as soon as they are made (quantized on the device first), for block swap: the
+    device never holds those blocks while loading."""
     from accelerate.utils import set_module_tensor_to_device
 
-    check_quant_format(quant)
-    plan = _adapter_plan(adapters)
+    parked = swapped_block_names(model.config, spec.park_blocks)
+    plan = _adapter_plan(spec.adapters)
     modules = dict(model.named_modules())
     for _, f in plan:
         check_fits(modules, f)
-    bar = tqdm(tensors, total=total, desc=f"loading transformer ({quant})", unit="tensor", disable=not progress)
+    bar = tqdm(
+        tensors, total=total, desc=f"loading transformer ({spec.quant})", unit="tensor", disable=not spec.progress
+    )
     for name, tensor in bar:
         module_name, _, leaf = name.rpartition(".")
         layer = modules.get(module_name)
+        home = HOST if _in_blocks(name, parked) else spec.device
         if isinstance(layer, AdaptedLinear) and leaf == "weight":
-            _fill_linear(module_name, layer, tensor, quant, device, dtype, plan, minor)
+            _fill_linear(module_name, layer, tensor, spec, plan)
+            if home is HOST:
+                park_frozen(layer)
         elif isinstance(layer, AdaptedLinear) and leaf == "bias":
-            layer.bias = nn.Parameter(tensor.to(device, dtype), requires_grad=False)
+            layer.bias = nn.Parameter(tensor.to(home, spec.dtype), requires_grad=False)
         else:
             try:
-                set_module_tensor_to_device(model, name, device, value=tensor, dtype=dtype)
+                set_module_tensor_to_device(model, name, home, value=tensor, dtype=spec.dtype)
             except (AttributeError, ValueError, KeyError) as e:
-                raise UraeError(f"checkpoint tensor {name} {tuple(tensor.shape)} does not fit the model config: {e}")
+                raise UraeError(
+                    f"checkpoint tensor {name} {tuple(tensor.shape)} does not fit the model config: {e}"
+                ) from e
         del tensor
     _check_complete(model)
     return model
 
 
-def _fill_linear(name: str, layer: AdaptedLinear, weight: torch.Tensor, quant: str, device, dtype,
-                 plan: list[tuple[str, AdapterFile]], minor: MinorSpec | None) -> None:
+def _fill_linear(
+    name: str, layer: AdaptedLinear, weight: torch.Tensor, spec: LoadSpec, plan: list[tuple[str, AdapterFile]]
+) -> None:
     if tuple(weight.shape) != (layer.out_features, layer.in_features):
-        raise UraeError(f"checkpoint weight {name} is {tuple(weight.shape)} but the config expects "
-                        f"{(layer.out_features, layer.in_features)}")
-    layer.base = QuantizedWeight.quantize(weight.to(device), quant, dtype)
+        raise UraeError(
+            f"checkpoint weight {name} is {tuple(weight.shape)} but the config expects "
+            f"{(layer.out_features, layer.in_features)}"
+        )
+    dtype, minor = spec.dtype, spec.minor
+    layer.base = QuantizedWeight.quantize(weight.to(spec.device), spec.quant, dtype)
     w1: torch.Tensor | None = None  # W0 + the LoRAs listed so far, in fp32, only when an SVD needs it
     for slice_name, f in plan:
         factors = f.modules.get(name)
@@ -187,8 +141,9 @@ def _fill_linear(name: str, layer: AdaptedLinear, weight: torch.Tensor, quant: s
                 w1 = (weight.float() if w1 is None else w1) + factors.delta()
         else:  # URAE 4K: SVD of the base + 2K weights, as the authors' loader does
             base = weight.float() if w1 is None else w1
-            B0, A0 = minor_components(fused_like_authors(base, weight.dtype), factors.rank,
-                                      minor.svd_device if minor else None)
+            B0, A0 = minor_components(
+                fused_like_authors(base, weight.dtype), factors.rank, minor.svd_device if minor else None
+            )
             layer.add_slice(f"{slice_name}_residual", A0, -B0, trainable=False, dtype=dtype)
             layer.add_slice(slice_name, factors.A, factors.B, 1.0, trainable=False, dtype=dtype)
             if w1 is not None or _needs_svd(name, plan, minor):  # what later SVDs see: the weight as it now is
@@ -197,6 +152,23 @@ def _fill_linear(name: str, layer: AdaptedLinear, weight: torch.Tensor, quant: s
         base = weight.float() if w1 is None else fused_like_authors(w1, weight.dtype)
         B0, A0 = minor_components(base, minor.rank, minor.svd_device)
         add_minor_slices(layer, A0, B0, trainable=minor.trainable, dtype=dtype)
+
+
+HOST = torch.device("cpu")  # where parked blocks wait for block swap
+
+
+def _in_blocks(name: str, blocks: tuple[str, ...]) -> bool:
+    return bool(blocks) and any(name.startswith(f"{b}.") for b in blocks)
+
+
+def park_frozen(layer: AdaptedLinear) -> None:
+    """The layer's frozen tensors (quantized base, bias, frozen slices) to host memory; trainable slices stay."""
+    layer.base.to(HOST)
+    if layer.bias is not None:
+        layer.bias = nn.Parameter(layer.bias.data.to(HOST), requires_grad=False)
+    for piece in layer.slices.values():
+        if not piece.trainable:
+            piece.to(HOST)
 
 
 def fused_like_authors(w1: torch.Tensor, base_dtype: torch.dtype) -> torch.Tensor:
@@ -217,34 +189,99 @@ def _check_complete(model: nn.Module) -> None:
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     missing += [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, AdaptedLinear) and m.base is None]
     if missing:
-        raise UraeError(f"checkpoint is missing {len(missing)} tensors (first: {missing[0]}): "
-                        f"incomplete download or a non-FLUX checkpoint")
+        raise UraeError(
+            f"checkpoint is missing {len(missing)} tensors (first: {missing[0]}): "
+            f"incomplete download or a non-FLUX checkpoint"
+        )
+
+
+# ---- a prepared folder -------------------------------------------------------------------------------------------
+def _read_prepared(files: ModelFiles, spec: LoadSpec) -> nn.Module:
+    """Rebuild the model from a `prepare`d folder: its quantized tensors are used as stored (bit-identical)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    folder, marker = files.transformer, files.marker or {}
+    if marker.get("quant") != spec.quant:
+        raise UraeError(
+            f"{folder} was prepared as {marker.get('quant')}, not {spec.quant}: pass "
+            f"--quant {marker.get('quant')} or run `urae-lite prepare --quant {spec.quant}` again"
+        )
+    missing = [s for s in marker.get("shards", []) if not (folder / s).is_file()]
+    if missing:
+        raise UraeError(f"{folder} lacks {missing[0]}: the prepare run did not finish; run it again")
+    adapters = [a if isinstance(a, AdapterFile) else read_adapter(a) for a in spec.adapters]
+    if spec.minor is not None or any(f.kind == "urae_minor" for f in adapters):
+        raise UraeError(
+            "minor-component adapters need the full-precision weights: pass the original model "
+            "folder, not a prepared one"
+        )
+    model = empty_transformer(files.config)
+    parked = swapped_block_names(files.config, spec.park_blocks)
+    modules = dict(model.named_modules())
+    reader = files.reader()
+    grouped: dict[str, list[str]] = {}
+    for key in reader.keys():  # noqa: SIM118 (the readers are not iterable)
+        owner = next((m for m in _prefixes(key) if m in modules and hasattr(modules[m], "slices")), None)
+        grouped.setdefault(owner or key, []).append(key)
+    for owner, keys in tqdm(grouped.items(), desc=f"loading prepared ({spec.quant})", disable=not spec.progress):
+        in_parked = _in_blocks(owner, parked)
+        if owner in modules:  # an AdaptedLinear: its quantized weight (+ bias)
+            layer = modules[owner]
+            tensors = {k: reader.get(k).to(spec.device) for k in keys}
+            bias = tensors.pop(f"{owner}.bias", None)
+            layer.base = QuantizedWeight.from_state_tensors(
+                spec.quant, owner, tensors, (layer.out_features, layer.in_features), spec.dtype
+            )
+            if bias is not None:
+                layer.bias = nn.Parameter(bias.to(spec.dtype), requires_grad=False)
+            if in_parked:
+                park_frozen(layer)
+        else:
+            home = HOST if in_parked else spec.device
+            set_module_tensor_to_device(model, owner, home, value=reader.get(owner), dtype=spec.dtype)
+    _check_complete(model)
+    for i, f in enumerate(adapters):
+        attach_adapter(model, f, f"adapter{i}", dtype=spec.dtype)
+    return model
+
+
+def _prefixes(key: str) -> list[str]:
+    """`a.b.weight.absmax` -> ['a.b.weight', 'a.b', 'a']: candidate owning modules, longest first."""
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
 
 
 # ---- public entry points -------------------------------------------------------------------------------------------
-def load_transformer(model: str | os.PathLike, quant: str = "nf4", device: torch.device | str = "cpu",
-                     dtype: torch.dtype = torch.bfloat16, adapters: Sequence[str | os.PathLike | AdapterFile] = (),
-                     minor: MinorSpec | None = None, progress: bool = True,
-                     base_pipeline: str | os.PathLike | None = None) -> nn.Module:
-    """FLUX transformer with NF4/FP8/bf16 block linears and the given adapters attached as frozen slices.
+def read_transformer(files: ModelFiles, spec: LoadSpec) -> nn.Module:
+    """FLUX transformer with NF4/FP8/bf16 block linears and `spec.adapters` attached as frozen slices: streamed
+    from full-precision weights (diffusers folder or single file), or a prepared folder's tensors as stored."""
+    if files.format == "prepared":
+        model = _read_prepared(files, spec)
+    else:
+        reader = files.reader()
+        model = fill_transformer(empty_transformer(files.config), reader.iter_tensors(), spec, total=len(reader.keys()))
+    return model.eval()
+
+
+def load_transformer(
+    model: str | os.PathLike | ModelFiles,
+    quant: str = "nf4",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    adapters: Sequence[str | os.PathLike | AdapterFile] = (),
+    minor: MinorSpec | None = None,
+    progress: bool = True,
+    base_pipeline: str | os.PathLike | None = None,
+    park_blocks: int = 0,
+) -> nn.Module:
+    """`read_transformer(resolve_files(model, base_pipeline), LoadSpec(quant, ...))` in one call.
 
     `model`: a diffusers folder, hub id, `tiny`, a folder written by `urae-lite prepare`, or a single transformer
-    file (BFL or diffusers keys; `base_pipeline` as in `open_transformer`). `adapters` are loaded in
-    order as frozen slices `adapter0, adapter1, ...` (a URAE 4K file must follow its 2K LoRA). `minor` adds a
-    trainable minor-component adapter initialised from the (base + adapters) weights.
+    file (BFL or diffusers keys; `base_pipeline` gives its RoPE axes and checks its widths). The other arguments
+    are `LoadSpec`'s.
     """
-    check_quant_format(quant)
-    folder = transformer_folder(resolve_model(model))
-    if (folder / PREPARED_MARKER).is_file():
-        from .prepare import load_prepared
-
-        return load_prepared(folder, quant, device, dtype, adapters, minor, progress)
-    config, reader = open_transformer(folder, base_pipeline)
-    skeleton = empty_transformer(config)
-    filled = fill_transformer(skeleton, reader.iter_tensors(), quant, device, dtype, adapters, minor,
-                              total=len(reader.keys()), progress=progress)
-    filled.eval()
-    return filled
+    spec = LoadSpec(quant, device, dtype, adapters, minor, progress, park_blocks)
+    return read_transformer(as_model_files(model, base_pipeline), spec)
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
@@ -253,8 +290,9 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:
             yield name, m
 
 
-def add_lora(model: nn.Module, name: str, rank: int, alpha: float | None = None, targets: str = "authors",
-             seed: int = 0) -> int:
+def add_lora(
+    model: nn.Module, name: str, rank: int, alpha: float | None = None, targets: str = "authors", seed: int = 0
+) -> int:
     """A fresh trainable LoRA slice on every target; no-op at init (B = 0). Returns the number of modules."""
     gen = torch.Generator().manual_seed(seed)
     count = 0
@@ -263,4 +301,3 @@ def add_lora(model: nn.Module, name: str, rank: int, alpha: float | None = None,
             layer.add_lora(name, rank, alpha, generator=gen)
             count += 1
     return count
-

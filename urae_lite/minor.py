@@ -34,8 +34,9 @@ class MinorSpec:
     svd_device: str | None = None
 
 
-def minor_components(weight: torch.Tensor, rank: int, device: torch.device | str | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def minor_components(
+    weight: torch.Tensor, rank: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B0 (N, r), A0 (r, K)) from the r smallest singular triplets of `weight`, SVD in fp32.
 
     B0 = U[:, -r:]·sqrt(S[-r:]),  A0 = sqrt(S[-r:])·Vh[-r:, :]  (docs/method.md).
@@ -48,9 +49,15 @@ def minor_components(weight: torch.Tensor, rank: int, device: torch.device | str
     return (U[:, -rank:] * root).cpu(), (root[:, None] * Vh[-rank:, :]).cpu()
 
 
-def add_minor_slices(module: AdaptedLinear, A0: torch.Tensor, B0: torch.Tensor,
-                     A: torch.Tensor | None = None, B: torch.Tensor | None = None, trainable: bool = True,
-                     dtype: torch.dtype = torch.bfloat16) -> None:
+def add_minor_slices(
+    module: AdaptedLinear,
+    A0: torch.Tensor,
+    B0: torch.Tensor,
+    A: torch.Tensor | None = None,
+    B: torch.Tensor | None = None,
+    trainable: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
+) -> None:
     """Attach (B', A') (default: initialised to (B0, A0)) and the frozen residual slice (−B0, A0)."""
     module.add_slice(MINOR_SLICE, A0 if A is None else A, B0 if B is None else B, trainable=trainable, dtype=dtype)
     module.add_slice(MINOR_RESIDUAL_SLICE, A0, -B0, trainable=False, dtype=dtype)

@@ -38,9 +38,14 @@ def apply_offload(pipe, mode: str, device: torch.device) -> None:
     elif mode == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif mode == "group":
-        pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
-                                  offload_type="block_level", num_blocks_per_group=1,
-                                  use_stream=device.type == "cuda", exclude_modules=["vae"])
+        pipe.enable_group_offload(
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=device.type == "cuda",
+            exclude_modules=["vae"],
+        )
     else:
         _sequential(pipe, device)
 

@@ -28,10 +28,16 @@ class GenerationResult:
 
     def metadata(self) -> dict[str, str]:
         """PNG text chunks: one key per item (readable in any viewer) and `urae_lite` with all of it as JSON."""
-        from . import __version__
+        from .version import __version__
 
-        items = {"prompt": self.prompt, "seed": self.seed, "model": self.model, "quant": self.quant,
-                 "adapters": self.adapters, "settings": self.settings.as_dict()}
+        items = {
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "model": self.model,
+            "quant": self.quant,
+            "adapters": self.adapters,
+            "settings": self.settings.as_dict(),
+        }
         text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in items.items()}
         text["software"] = f"urae-lite {__version__}"
         text["urae_lite"] = json.dumps(items)

@@ -10,27 +10,29 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 from PIL import Image
 
-from .adapter_cache import full_precision_folder, resolve_adapters
-from .checkpoint import file_digest
-from .component_files import ComponentFiles, check_files, check_fits, pipeline_components
+from .adapter_cache import resolve_adapters
+from .block_swap import check_blocks_to_swap, check_swap_offload, enable_block_swap, execution_blocks
+from .component_files import ComponentFiles, check_fits, pipeline_components
 from .console import library_bars_off
 from .errors import UraeError
-from .hires import set_ntk, set_proportional_attention, static_shift_scheduler
-from .loader import components_root, load_transformer, open_transformer, resolve_model
+from .ff_chunking import check_ff_chunks, enable_ff_chunking
+from .hires import set_ntk, set_proportional_attention
+from .loader import LoadSpec, read_transformer
 from .minor import MinorSpec
+from .model_files import ModelFiles, as_model_files
 from .offload import apply_offload, check_offload
 from .output import GenerationResult
 from .presets import GenerationSettings, load_preset
-from .quant import check_quant_format
 from .refine import adapters_disabled, coarse_size, tiled_encode, upscale
 from .report import RunReport
-from .single_file import is_single_file
+from .safetensors_io import file_digest
 from .text_encoders import check_t5_quant, load_t5_nf4
+from .timeshift import static_shift_scheduler
 from .vae_tiling import decode as vae_decode
 
 Embeds = tuple[torch.Tensor, torch.Tensor]  # T5 (1, L, 4096), pooled CLIP (1, 768) for FLUX.1
@@ -39,11 +41,23 @@ Embeds = tuple[torch.Tensor, torch.Tensor]  # T5 (1, L, 4096), pooled CLIP (1, 7
 class UraePipeline:
     """Callable: `pipe(prompt, seed=0, **settings) -> GenerationResult`; settings override the preset's."""
 
-    def __init__(self, flux, *, model: str, quant: str, adapters: list[dict[str, str]],
-                 defaults: GenerationSettings, offload: str, progress: bool = True):
+    def __init__(
+        self,
+        flux,
+        *,
+        model: str,
+        quant: str,
+        adapters: list[dict[str, str]],
+        defaults: GenerationSettings,
+        offload: str,
+        blocks_to_swap: int = 0,
+        ff_chunks: int = 1,
+        progress: bool = True,
+    ):
         self.flux = flux
         self.model, self.quant, self.adapters = model, quant, adapters
         self.defaults, self.offload = defaults, offload
+        self.blocks_to_swap, self.ff_chunks = blocks_to_swap, ff_chunks  # for the out-of-memory advice
         self._own_scheduler = flux.scheduler  # the model's own (dynamic shifting for dev); shifted copies per call
         flux.set_progress_bar_config(disable=not progress, desc="denoising")
 
@@ -51,8 +65,7 @@ class UraePipeline:
     def transformer(self) -> torch.nn.Module:
         return self.flux.transformer
 
-    def __call__(self, prompt: str, seed: int = 0, report: RunReport | None = None,
-                 **settings) -> GenerationResult:
+    def __call__(self, prompt: str, seed: int = 0, report: RunReport | None = None, **settings) -> GenerationResult:
         s = self.defaults.replace(**settings)
         report = report if report is not None else RunReport()
         try:
@@ -70,7 +83,17 @@ class UraePipeline:
                 image = self.decode(packed, s)
         except torch.cuda.OutOfMemoryError as e:
             torch.cuda.empty_cache()
-            raise UraeError(oom_advice(s, self.offload, self.quant, report.stages[-1][0])) from e
+            raise UraeError(
+                oom_advice(
+                    s,
+                    self.offload,
+                    self.quant,
+                    report.stages[-1][0],
+                    self.blocks_to_swap,
+                    self.ff_chunks,
+                    len(execution_blocks(self.transformer)),
+                )
+            ) from e
         finally:
             self.flux.maybe_free_model_hooks()  # `model` offload: everything back to the CPU between calls
         return GenerationResult(image, prompt, seed, s, self.model, self.quant, self.adapters, report)
@@ -78,8 +101,9 @@ class UraePipeline:
     # ---- stages (public so benchmarks can measure each; `__call__` is the normal entry) ---------------------------
     @torch.no_grad()
     def encode(self, prompt: str, s: GenerationSettings) -> Embeds:
-        embeds, pooled, _ = self.flux.encode_prompt(prompt=prompt, prompt_2=None, device=self.flux._execution_device,
-                                                    max_sequence_length=s.max_sequence_length)
+        embeds, pooled, _ = self.flux.encode_prompt(
+            prompt=prompt, prompt_2=None, device=self.flux._execution_device, max_sequence_length=s.max_sequence_length
+        )
         return embeds, pooled
 
     def _configure(self, s: GenerationSettings) -> None:
@@ -91,10 +115,7 @@ class UraePipeline:
     def denoise(self, embeds: Embeds, s: GenerationSettings, seed: int) -> torch.Tensor:
         """Packed latents (1, H/16·W/16, 64) from pure noise."""
         self._configure(s)
-        return self.flux(prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[1], width=s.width, height=s.height,
-                         num_inference_steps=s.steps, guidance_scale=s.guidance, output_type="latent",
-                         generator=torch.Generator("cpu").manual_seed(seed),
-                         max_sequence_length=s.max_sequence_length).images
+        return self.flux(**_sampling_arguments(embeds, s, seed)).images
 
     def _coarse(self, embeds: Embeds, s: GenerationSettings, seed: int) -> Image.Image:
         """The base model's guide image at ~refine_from², with FLUX's native (not URAE's) settings."""
@@ -112,11 +133,9 @@ class UraePipeline:
         img2img = FluxImg2ImgPipeline(**self.flux.components)  # shares the modules (and their offload hooks)
         img2img.set_progress_bar_config(**self.flux._progress_bar_config)
         with tiled_encode(self.flux.vae):
-            return img2img(image=upscale(guide, s.width, s.height), prompt_embeds=embeds[0],
-                           pooled_prompt_embeds=embeds[1], width=s.width, height=s.height, strength=s.strength,
-                           num_inference_steps=s.steps, guidance_scale=s.guidance, output_type="latent",
-                           generator=torch.Generator("cpu").manual_seed(seed),
-                           max_sequence_length=s.max_sequence_length).images
+            return img2img(
+                image=upscale(guide, s.width, s.height), strength=s.strength, **_sampling_arguments(embeds, s, seed)
+            ).images
 
     @torch.no_grad()
     def decode(self, packed: torch.Tensor, s: GenerationSettings) -> Image.Image:
@@ -128,89 +147,139 @@ class UraePipeline:
         return self.flux.image_processor.postprocess(image, output_type="pil")[0]
 
 
-def oom_advice(s: GenerationSettings, offload: str, quant: str, stage: str) -> str:
+def _sampling_arguments(embeds: Embeds, s: GenerationSettings, seed: int) -> dict:
+    """What FluxPipeline and FluxImg2ImgPipeline take alike for one image: embeddings, size, schedule, noise."""
+    return dict(
+        prompt_embeds=embeds[0],
+        pooled_prompt_embeds=embeds[1],
+        width=s.width,
+        height=s.height,
+        num_inference_steps=s.steps,
+        guidance_scale=s.guidance,
+        output_type="latent",
+        generator=torch.Generator("cpu").manual_seed(seed),
+        max_sequence_length=s.max_sequence_length,
+    )
+
+
+def oom_advice(
+    s: GenerationSettings,
+    offload: str,
+    quant: str,
+    stage: str,
+    blocks_to_swap: int = 0,
+    ff_chunks: int = 1,
+    n_blocks: int = 57,
+) -> str:
     """One line: where memory ran out and the settings that lower it, cheapest first."""
     tips = []
     lighter = {"none": "model", "model": "group", "group": "sequential"}.get(offload)
-    if lighter:
+    if lighter and not (blocks_to_swap and lighter in ("group", "sequential")):  # swap excludes group/sequential
         tips.append(f"--offload {lighter}")
+    if stage in ("denoise", "refine", "coarse image") and offload in ("none", "model") and blocks_to_swap < n_blocks:
+        tips.append(f"--blocks-to-swap {n_blocks}")
+    if stage in ("denoise", "refine", "coarse image") and ff_chunks < 4:
+        tips.append("--ff-chunks 4")
     if quant != "nf4":
         tips.append("--quant nf4")
     if stage == "vae decode":
         tips.append("--vae-tiling on" if s.vae_tiling != "on" else f"--vae-strip-rows {max(1, s.vae_strip_rows // 4)}")
     tips.append(f"a smaller --width/--height than {s.width}x{s.height}")
-    return (f"CUDA out of memory in stage '{stage}' at {s.width}x{s.height} (offload {offload}, quant {quant}); "
-            f"to use less memory try: {', '.join(tips)}")
-
-
-def pipeline_root(model: str | os.PathLike, base_pipeline: str | os.PathLike | None = None) -> Path:
-    """The diffusers pipeline folder (model_index.json) whose text encoders, tokenizers, VAE and scheduler we use."""
-    if base_pipeline is not None or is_single_file(model):
-        return components_root(model, base_pipeline)
-    root = resolve_model(model)
-    if (root / "model_index.json").is_file():
-        return root
-    source = full_precision_folder(model)  # a `prepare`d transformer points at the folder it came from
-    for candidate in (source.parent, source):
-        if (candidate / "model_index.json").is_file():
-            return candidate
-    raise UraeError(f"{root} holds a transformer only: generation also needs the text encoders and VAE of a "
-                    f"diffusers FLUX folder (with model_index.json); pass that folder or hub id as --model")
+    return (
+        f"CUDA out of memory in stage '{stage}' at {s.width}x{s.height} (offload {offload}, quant {quant}); "
+        f"to use less memory try: {', '.join(tips)}"
+    )
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_pipeline(model: str | os.PathLike = "tiny", *, quant: str = "nf4",
-                  adapters: Sequence[str | os.PathLike] = (), preset: str | os.PathLike = "2k",
-                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                  offload: str | None = None, minor: MinorSpec | None = None, svd_device: str | None = None,
-                  t5_quant: str = "bf16", progress: bool = True, report: RunReport | None = None,
-                  base_pipeline: str | os.PathLike | None = None,
-                  component_files: ComponentFiles | None = None, **settings) -> UraePipeline:
+def load_pipeline(
+    model: str | os.PathLike | ModelFiles = "tiny",
+    *,
+    quant: str = "nf4",
+    adapters: Sequence[str | os.PathLike] = (),
+    preset: str | os.PathLike = "2k",
+    preset_overrides: Sequence[str] = (),
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    offload: str | None = None,
+    blocks_to_swap: int = 0,
+    ff_chunks: int = 1,
+    minor: MinorSpec | None = None,
+    svd_device: str | None = None,
+    t5_quant: str = "bf16",
+    progress: bool = True,
+    report: RunReport | None = None,
+    base_pipeline: str | os.PathLike | None = None,
+    component_files: ComponentFiles | None = None,
+    **settings,
+) -> UraePipeline:
     """FLUX with an NF4/FP8/bf16 base carrying `adapters`, ready to generate at 2K/4K.
 
     `adapters`: our or diffusers-format LoRA files, kohya-style FLUX LoRAs, the authors' 2K file, and the authors'
     4K file right after its 2K one (converted once to an exact LoRA, cached beside it). `preset`: `2k`, `4k` or a
-    YAML file; `**settings` (GenerationSettings fields) override it. `device` defaults to CUDA when present;
+    YAML file; `preset_overrides` (`key=value`, as recipes take them) and then `**settings` (GenerationSettings
+    fields) override it. `device` defaults to CUDA when present;
     `dtype` to bf16 on CUDA and fp32 on CPU (CPU bf16 convolutions are ~30x slower); `offload` to `model`
-    (staged) on CUDA and `none` on CPU. `minor` attaches a minor-component adapter initialised from the base.
+    (staged) on CUDA and `none` on CPU. `blocks_to_swap` keeps the last N transformer blocks in host memory and
+    streams them through the device one at a time (with offload `model` or `none`; urae_lite.block_swap).
+    `ff_chunks` runs the blocks' MLPs in that many token chunks: the same image with less peak memory at 4K
+    (urae_lite.ff_chunking).
+    `minor` attaches a minor-component adapter initialised from the base.
     `t5_quant="nf4"` loads T5-XXL's linears in NF4 (bitsandbytes via transformers): 8.9 -> 3.9 GiB, the largest
     weights on the GPU during text encoding, which otherwise set the 2K peak. `model` may be a single FLUX
     transformer file (ComfyUI / Forge); the rest of the pipeline then comes from `base_pipeline`.
     `component_files`: single-file VAE / CLIP / T5 weights (ComfyUI's ae, clip_l, t5xxl) instead of the folder's.
+    `model` may also be a `ModelFiles` from `urae_lite.model_files.resolve_files`, which already holds those two.
     """
     GenerationSettings().replace(**{k: v for k, v in settings.items() if k != "refine_from"})  # fail before loading
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     offload = check_offload(offload or ("model" if device.type == "cuda" else "none"))
-    check_quant_format(quant)
+    check_swap_offload(blocks_to_swap, offload)
+    check_ff_chunks(ff_chunks)
+    # bf16 needs no quantization work, so an offloaded (or block-swapped) bf16 base is built on the CPU instead of
+    # passing the GPU
+    load_device = torch.device("cpu") if quant == "bf16" and (offload != "none" or blocks_to_swap) else device
+    spec = LoadSpec(quant, load_device, dtype, minor=minor, progress=progress, park_blocks=blocks_to_swap)
     check_t5_quant(t5_quant)
-    check_files(component_files)
-    folder = resolve_model(model)  # a hub id is fetched once; everything below reads the local folder
-    root = pipeline_root(folder, base_pipeline)
-    check_fits(component_files, root)  # headers only: a wrong file fails before the transformer loads
-    config = open_transformer(folder, base_pipeline)[0]
-    defaults = load_preset(preset, "dev" if config.get("guidance_embeds") else "schnell").replace(**settings)
+    files = as_model_files(model, base_pipeline, component_files)  # a hub id is fetched once, here
+    root = files.pipeline_root()
+    check_fits(files.component_files, root)  # headers only: a wrong file fails before the transformer loads
+    config = files.config
+    check_blocks_to_swap(blocks_to_swap, config["num_layers"] + config["num_single_layers"])
+    defaults = load_preset(preset, files.variant, preset_overrides).replace(**settings)
     report = report if report is not None else RunReport()
     with report.stage("adapters"):
-        files = resolve_adapters(folder, adapters, svd_device or (str(device) if device.type == "cuda" else None),
-                                 progress)
-    # bf16 needs no quantization work, so an offloaded bf16 base is built on the CPU instead of passing the GPU
-    load_device = torch.device("cpu") if quant == "bf16" and offload != "none" else device
+        resolved = resolve_adapters(
+            files, adapters, svd_device or (str(device) if device.type == "cuda" else None), progress
+        )
     with report.stage(f"load transformer ({quant})"):
-        transformer = load_transformer(folder, quant, load_device, dtype, adapters=files, minor=minor,
-                                       progress=progress, base_pipeline=base_pipeline)
+        transformer = read_transformer(files, replace(spec, adapters=resolved))
+        if ff_chunks > 1:  # before any hook: offload hooks keep the forward they wrap
+            enable_ff_chunking(transformer, ff_chunks)
+        # before the pipeline's `.to()` / offload hooks, which then move only the blocks that are not swapped
+        enable_block_swap(transformer, blocks_to_swap, device)
     with report.stage("load text encoders + vae"), library_bars_off():
         from diffusers import FluxPipeline
 
         # passed components: diffusers skips their weights
-        extra = pipeline_components(component_files, root, dtype, t5_nf4=t5_quant == "nf4")
+        extra = pipeline_components(files.component_files, root, dtype, t5_nf4=t5_quant == "nf4")
         if t5_quant == "nf4" and "text_encoder_2" not in extra:
             extra["text_encoder_2"] = load_t5_nf4(root, dtype)
         flux = FluxPipeline.from_pretrained(root, transformer=transformer, dtype=dtype, **extra)
         apply_offload(flux, offload, device)
     used = [{"path": str(a), "sha256": file_digest(a)} for a in adapters]
-    return UraePipeline(flux, model=str(model), quant=quant, adapters=used, defaults=defaults, offload=offload,
-                        progress=progress)
+    return UraePipeline(
+        flux,
+        model=files.model,
+        quant=quant,
+        adapters=used,
+        defaults=defaults,
+        offload=offload,
+        blocks_to_swap=blocks_to_swap,
+        ff_chunks=ff_chunks,
+        progress=progress,
+    )

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from .config import PROFILES_KEY, apply_overrides, build, profiles, read_yaml
 from .errors import UraeError
 from .vae_tiling import VAE_TILING_MODES
 
 RECIPES = Path(str(resources.files("urae_lite.recipes")))  # recipes/ in a checkout, installed in a wheel
 PRESETS = ("2k", "4k")
 SIZE_MULTIPLE = 16  # 8x VAE downsampling, then 2x2 latent patches
-FLOAT_SETTINGS = ("guidance", "shift", "ntk", "strength")
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,15 @@ class GenerationSettings:
             raise UraeError(f"strength must be in (0, 1], got {self.strength}")
         if self.refine_from is not None:
             if self.refine_from % SIZE_MULTIPLE or self.refine_from < SIZE_MULTIPLE:
-                raise UraeError(f"--refine-from {self.refine_from} is not a positive multiple of {SIZE_MULTIPLE}: "
-                                f"use {_nearest(self.refine_from)}")
-            if self.refine_from ** 2 >= self.width * self.height:
-                raise UraeError(f"--refine-from {self.refine_from} is not smaller than the target "
-                                f"{self.width}x{self.height}: refine from a lower resolution (e.g. 1024)")
+                raise UraeError(
+                    f"--refine-from {self.refine_from} is not a positive multiple of {SIZE_MULTIPLE}: "
+                    f"use {_nearest(self.refine_from)}"
+                )
+            if self.refine_from**2 >= self.width * self.height:
+                raise UraeError(
+                    f"--refine-from {self.refine_from} is not smaller than the target "
+                    f"{self.width}x{self.height}: refine from a lower resolution (e.g. 1024)"
+                )
 
     def replace(self, **changes) -> GenerationSettings:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -83,8 +88,7 @@ def check_size(width: int, height: int) -> None:
     """Both sides positive multiples of 16, or one UraeError naming the nearest valid sizes."""
     for name, value in (("width", width), ("height", height)):
         if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
-            raise UraeError(f"{name} {value} is not a positive multiple of {SIZE_MULTIPLE}: "
-                            f"use {_nearest(value)}")
+            raise UraeError(f"{name} {value} is not a positive multiple of {SIZE_MULTIPLE}: use {_nearest(value)}")
 
 
 def preset_path(preset: str | os.PathLike, variant: str) -> Path:
@@ -97,17 +101,17 @@ def preset_path(preset: str | os.PathLike, variant: str) -> Path:
     raise UraeError(f"unknown preset '{preset}': use {' or '.join(PRESETS)}, or a YAML file of generation settings")
 
 
-def load_preset(preset: str | os.PathLike, variant: str) -> GenerationSettings:
-    """Settings from a preset YAML (keys = GenerationSettings fields; `description` is ignored)."""
-    import yaml
-
+def load_preset(preset: str | os.PathLike, variant: str, overrides: Sequence[str] = ()) -> GenerationSettings:
+    """Settings from a preset YAML (keys = GenerationSettings fields; `description` and `profiles` are not settings)
+    with `key=value` overrides, read by the config system the training recipes use (urae_lite/config.py)."""
     path = preset_path(preset, variant)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise UraeError(f"cannot read preset {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise UraeError(f"preset {path} must be a mapping of setting: value")
-    data.pop("description", None)
-    data = {k: float(v) if k in FLOAT_SETTINGS and isinstance(v, int) else v for k, v in data.items()}  # YAML `10`
-    return GenerationSettings().replace(**data)
+    tree = apply_overrides(read_yaml(path, "preset"), overrides)
+    for key in ("description", PROFILES_KEY):
+        tree.pop(key, None)
+    return build(GenerationSettings, tree)
+
+
+def preset_profiles(preset: str | os.PathLike, variant: str) -> dict[int, dict]:
+    """The preset's memory profiles: card GiB -> `urae-lite generate` memory options (quant, offload, ...)."""
+    path = preset_path(preset, variant)
+    return profiles(read_yaml(path, "preset"), f"preset {path}")

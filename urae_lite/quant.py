@@ -59,9 +59,11 @@ def triton_available() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
-        logger.warning("Triton is not installed (it ships for Linux only): the adapted linears run through "
-                       "PyTorch (bitsandbytes / optimum-quanto dequantization + F.linear), with the same results "
-                       "up to rounding")
+        logger.warning(
+            "Triton is not installed (it ships for Linux only): the adapted linears run through "
+            "PyTorch (bitsandbytes / optimum-quanto dequantization + F.linear), with the same results "
+            "up to rounding"
+        )
         return False
     return True
 
@@ -91,8 +93,9 @@ def nf4_quantize(w: torch.Tensor, chunk_elems: int = 2**18) -> tuple[torch.Tenso
     step = chunk_elems // NF4_BLOCKSIZE * NF4_BLOCKSIZE if w.device.type == "cpu" else flat.numel()
     packed, absmax = [], []
     for start in range(0, flat.numel(), step):
-        p, a = torch.ops.bitsandbytes.quantize_4bit.default(flat[start:start + step], NF4_BLOCKSIZE, "nf4",
-                                                             torch.uint8)
+        p, a = torch.ops.bitsandbytes.quantize_4bit.default(
+            flat[start : start + step], NF4_BLOCKSIZE, "nf4", torch.uint8
+        )
         packed.append(p.reshape(-1))
         absmax.append(a.reshape(-1))
     absmax_f = torch.cat(absmax)
@@ -113,7 +116,7 @@ class QuantizedWeight(nn.Module):
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
-    def quantize(cls, weight: torch.Tensor, fmt: str, dtype: torch.dtype = torch.bfloat16) -> "QuantizedWeight":
+    def quantize(cls, weight: torch.Tensor, fmt: str, dtype: torch.dtype = torch.bfloat16) -> QuantizedWeight:
         """Quantize a dense weight with the library that owns the format (bitsandbytes / quanto)."""
         out_features, in_features = weight.shape
         qw = cls(fmt, out_features, in_features, dtype)
@@ -130,8 +133,10 @@ class QuantizedWeight(nn.Module):
             # which neither our kernel nor the reference path reads.
             q = quantize_weight(w, qtype=qfloat8_e4m3fn, axis=0, scale=scale, optimized=False)
             if q._data.dtype != torch.float8_e4m3fn or q._data.shape != w.shape:
-                raise RuntimeError(f"optimum-quanto returned {type(q).__name__} with {q._data.dtype} data "
-                                   f"{tuple(q._data.shape)}; urae-lite reads plain e4m3 (N, K)")
+                raise RuntimeError(
+                    f"optimum-quanto returned {type(q).__name__} with {q._data.dtype} data "
+                    f"{tuple(q._data.shape)}; urae-lite reads plain e4m3 (N, K)"
+                )
             qw.register_buffer("weight", q._data.contiguous())
             qw.register_buffer("scale", q._scale.contiguous())
         else:
@@ -155,10 +160,19 @@ class QuantizedWeight(nn.Module):
         """The bitsandbytes QuantState describing our NF4 buffers (cheap; no copies)."""
         from bitsandbytes.functional import QuantState
 
-        nested = QuantState(absmax=self.nested_absmax, code=self.nested_quant_map,
-                            blocksize=NF4_NESTED_BLOCKSIZE, dtype=torch.float32)
-        return QuantState(absmax=self.absmax, shape=self.shape, code=self.quant_map, blocksize=NF4_BLOCKSIZE,
-                          quant_type="nf4", dtype=self.dtype, offset=self.offset, state2=nested)
+        nested = QuantState(
+            absmax=self.nested_absmax, code=self.nested_quant_map, blocksize=NF4_NESTED_BLOCKSIZE, dtype=torch.float32
+        )
+        return QuantState(
+            absmax=self.absmax,
+            shape=self.shape,
+            code=self.quant_map,
+            blocksize=NF4_BLOCKSIZE,
+            quant_type="nf4",
+            dtype=self.dtype,
+            offset=self.offset,
+            state2=nested,
+        )
 
     def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The dense (N, K) weight in `self.dtype`; into `out` when given (a reused buffer)."""
@@ -169,8 +183,17 @@ class QuantizedWeight(nn.Module):
             from urae_lite import kernels
 
             if self.format == "nf4":
-                return kernels.nf4_dequantize(self.weight, self.absmax, self.nested_absmax, self.nested_quant_map,
-                                              self.offset, self.quant_map, self.shape, out=out, dtype=self.dtype)
+                return kernels.nf4_dequantize(
+                    self.weight,
+                    self.absmax,
+                    self.nested_absmax,
+                    self.nested_quant_map,
+                    self.offset,
+                    self.quant_map,
+                    self.shape,
+                    out=out,
+                    dtype=self.dtype,
+                )
             return kernels.fp8_dequantize(self.weight, self.scale, out=out, dtype=self.dtype)
         w = self.dequantize_reference()
         return w if out is None else out.copy_(w)
@@ -198,29 +221,45 @@ class QuantizedWeight(nn.Module):
         return {f"{prefix}.weight": self.weight}
 
     @classmethod
-    def from_state_tensors(cls, fmt: str, prefix: str, tensors: dict[str, torch.Tensor],
-                           shape: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> "QuantizedWeight":
+    def from_state_tensors(
+        cls,
+        fmt: str,
+        prefix: str,
+        tensors: dict[str, torch.Tensor],
+        shape: tuple[int, int],
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> QuantizedWeight:
         qw = cls(fmt, shape[0], shape[1], dtype)
         try:
             if fmt == "nf4":
                 from bitsandbytes.functional import QuantState
 
-                extra = {k[len(prefix) + len(".weight."):]: v for k, v in tensors.items()
-                         if k.startswith(f"{prefix}.weight.")}
+                extra = {
+                    k[len(prefix) + len(".weight.") :]: v
+                    for k, v in tensors.items()
+                    if k.startswith(f"{prefix}.weight.")
+                }
                 state = QuantState.from_dict(extra, device=tensors[f"{prefix}.weight"].device)
                 if tuple(state.shape) != tuple(shape):
                     raise UraeError(f"{prefix}: stored NF4 shape {tuple(state.shape)} does not match {tuple(shape)}")
-                qw._set_nf4(tensors[f"{prefix}.weight"], state.absmax, state.code, state.state2.absmax,
-                            state.state2.code, state.offset)
+                qw._set_nf4(
+                    tensors[f"{prefix}.weight"],
+                    state.absmax,
+                    state.code,
+                    state.state2.absmax,
+                    state.state2.code,
+                    state.offset,
+                )
             elif fmt == "fp8":
                 qw.register_buffer("weight", tensors[f"{prefix}.weight._data"])
                 qw.register_buffer("scale", tensors[f"{prefix}.weight._scale"])
             else:
                 qw.register_buffer("weight", tensors[f"{prefix}.weight"])
         except KeyError as e:
-            raise UraeError(f"quantized checkpoint lacks tensor {e} for module {prefix}: re-run `urae-lite prepare`")
+            raise UraeError(
+                f"quantized checkpoint lacks tensor {e} for module {prefix}: re-run `urae-lite prepare`"
+            ) from e
         return qw
 
     def extra_repr(self) -> str:
         return f"{self.format}, out_features={self.out_features}, in_features={self.in_features}"
-

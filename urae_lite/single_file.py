@@ -4,13 +4,11 @@
 tensors: each BFL tensor is read once, fused q/k/v(/mlp) rows are split on the fly and final_layer's halves swapped
 (`bfl_layout`), so the loader streams it into the quantized skeleton exactly like a folder. fp8 weights are
 dequantized to bf16 per tensor. The variant comes from the weights (`guidance_in` = dev), never the file name.
-The VAE, text encoders and scheduler come from a diffusers "base pipeline" (default: the matching FLUX.1 hub id
-from the local Hugging Face cache).
+The VAE, text encoders and scheduler come from a diffusers "base pipeline", which `urae_lite.model_files` finds.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -18,23 +16,23 @@ from pathlib import Path
 import torch
 
 from .bfl_layout import PREFIX, needs_swap, strip_prefix, swap_halves, to_diffusers
-from .checkpoint import CheckpointReader, _open
 from .errors import UraeError
+from .safetensors_io import CheckpointReader, open_safetensors
 
-HUB_IDS = {"dev": "black-forest-labs/FLUX.1-dev", "schnell": "black-forest-labs/FLUX.1-schnell"}
-PIPELINE_FILES = ["*.json", "*.txt", "*.model", "vae/*", "text_encoder*/*", "tokenizer*/*", "scheduler/*"]
 FLUX_AXES = (16, 56, 56)  # FLUX.1's RoPE axes (head dim 128); not stored in the weights
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 IGNORED = ("scaled_fp8",)  # marker tensor of ComfyUI's scaled-fp8 files
 GUIDANCE_KEY = "time_text_embed.guidance_embedder.linear_1.weight"
 # config fields the weights determine; a --base-pipeline whose transformer disagrees is the wrong model
-WIDTHS = ("in_channels", "num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads",
-          "joint_attention_dim", "pooled_projection_dim")
-
-
-def is_single_file(model: str | os.PathLike) -> bool:
-    text = str(model)
-    return text.endswith(".safetensors") or Path(text).expanduser().is_file()
+WIDTHS = (
+    "in_channels",
+    "num_layers",
+    "num_single_layers",
+    "attention_head_dim",
+    "num_attention_heads",
+    "joint_attention_dim",
+    "pooled_projection_dim",
+)
 
 
 class SingleFileReader:
@@ -45,12 +43,12 @@ class SingleFileReader:
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise UraeError(f"model file not found: {self.path}")
-        with _open(self.path) as f:
+        with open_safetensors(self.path) as f:
             header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         self.raw = CheckpointReader(self.path)
         own = [k for k in header if k.startswith(PREFIX)] or list(header)  # all-in-one files: transformer only
         self.layout = _layout(self.path, [strip_prefix(k) for k in own])
-        self.scales = {strip_prefix(k)[:-len(".scale_weight")]: k for k in own if k.endswith(".scale_weight")}
+        self.scales = {strip_prefix(k)[: -len(".scale_weight")]: k for k in own if k.endswith(".scale_weight")}
         hidden = header[_raw_key(own, "img_in.weight")][0][0] if self.layout == "bfl" else 0
         self.plan: dict[str, list[tuple[str, int, int]]] = {}  # source key -> [(diffusers key, row a, row b)]
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -59,11 +57,16 @@ class SingleFileReader:
             if key in IGNORED or key.endswith((".scale_weight", ".scale_input")):
                 continue
             shape = header[raw][0]
-            pieces = [(key, 0, shape[0] if shape else 0)] if self.layout == "diffusers" else \
-                to_diffusers(key, shape[0] if shape else 0, hidden)
+            pieces = (
+                [(key, 0, shape[0] if shape else 0)]
+                if self.layout == "diffusers"
+                else to_diffusers(key, shape[0] if shape else 0, hidden)
+            )
             if pieces is None:
-                raise UraeError(f"{self.path} has tensor {key}, which a FLUX.1 transformer does not: "
-                                f"a different model? --model takes flux1-dev / flux1-schnell .safetensors files")
+                raise UraeError(
+                    f"{self.path} has tensor {key}, which a FLUX.1 transformer does not: "
+                    f"a different model? --model takes flux1-dev / flux1-schnell .safetensors files"
+                )
             self.plan[raw] = pieces
             for name, a, b in pieces:
                 self.shapes[name] = (b - a, *shape[1:]) if shape else shape
@@ -122,8 +125,14 @@ def _not_flux(path: Path, names: list[str]) -> str:
     def has(*parts: str) -> bool:
         return any(n.startswith(parts) for n in names)
 
-    if has("input_blocks.", "first_stage_model.", "cond_stage_model.", "conditioner.", "joint_blocks.",
-           "model.diffusion_model.input_blocks."):
+    if has(
+        "input_blocks.",
+        "first_stage_model.",
+        "cond_stage_model.",
+        "conditioner.",
+        "joint_blocks.",
+        "model.diffusion_model.input_blocks.",
+    ):
         what = "a Stable Diffusion checkpoint"
     elif has("decoder.", "encoder.down", "encoder.conv_in"):
         what = "a VAE (like ae.safetensors), which comes from --base-pipeline"
@@ -136,7 +145,7 @@ def _not_flux(path: Path, names: list[str]) -> str:
     return f"{path} is {what}; --model takes a FLUX.1 transformer file such as flux1-dev.safetensors"
 
 
-# ---- config and base pipeline ------------------------------------------------------------------------------------
+# ---- config ------------------------------------------------------------------------------------------------------
 def derive_config(reader: SingleFileReader, base_config: dict | None, base_name: str | None) -> dict:
     """FluxTransformer2DModel config from the weights' shapes; RoPE axes from the base pipeline (or FLUX.1's)."""
     s = reader.shapes
@@ -144,99 +153,36 @@ def derive_config(reader: SingleFileReader, base_config: dict | None, base_name:
         hidden, in_channels = s["x_embedder.weight"]
         head = s["transformer_blocks.0.attn.norm_q.weight"][0]
         config = {
-            "_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": in_channels,
+            "_class_name": "FluxTransformer2DModel",
+            "patch_size": 1,
+            "in_channels": in_channels,
             "out_channels": None if s["proj_out.weight"][0] == in_channels else s["proj_out.weight"][0],
             "num_layers": len({k.split(".")[1] for k in s if k.startswith("transformer_blocks.")}),
             "num_single_layers": len({k.split(".")[1] for k in s if k.startswith("single_transformer_blocks.")}),
-            "attention_head_dim": head, "num_attention_heads": hidden // head,
+            "attention_head_dim": head,
+            "num_attention_heads": hidden // head,
             "joint_attention_dim": s["context_embedder.weight"][1],
             "pooled_projection_dim": s["time_text_embed.text_embedder.linear_1.weight"][1],
             "guidance_embeds": reader.variant == "dev",
         }
     except KeyError as e:
-        raise UraeError(f"{reader.path} lacks {e.args[0]}: an incomplete FLUX transformer file? download it "
-                        f"again") from None
+        raise UraeError(
+            f"{reader.path} lacks {e.args[0]}: an incomplete FLUX transformer file? download it again"
+        ) from None
     if base_config is not None:
         wrong = [k for k in WIDTHS if base_config.get(k) != config[k]]
         if wrong:
             k = wrong[0]
-            raise UraeError(f"{reader.path} does not match --base-pipeline {base_name}: its {k} is {config[k]}, the "
-                            f"pipeline's transformer has {base_config.get(k)}; pass the pipeline of the same model")
+            raise UraeError(
+                f"{reader.path} does not match --base-pipeline {base_name}: its {k} is {config[k]}, the "
+                f"pipeline's transformer has {base_config.get(k)}; pass the pipeline of the same model"
+            )
         config["axes_dims_rope"] = list(base_config.get("axes_dims_rope", FLUX_AXES))
     elif head == sum(FLUX_AXES):
         config["axes_dims_rope"] = list(FLUX_AXES)
     else:
-        raise UraeError(f"{reader.path} has attention heads of {head}, not FLUX.1's 128: pass --base-pipeline "
-                        f"with the diffusers folder of this model (its transformer/config.json)")
+        raise UraeError(
+            f"{reader.path} has attention heads of {head}, not FLUX.1's 128: pass --base-pipeline "
+            f"with the diffusers folder of this model (its transformer/config.json)"
+        )
     return config
-
-
-def base_pipeline_root(base_pipeline: str | os.PathLike | None, variant: str, file: str | os.PathLike,
-                       required: bool = True) -> Path | None:
-    """The diffusers folder whose VAE, text encoders and scheduler go with a single transformer file.
-
-    Default: FLUX.1-dev/-schnell (per the weights) from the local Hugging Face cache, never downloaded implicitly.
-    """
-    if base_pipeline is None:
-        hub = HUB_IDS[variant]
-        root = _cached_snapshot(hub)
-        if root is None and required:
-            raise UraeError(f"{file} is a FLUX.1-{variant} transformer only: pass --base-pipeline with a diffusers "
-                            f"FLUX folder or hub id for the VAE and text encoders ({hub} is not in the Hugging Face "
-                            f"cache)")
-        return root
-    root = _pipeline_folder(str(base_pipeline))
-    if not (root / "model_index.json").is_file():
-        raise UraeError(f"--base-pipeline {base_pipeline} has no model_index.json: pass a diffusers FLUX pipeline "
-                        f"folder or hub id")
-    return root
-
-
-def base_transformer_config(root: Path | None) -> dict | None:
-    path = None if root is None else root / "transformer" / "config.json"
-    if path is None or not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UraeError(f"cannot read {path}: {e}") from e
-
-
-def _cached_snapshot(hub: str) -> Path | None:
-    from huggingface_hub import snapshot_download
-
-    try:
-        root = Path(snapshot_download(hub, allow_patterns=PIPELINE_FILES, local_files_only=True))
-    except Exception:  # noqa: BLE001 -- not cached (or no hub state at all): the caller says what to pass
-        return None
-    return root if (root / "model_index.json").is_file() else None
-
-
-def _pipeline_folder(text: str) -> Path:
-    """Local folder, `tiny`, or hub id (fetched without the transformer weights, which the file replaces)."""
-    from .loader import HUB_ID
-
-    if text in ("tiny", "tiny-dev", "tiny-schnell"):
-        from .tiny import tiny_flux_path
-
-        return tiny_flux_path("schnell" if text == "tiny-schnell" else "dev")
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return path
-    if not HUB_ID.match(text):
-        raise UraeError(f"--base-pipeline {text} not found: pass a diffusers FLUX folder or a hub id")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(text, allow_patterns=PIPELINE_FILES))
-    except Exception as e:  # offline, gated, unknown repo: all mean the same to the user
-        raise UraeError(f"cannot fetch {text} from the Hugging Face hub ({type(e).__name__}); download it once and "
-                        f"pass the local folder") from e
-
-
-def open_single_file(path: str | os.PathLike, base_pipeline: str | os.PathLike | None = None
-                     ) -> tuple[dict, SingleFileReader]:
-    """(config, reader) for a transformer file; an explicit base pipeline must exist and match its widths."""
-    reader = SingleFileReader(path)
-    root = base_pipeline_root(base_pipeline, reader.variant, path, required=base_pipeline is not None)
-    return derive_config(reader, base_transformer_config(root), str(base_pipeline or root)), reader

@@ -27,8 +27,9 @@ def block_linear_names(model: nn.Module) -> list[str]:
     """Names of the linears that get a quantized base (works on meta-device models too)."""
     from .adapted_linear import AdaptedLinear
 
-    return [n for n, m in model.named_modules()
-            if isinstance(m, (nn.Linear, AdaptedLinear)) and is_block_linear_name(n)]
+    return [
+        n for n, m in model.named_modules() if isinstance(m, (nn.Linear, AdaptedLinear)) and is_block_linear_name(n)
+    ]
 
 
 def is_adapter_target(name: str, targets: str = "authors") -> bool:

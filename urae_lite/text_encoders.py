@@ -53,8 +53,10 @@ def declared_class(root: Path, name: str) -> type:
     try:
         return getattr(importlib.import_module(library), class_name)
     except (ImportError, AttributeError):
-        raise UraeError(f"{index}: '{name}' is declared as {library}.{class_name}, which is not installed; "
-                        f"install a {library} that has it or fix the folder's model_index.json") from None
+        raise UraeError(
+            f"{index}: '{name}' is declared as {library}.{class_name}, which is not installed; "
+            f"install a {library} that has it or fix the folder's model_index.json"
+        ) from None
 
 
 def _one_line(error: BaseException) -> str:
@@ -70,8 +72,10 @@ def load_component(root: Path, name: str, **kwargs):
             return cls.from_pretrained(root / name, **kwargs)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
         label = declared_name(root, name)[1]
-        raise UraeError(f"cannot load {root / name} as {label}: {_one_line(e)}; check that the folder "
-                        f"holds the files of that class, or fix '{name}' in model_index.json") from e
+        raise UraeError(
+            f"cannot load {root / name} as {label}: {_one_line(e)}; check that the folder "
+            f"holds the files of that class, or fix '{name}' in model_index.json"
+        ) from e
 
 
 def nf4_skip_modules(model: torch.nn.Module) -> list[str]:
@@ -80,8 +84,11 @@ def nf4_skip_modules(model: torch.nn.Module) -> list[str]:
     Our own NF4 (the transformer's) handles any width; transformers' `Linear4bit` on the CPU needs
     in_features % 64 == 0 and out_features % 32 == 0, so tiny or derived encoders keep those layers in bf16.
     """
-    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-            and (m.in_features % NF4_BLOCKSIZE or m.out_features % BNB_CPU_ROW_TILE)]
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and (m.in_features % NF4_BLOCKSIZE or m.out_features % BNB_CPU_ROW_TILE)
+    ]
 
 
 def load_t5_nf4(root: Path, dtype: torch.dtype):
@@ -100,8 +107,17 @@ def nf4_config(skeleton: torch.nn.Module, dtype: torch.dtype):
 
     skip = nf4_skip_modules(skeleton)
     if skip:
-        logger.warning("T5: %d linear layers stay in %s: their widths are not multiples of the %d-element NF4 "
-                       "block (%s)", len(skip), str(dtype).removeprefix("torch."), NF4_BLOCKSIZE,
-                       ", ".join(skip[:3]) + (", ..." if len(skip) > 3 else ""))
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=[re.escape(n) for n in skip] or None)
+        logger.warning(
+            "T5: %d linear layers stay in %s: their widths are not multiples of the %d-element NF4 block (%s)",
+            len(skip),
+            str(dtype).removeprefix("torch."),
+            NF4_BLOCKSIZE,
+            ", ".join(skip[:3]) + (", ..." if len(skip) > 3 else ""),
+        )
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=[re.escape(n) for n in skip] or None,
+    )

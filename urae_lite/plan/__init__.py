@@ -4,5 +4,13 @@ fastest configuration that fits a card (`urae-lite plan`, `best_config`)."""
 from .estimate import Estimate, PlanConfig, estimate
 from .search import Candidate, PlanResult, best_config, expected_seconds, train_overrides
 
-__all__ = ["Candidate", "Estimate", "PlanConfig", "PlanResult", "best_config", "estimate", "expected_seconds",
-           "train_overrides"]
+__all__ = [
+    "Candidate",
+    "Estimate",
+    "PlanConfig",
+    "PlanResult",
+    "best_config",
+    "estimate",
+    "expected_seconds",
+    "train_overrides",
+]

@@ -8,8 +8,9 @@ would make, for FLUX.1-dev, schnell or any FLUX-shaped test config.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from . import constants as C
 
@@ -65,28 +66,98 @@ class FluxArch:
     def params(self) -> int:
         return sum(l.numel + (l.out_features if l.bias else 0) for l in self.linears) + self.other_params
 
+    @cached_property
+    def _memo(self) -> dict:
+        """Results of the per-block sums below: the `--vram` search asks for them hundreds of times."""
+        return {}
+
+    def _cached(self, key: tuple, compute: Callable[[], object]):
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
     def weight_bytes(self, quant: str) -> int:
         """The transformer as loaded: quantized block linears + bf16 everything else."""
-        return sum(l.weight_bytes(quant) for l in self.linears) + self.other_params * C.BF16
+        return sum(self.block_weight_bytes(quant).values()) + self.other_params * C.BF16
 
     def largest_linear(self) -> Linear:
-        return max(self.linears, key=lambda l: l.numel)
+        return self._cached(("largest",), lambda: max(self.linears, key=lambda l: l.numel))
+
+    def block_names(self) -> tuple[str, ...]:
+        """Blocks in execution order: the double-stream blocks, then the single-stream ones."""
+        from ..block_swap import block_names
+
+        return block_names(self.n_double, self.n_single)
+
+    def block_weight_bytes(self, quant: str) -> dict[str, int]:
+        """Each block's quantized linears (+ biases), in execution order."""
+
+        def compute() -> dict[str, int]:
+            per_block = dict.fromkeys(self.block_names(), 0)
+            for l in self.linears:
+                per_block[_block_of(l.name)] += l.weight_bytes(quant)
+            return per_block
+
+        return self._cached(("weights", quant), compute)
 
     def block_bytes(self, quant: str) -> int:
         """The largest block's weights (group offload moves one block at a time)."""
-        per_block: dict[str, int] = {}
-        for l in self.linears:
-            block = ".".join(l.name.split(".")[:2])
-            per_block[block] = per_block.get(block, 0) + l.weight_bytes(quant)
-        return max(per_block.values())
+        return max(self.block_weight_bytes(quant).values())
+
+    def block_adapter_params(self, rank: int) -> dict[str, int]:
+        """Each block's share of a rank-`rank` adapter on the authors' targets, in execution order."""
+
+        def compute() -> dict[str, int]:
+            per_block = dict.fromkeys(self.block_names(), 0)
+            for l in self.linears:
+                if l.target:
+                    per_block[_block_of(l.name)] += rank * (l.in_features + l.out_features)
+            return per_block
+
+        return self._cached(("adapter", rank), compute)
 
     def adapter_params(self, rank: int) -> int:
         """Parameters of one rank-`rank` adapter on the authors' targets: r·(in + out) per target."""
-        return sum(rank * (l.in_features + l.out_features) for l in self.linears if l.target)
+        return sum(self.block_adapter_params(rank).values())
+
+    def block_flops(self, image: int, text: int) -> dict[str, float]:
+        """GEMM + attention FLOPs of each block's forward (2 per multiply-add; q·kᵀ and p·v each 2·N²·D)."""
+
+        def compute() -> dict[str, float]:
+            per_block = dict.fromkeys(self.block_names(), 4.0 * (image + text) ** 2 * self.hidden)
+            for l in self.linears:
+                if ".norm" in l.name:  # adaLN modulation: applied to the (1, D) conditioning vector
+                    tokens = 1
+                elif l.name.startswith("transformer_blocks."):  # two streams: text projections see the text only
+                    tokens = text if ("add_" in l.name or "context" in l.name) else image
+                else:
+                    tokens = image + text
+                per_block[_block_of(l.name)] += 2.0 * l.numel * tokens
+            return per_block
+
+        return self._cached(("flops", image, text), compute)
+
+    def mlp_flops(self, image: int, text: int) -> float:
+        """FLOPs of the per-token MLP regions (double blocks' ff / ff_context, single blocks' proj_mlp and
+        proj_out): what token-chunked feed-forward recomputes once more in a training step."""
+        total = 0.0
+        for l in self.linears:
+            if l.name.startswith("transformer_blocks.") and (".ff." in l.name or ".ff_context." in l.name):
+                total += 2.0 * l.numel * (text if "ff_context" in l.name else image)
+            elif l.name.startswith("single_transformer_blocks.") and (".proj_mlp" in l.name or ".proj_out" in l.name):
+                total += 2.0 * l.numel * (image + text)
+        return total
 
     def targets_per_block(self, double: bool) -> int:
         prefix = "transformer_blocks.0." if double else "single_transformer_blocks.0."
-        return sum(l.target for l in self.linears if l.name.startswith(prefix))
+        return self._cached(
+            ("targets", double), lambda: sum(l.target for l in self.linears if l.name.startswith(prefix))
+        )
+
+
+def _block_of(linear_name: str) -> str:
+    """`single_transformer_blocks.3.attn.to_q` -> `single_transformer_blocks.3`."""
+    return ".".join(linear_name.split(".")[:2])
 
 
 def image_tokens(width: int, height: int) -> int:
@@ -108,18 +179,30 @@ def _flux_arch(config_json: str) -> FluxArch:
 
     config = json.loads(config_json)
     model = empty_transformer(config)
-    linears = tuple(Linear(name, m.out_features, m.in_features, m.bias is not None, is_adapter_target(name))
-                    for name, m in model.named_modules() if isinstance(m, AdaptedLinear))
+    linears = tuple(
+        Linear(name, m.out_features, m.in_features, m.bias is not None, is_adapter_target(name))
+        for name, m in model.named_modules()
+        if isinstance(m, AdaptedLinear)
+    )
     adapted = {name for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
     # everything outside the quantized linears (whose meta bias placeholders are counted in `linears`)
-    other = sum(t.numel() for n, t in [*model.named_parameters(), *model.named_buffers()]
-                if n.rpartition(".")[0] not in adapted)
+    other = sum(
+        t.numel() for n, t in [*model.named_parameters(), *model.named_buffers()] if n.rpartition(".")[0] not in adapted
+    )
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     mlp = model.single_transformer_blocks[0].proj_mlp.out_features if config["num_single_layers"] else 4 * hidden
-    return FluxArch(hidden=hidden, head_dim=config["attention_head_dim"], n_double=config["num_layers"],
-                    n_single=config["num_single_layers"], in_channels=config["in_channels"],
-                    joint_dim=config["joint_attention_dim"], mlp_ratio=mlp / hidden,
-                    guidance=bool(config.get("guidance_embeds")), linears=linears, other_params=other)
+    return FluxArch(
+        hidden=hidden,
+        head_dim=config["attention_head_dim"],
+        n_double=config["num_layers"],
+        n_single=config["num_single_layers"],
+        in_channels=config["in_channels"],
+        joint_dim=config["joint_attention_dim"],
+        mlp_ratio=mlp / hidden,
+        guidance=bool(config.get("guidance_embeds")),
+        linears=linears,
+        other_params=other,
+    )
 
 
 def t5_params() -> int:

@@ -1,16 +1,71 @@
-"""`--vram N` for `generate` and `train`: ask the planner for the fastest settings that fit, keep what the user set."""
+"""`--vram N` for `generate` and `train`: the planner's fastest memory settings that fit, keeping what the user set.
+
+One function serves both commands: it searches the memory options the user left open (SEARCHED[task]) and returns
+them as PlanConfig fields; `generate` sets its options from them, `train` turns them into recipe overrides.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import psutil
+
 from ..errors import UraeError
-from .search import PlanResult, best_config, options
+from . import constants as C
+from .search import SEARCHED, best_config, options
+
+if TYPE_CHECKING:
+    from ..model_files import ModelFiles
+
+HOST_SHARE = 0.75  # of this machine's RAM, for offloaded weights, swapped blocks and checkpoints: the rest runs the OS
 
 
-def choose(task: str, width: int, height: int, vram_gib: float, **fixed) -> PlanResult:
-    """The planner's pick for this job (user-set options in `fixed` stay); one clear error when nothing fits."""
-    result = best_config(task, width, height, vram_gib, **{k: v for k, v in fixed.items() if v is not None})
+def add_vram_options(parser, task: str) -> None:
+    """`--vram` and `--ram` of `generate` / `train`, naming the settings the planner fills as the command spells
+    them."""
+    from .recipe import RECIPE_KEYS
+
+    keys = {field: key for key, field in RECIPE_KEYS.items()}
+    names = [f"--{f.replace('_', '-')}" if task == "generate" else keys[f] for f in SEARCHED[task]]
+    parser.add_argument(
+        "--vram",
+        type=float,
+        metavar="GIB",
+        help=f"pick the fastest {', '.join(names)} that fit "
+        f"this many GiB (the `urae-lite plan` estimate); the ones you set stay",
+    )
+    parser.add_argument(
+        "--ram",
+        type=float,
+        metavar="GIB",
+        help="with --vram: host memory the plan may use for "
+        "offloaded weights, swapped blocks and checkpoints (default: 3/4 of this machine's)",
+    )
+
+
+def this_machine_ram_gib() -> float:
+    """The host memory `--vram` may plan with when `--ram` is not given."""
+    return psutil.virtual_memory().total * HOST_SHARE / C.GiB
+
+
+def model_fields(files: ModelFiles) -> dict:
+    """PlanConfig fields of a model's transformer: its config (widths, depth) and variant, as `resolve_files` read
+    them from the config or the single file's tensor shapes (no weights are read)."""
+    return {"transformer_config": files.config, "variant": files.variant}
+
+
+def apply_vram(task: str, width: int, height: int, vram_gib: float, ram_gib: float | None = None, **fixed) -> dict:
+    """The planner's pick for this job as {searched field: value}; `fixed` (None = open) stays as given.
+
+    `ram_gib` defaults to this machine's. Nothing fitting is one UraeError saying the smallest peak and what would
+    get closest, or how much host memory the best plan needs."""
+    ram = this_machine_ram_gib() if ram_gib is None else ram_gib
+    result = best_config(task, width, height, vram_gib, ram, **{k: v for k, v in fixed.items() if v is not None})
     if result.best is None:
         raise UraeError(result.impossible())
-    print(f"--vram {vram_gib:g}: planner picks {options(result.best.config)} "
-          f"(estimated peak {result.best.peak / 2**30:.1f} GiB in {result.best.estimate.peak_phase})")
-    return result
+    pick = result.best
+    print(
+        f"--vram {vram_gib:g}: planner picks {options(pick.config)} (estimated peak {pick.peak / C.GiB:.1f} GiB in "
+        f"{pick.estimate.peak_phase}, host {pick.estimate.host / C.GiB:.1f} of {ram:.0f} GiB)"
+    )
+    return {name: getattr(pick.config, name) for name in SEARCHED[task]}

@@ -10,62 +10,103 @@ from typing import TYPE_CHECKING
 from ..quant import QUANT_FORMATS
 from ..text_encoders import T5_QUANTS
 from . import constants as C
-from .estimate import (ADAPTERS, CHECKPOINTING, OFFLOAD_MODES, OPTIMIZERS, TASKS, VAE_TILING_MODES, VARIANTS,
-                       PlanConfig)
+from .choose import model_fields
+from .estimate import ADAPTERS, CHECKPOINTING, OFFLOAD_MODES, OPTIMIZERS, TASKS, VAE_TILING_MODES, VARIANTS, PlanConfig
 
 if TYPE_CHECKING:
     from .search import PlanResult
 
 # CLI option -> PlanConfig field, for the options a user can fix (None = not given: searched with --vram)
-FIXABLE = ("quant", "variant", "rank", "offload", "vae_tiling", "t5_quant", "adapter", "checkpointing", "optimizer",
-           "steps")
+FIXABLE = (
+    "quant",
+    "variant",
+    "rank",
+    "offload",
+    "vae_tiling",
+    "t5_quant",
+    "adapter",
+    "checkpointing",
+    "optimizer",
+    "steps",
+    "blocks_to_swap",
+    "ff_chunks",
+)
 SHOWN = 5  # candidates listed with --vram
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="peak GPU memory of generate/train per phase; with --vram N, what fits N GiB",
-                       description=__doc__)
+    p = sub.add_parser(
+        "plan", help="peak GPU memory of generate/train per phase; with --vram N, what fits N GiB", description=__doc__
+    )
     p.add_argument("--task", choices=TASKS, default="generate")
     p.add_argument("--resolution", type=int, help="image side in pixels (default 2048, or the recipe's)")
     p.add_argument("--width", type=int, help="overrides --resolution")
     p.add_argument("--height", type=int, help="overrides --resolution")
     p.add_argument("--variant", choices=VARIANTS, help="FLUX.1 model (default dev)")
-    p.add_argument("--model", help="plan for this transformer: a diffusers folder, hub id, prepared folder or single "
-                   ".safetensors file (its widths and variant are read from it; no weights are loaded)")
+    p.add_argument(
+        "--model",
+        help="plan for this transformer: a diffusers folder, hub id, prepared folder or single "
+        ".safetensors file (its widths and variant are read from it; no weights are loaded)",
+    )
     p.add_argument("--base-pipeline", help="with a single-file --model: the diffusers folder or hub id it belongs to")
     p.add_argument("--quant", choices=QUANT_FORMATS, help="frozen base format (default nf4)")
-    p.add_argument("--rank", type=int, help="generate: total adapter rank (default 16, 48 above 2048²); "
-                   "train: trainable rank (default 16)")
+    p.add_argument(
+        "--rank",
+        type=int,
+        help="generate: total adapter rank (default 16, 48 above 2048²); train: trainable rank (default 16)",
+    )
     p.add_argument("--offload", choices=OFFLOAD_MODES, help="generate (default model)")
     p.add_argument("--vae-tiling", choices=VAE_TILING_MODES, help="generate (default auto)")
     p.add_argument("--t5-quant", choices=T5_QUANTS, help="generate: T5-XXL's linears (default bf16)")
     p.add_argument("--steps", type=int, help="generate: denoising steps, for the speed ranking (default 28)")
     p.add_argument("--adapter", choices=ADAPTERS, help="train (default lora; minor from 4096²)")
-    p.add_argument("--checkpointing", choices=CHECKPOINTING,
-                   help="train: gradient checkpointing, cpu = checkpoints in pinned host memory "
-                   "(default: the recipe's)")
-    p.add_argument("--recipe", help="train: plan this recipe (default: the shipped 2K LoRA recipe, or the 4K "
-                   "minor-component one from 4096² or with --adapter minor)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="train: recipe overrides, as `urae-lite train` "
-                   "takes them (e.g. training.checkpointing=on)")
+    p.add_argument(
+        "--checkpointing",
+        choices=CHECKPOINTING,
+        help="train: gradient checkpointing, cpu = checkpoints in pinned host memory (default: the recipe's)",
+    )
+    p.add_argument(
+        "--recipe",
+        help="train: plan this recipe (default: the shipped 2K LoRA recipe, or the 4K "
+        "minor-component one from 4096² or with --adapter minor)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="train: recipe overrides, as `urae-lite train` takes them (e.g. training.checkpointing=on)",
+    )
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="train (default prodigy)")
-    p.add_argument("--no-validation", dest="validation", action="store_false",
-                   help="train: leave out the recipes' validation images")
-    p.add_argument("--vram", type=float, metavar="GIB",
-                   help="the card's memory in GiB (a '24 GB' card has 24 GiB): list what fits, fastest first")
-    p.add_argument("--ram", type=float, metavar="GIB",
-                   help="with --vram: host memory available for offloaded weights or checkpoints, in GiB")
+    p.add_argument(
+        "--blocks-to-swap",
+        type=int,
+        metavar="N",
+        help="stream the last N transformer blocks' frozen "
+        "weights from pinned host memory (default 0; generate: with offload model or none; train: with "
+        "checkpointing)",
+    )
+    p.add_argument("--ff-chunks", type=int, metavar="N", help="run the per-token MLPs in N token chunks (default 1)")
+    p.add_argument(
+        "--no-validation",
+        dest="validation",
+        action="store_false",
+        help="train: leave out the recipes' validation images",
+    )
+    p.add_argument(
+        "--vram",
+        type=float,
+        metavar="GIB",
+        help="the card's memory in GiB (a '24 GB' card has 24 GiB): list what fits, fastest first",
+    )
+    p.add_argument(
+        "--ram",
+        type=float,
+        metavar="GIB",
+        help="with --vram: host memory available for offloaded weights, swapped blocks and checkpoints, "
+        "in GiB (plans that need more are left out)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
-
-
-def _model_fields(model: str, base_pipeline: str | None) -> dict:
-    """PlanConfig fields of a model's transformer: its config (widths, depth) and variant, read from the config or
-    the single file's tensor shapes."""
-    from ..loader import open_transformer
-
-    config, _ = open_transformer(model, base_pipeline)
-    return {"transformer_config": config, "variant": "dev" if config.get("guidance_embeds") else "schnell"}
 
 
 def _job(args: argparse.Namespace) -> tuple[int, int, dict, dict]:
@@ -74,7 +115,9 @@ def _job(args: argparse.Namespace) -> tuple[int, int, dict, dict]:
 
     given = {k: getattr(args, k) for k in FIXABLE if getattr(args, k) is not None}
     if args.model is not None:
-        given.update(_model_fields(args.model, args.base_pipeline))
+        from ..model_files import resolve_files
+
+        given.update(model_fields(resolve_files(args.model, args.base_pipeline)))
     if not args.validation:
         given["validation"] = False
     if args.task != "train":
@@ -110,8 +153,15 @@ def run(args: argparse.Namespace) -> None:
     if result.best is None:
         raise UraeError(result.impossible())
     if args.json:
-        print(json.dumps({"vram_gib": args.vram, "fitting": [
-            {**c.estimate.as_dict(), "expected_seconds": c.seconds} for c in result.fitting]}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "vram_gib": args.vram,
+                    "fitting": [{**c.estimate.as_dict(), "expected_seconds": c.seconds} for c in result.fitting],
+                },
+                indent=1,
+            )
+        )
         return
     print(format_result(result))
 
@@ -122,13 +172,17 @@ def format_result(result: PlanResult) -> str:
 
     best = result.best
     cfg = best.config
-    lines = [f"fits in {result.vram_gib:g} GiB: {cfg.task} {cfg.width}x{cfg.height}, fastest first "
-             f"({len(result.fitting)} of the configurations tried fit; time relative to the fastest)"]
+    lines = [
+        f"fits in {result.vram_gib:g} GiB: {cfg.task} {cfg.width}x{cfg.height}, fastest first "
+        f"({len(result.fitting)} of the configurations tried fit; time relative to the fastest)"
+    ]
     width = max(len(options(c.config)) for c in result.fitting[:SHOWN])
     for i, c in enumerate(result.fitting[:SHOWN], 1):
         host = f"host {c.estimate.host / C.GiB:4.1f} GiB" if c.estimate.host else ""
-        lines.append(f"  {i}. {options(c.config):<{width}}  peak {c.peak / C.GiB:5.1f} GiB "
-                     f"in {c.estimate.peak_phase:<14} time {c.seconds / best.seconds:4.2f}x  {host}".rstrip())
+        lines.append(
+            f"  {i}. {options(c.config):<{width}}  peak {c.peak / C.GiB:5.1f} GiB "
+            f"in {c.estimate.peak_phase:<14} time {c.seconds / best.seconds:4.2f}x  {host}".rstrip()
+        )
     lines += ["", best.estimate.table(), ""]
     if cfg.task == "generate":
         size = f"--width {cfg.width} --height {cfg.height}"

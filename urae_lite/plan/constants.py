@@ -25,19 +25,24 @@ T5_D_MODEL, T5_D_FF, T5_LAYERS, T5_HEADS, T5_VOCAB = 4096, 10240, 24, 64, 32128
 # -> 123 M parameters.
 CLIP_WIDTH, CLIP_MLP, CLIP_LAYERS, CLIP_VOCAB, CLIP_POSITIONS = 768, 3072, 12, 49408, 77
 # FLUX.1 AutoencoderKL (black-forest-labs/FLUX.1-dev vae/config.json; 83.8 M parameters when built from it).
-FLUX_VAE_CONFIG = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 4,
-                   "up_block_types": ["UpDecoderBlock2D"] * 4, "block_out_channels": [128, 256, 512, 512],
-                   "layers_per_block": 2, "act_fn": "silu", "latent_channels": 16, "norm_num_groups": 32,
-                   "use_quant_conv": False, "use_post_quant_conv": False, "mid_block_add_attention": True}
+FLUX_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": True,
+}
 VAE_DOWNSAMPLE = 8  # pixels per latent pixel
 PATCH = 2  # 2x2 latent pixels per transformer token (16 px per token side)
 VAE_STRIP_ROWS = 64  # GenerationSettings.vae_strip_rows default (urae_lite/presets.py)
-# The untiled estimate (vae_tiling.estimate_untiled_decode_bytes) leaves out convolution workspaces; vae_tiling's own
-# `should_tile` trusts it only with this headroom, so the planner uses the same.
-VAE_UNTILED_HEADROOM = 1.25
-# Tiled decode: strips alive at once on the device (input with halo, GroupNorm statistics pass, conv output, the
-# fp32 statistics copy): counted as this many fp32 strips of the widest level (vae_tiling.py keeps a few).
-VAE_TILED_STRIPS = 6
+# What a VAE decode holds, plain or tiled, and the headroom `--vae-tiling auto` asks for: plan/vae.py.
 
 # ---- text tokens -------------------------------------------------------------------------------------------------
 TEXT_TOKENS = {"dev": 512, "schnell": 256}  # max_sequence_length defaults
@@ -51,11 +56,15 @@ CUDA_CONTEXT = 0.5 * GiB
 ALLOCATOR_RESERVE = 0.08
 
 # ---- text-encoder activations at L tokens (no grad, bf16) -----------------------------------------------------------
-# T5's attention materialises (heads, L, L) scores + position bias + fp32 softmax + probabilities; its FF keeps
-# wi_0, wi_1, gelu and product (L, d_ff); its RMSNorm upcasts the hidden state to fp32.
-T5_SCORE_BYTES = BF16 + BF16 + FP32 + BF16
+# transformers 5's T5 attends through SDPA with the relative position bias as its float mask (flash / memory-
+# efficient kernels: no (heads, L, L) score matrix). Alive: the bias, computed once and kept for all 24 layers, and
+# each layer's masked copy of it (heads, L, L each); then the larger of a layer's attention (hidden state, its
+# fp32-normalised copy, q, k, v, SDPA's output: this many (L, d_model) bf16 tensors) and its gated FF (the hidden
+# state and norm, with gelu_new's composite temporaries over wi_0 and wi_1's (L, d_ff) outputs).
+T5_BIAS_TENSORS = 2
+T5_ATTENTION_HIDDEN = 7
+T5_FF_HIDDEN = 4
 T5_FF_TENSORS = 4
-T5_HIDDEN_FP32_TENSORS = 4
 
 # ---- optimizers (per trainable parameter, fp32 masters: urae_lite/train/model.py) --------------------------------
 # Prodigy (prodigyopt 1.x, slice_p=1): exp_avg, exp_avg_sq, s and p0, each like the parameter (p0 is a scalar when
@@ -77,3 +86,5 @@ QUANT_SLOWDOWN = {"bf16": 1.00, "fp8": 1.03, "nf4": 1.06}
 # Per-module hook and synchronisation costs of the offload mechanisms (accelerate / diffusers hooks), seconds.
 GROUP_OVERHEAD_PER_BLOCK = 2e-4  # one onload per block group, overlapped transfer on a side stream
 SEQUENTIAL_OVERHEAD_PER_LAYER = 4e-4  # blocking host->device copy + hook per leaf module
+SWAP_OVERHEAD_PER_BLOCK = 1e-4  # block swap: one hook, an event wait and a release per swapped block per pass
+FF_CHUNK_OVERHEAD = 2e-5  # token-chunked FF: per chunk per block and pass (launches, slicing, the output copy)

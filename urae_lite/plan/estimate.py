@@ -15,8 +15,18 @@ from dataclasses import dataclass, field
 from ..offload import OFFLOAD_MODES
 from ..presets import VAE_TILING_MODES
 from . import constants as C
-from .activations import CPU, CUDA_AUTOCAST, CUDA_INFERENCE, Precision, Tokens, inference_bytes, training_bytes
+from .activations import (
+    CPU,
+    CUDA_AUTOCAST,
+    CUDA_INFERENCE,
+    Precision,
+    Tokens,
+    inference_bytes,
+    kept_block_inputs,
+    training_bytes,
+)
 from .arch import FluxArch, clip_params, flux_arch, image_tokens, t5_params, vae_params
+from .swap import SwapSplit, split, swapped_blocks
 
 TASKS = ("generate", "train")
 CHECKPOINTING = ("on", "off", "cpu")  # urae_lite/train/config.py training.checkpointing
@@ -45,6 +55,9 @@ class PlanConfig:
     optimizer: str = "prodigy"  # train
     validation: bool = True  # train: the recipes sample validation images at the training size
     steps: int = 28  # generate: denoising steps (speed model only)
+    blocks_to_swap: int = 0  # the last N blocks' frozen weights stream from pinned host memory (block_swap.py)
+    ff_chunks: int = 1  # per-token MLPs run in this many token chunks (ff_chunking.py)
+    checkpoint_every: int = 1  # train: only every k-th checkpointed block input is kept (train/checkpoint_segments.py)
     backend: str = "cuda"  # cpu: the PyTorch reference path, for checking the model against measurement
     transformer_config: dict | None = field(default=None, compare=False)  # default: FLUX.1 of `variant`
 
@@ -64,7 +77,7 @@ class PlanConfig:
         return 48 if self.task == "generate" and self.width * self.height > 2048 * 2048 else 16
 
     def arch(self) -> FluxArch:
-        from ..tiny import flux_dev_config
+        from ..flux_configs import flux_dev_config
 
         return flux_arch(self.transformer_config or flux_dev_config(self.variant))
 
@@ -73,10 +86,18 @@ class PlanConfig:
 
     def summary(self) -> str:
         head = f"{self.task} {self.width}x{self.height}, FLUX.1-{self.variant}, {self.quant} base"
+        memory = (f", {self.blocks_to_swap} blocks swapped" if self.blocks_to_swap else "") + (
+            f", FF in {self.ff_chunks} chunks" if self.ff_chunks > 1 else ""
+        )
         if self.task == "generate":
-            return f"{head}, offload {self.offload}, VAE tiling {self.vae_tiling}, adapters rank {self.adapter_rank}"
-        return (f"{head}, {self.adapter_kind} rank {self.adapter_rank}, checkpointing {self.checkpointing}, "
-                f"{self.optimizer}" + ("" if self.validation else ", no validation"))
+            return (
+                f"{head}, offload {self.offload}, T5 {self.t5_quant}, VAE tiling {self.vae_tiling}, adapters "
+                f"rank {self.adapter_rank}{memory}"
+            )
+        return (
+            f"{head}, {self.adapter_kind} rank {self.adapter_rank}, checkpointing {self.checkpointing}, "
+            f"{self.optimizer}{memory}" + ("" if self.validation else ", no validation")
+        )
 
 
 @dataclass(frozen=True)
@@ -116,31 +137,44 @@ class Estimate:
         """The per-phase table in GiB, with the peak and the phase that sets it."""
         width = max(len(n) for n, _ in self.rows) + 2
         cols = [max(len(p), 6) + 2 for p in self.phases]
-        lines = [self.config.summary(),
-                 " " * width + "".join(f"{p:>{w}}" for p, w in zip(self.phases, cols)) + "   (GiB)"]
+        lines = [
+            self.config.summary(),
+            " " * width + "".join(f"{p:>{w}}" for p, w in zip(self.phases, cols)) + "   (GiB)",
+        ]
 
         def row(name: str, values) -> str:
-            return f"{name:<{width}}" + "".join(f"{(v / C.GiB):>{w}.2f}" if v else f"{'-':>{w}}"
-                                                 for v, w in zip(values, cols))
+            return f"{name:<{width}}" + "".join(
+                f"{(v / C.GiB):>{w}.2f}" if v else f"{'-':>{w}}" for v, w in zip(values, cols)
+            )
 
         lines += [row(n, v) for n, v in self.rows]
         if self.config.backend == "cuda":
             alloc = self.allocated()
             lines.append(row("CUDA context", [C.CUDA_CONTEXT] * len(alloc)))
-            lines.append(row(f"allocator reserve ({C.ALLOCATOR_RESERVE:.0%})",
-                             [int(a * C.ALLOCATOR_RESERVE) for a in alloc]))
+            lines.append(
+                row(f"allocator reserve ({C.ALLOCATOR_RESERVE:.0%})", [int(a * C.ALLOCATOR_RESERVE) for a in alloc])
+            )
         lines.append(row("total", self.totals()))
-        lines.append(f"peak {self.peak / C.GiB:.2f} GiB in {self.peak_phase} "
-                     f"({self.peak_allocated / C.GiB:.2f} GiB allocated by torch)")
+        lines.append(
+            f"peak {self.peak / C.GiB:.2f} GiB in {self.peak_phase} "
+            f"({self.peak_allocated / C.GiB:.2f} GiB allocated by torch)"
+        )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
-        return {"config": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "transformer_config"},
-                "phases": list(self.phases), "rows": {n: list(v) for n, v in self.rows},
-                "allocated": list(self.allocated()), "totals": list(self.totals()), "peak_bytes": self.peak,
-                "peak_allocated_bytes": self.peak_allocated, "peak_phase": self.peak_phase, "host_bytes": self.host,
-                "notes": list(self.notes)}
+        return {
+            "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "transformer_config"},
+            "phases": list(self.phases),
+            "rows": {n: list(v) for n, v in self.rows},
+            "allocated": list(self.allocated()),
+            "totals": list(self.totals()),
+            "peak_bytes": self.peak,
+            "peak_allocated_bytes": self.peak_allocated,
+            "peak_phase": self.peak_phase,
+            "host_bytes": self.host,
+            "notes": list(self.notes),
+        }
 
 
 def estimate(cfg: PlanConfig, vram_gib: float | None = None) -> Estimate:
@@ -156,16 +190,46 @@ def check(cfg: PlanConfig) -> None:
     from ..presets import check_size
     from ..quant import QUANT_FORMATS
 
-    for name, valid in (("task", TASKS), ("quant", QUANT_FORMATS), ("variant", VARIANTS), ("offload", OFFLOAD_MODES),
-                        ("vae_tiling", VAE_TILING_MODES), ("checkpointing", CHECKPOINTING),
-                        ("optimizer", OPTIMIZERS), ("backend", BACKENDS)):
+    for name, valid in (
+        ("task", TASKS),
+        ("quant", QUANT_FORMATS),
+        ("variant", VARIANTS),
+        ("offload", OFFLOAD_MODES),
+        ("vae_tiling", VAE_TILING_MODES),
+        ("checkpointing", CHECKPOINTING),
+        ("optimizer", OPTIMIZERS),
+        ("backend", BACKENDS),
+    ):
         if getattr(cfg, name) not in valid:
             raise UraeError(f"unknown {name} '{getattr(cfg, name)}': use one of {', '.join(valid)}")
     if cfg.adapter is not None and cfg.adapter not in ADAPTERS:
         raise UraeError(f"unknown adapter '{cfg.adapter}': use one of {', '.join(ADAPTERS)}")
     if cfg.rank is not None and cfg.rank < 1:
         raise UraeError(f"rank must be at least 1, got {cfg.rank}")
+    if cfg.ff_chunks < 1:
+        raise UraeError(f"ff_chunks must be at least 1 (1 = off), got {cfg.ff_chunks}")
+    if cfg.checkpoint_every < 1:
+        raise UraeError(f"checkpoint_every must be at least 1 (1 = keep every block input), got {cfg.checkpoint_every}")
+    if cfg.checkpoint_every > 1 and cfg.task == "train" and cfg.checkpointing == "off":
+        raise UraeError("checkpoint_every thins out checkpointed block inputs: set checkpointing on or cpu")
     check_size(cfg.width, cfg.height)
+    n_blocks = cfg.arch().n_blocks
+    if not 0 <= cfg.blocks_to_swap <= n_blocks:
+        raise UraeError(f"blocks_to_swap must be in 0..{n_blocks} (the transformer's blocks), got {cfg.blocks_to_swap}")
+    if cfg.blocks_to_swap and cfg.task == "generate" and cfg.offload in ("group", "sequential"):
+        raise UraeError(
+            f"block swap streams the transformer itself: use it with offload model or none, not {cfg.offload}"
+        )
+    if cfg.blocks_to_swap and cfg.task == "train" and cfg.checkpointing == "off":
+        raise UraeError("block swap in training needs gradient checkpointing: set checkpointing on or cpu")
+
+
+def swap_splits(cfg: PlanConfig, arch: FluxArch, frozen_rank: int) -> tuple[SwapSplit, SwapSplit]:
+    """(quantized block weights, frozen adapter factors in bf16) on the device and in host memory."""
+    swapped = swapped_blocks(arch, cfg.blocks_to_swap)
+    weights = split(arch.block_weight_bytes(cfg.quant), swapped)
+    adapter_bytes = {k: v * C.BF16 for k, v in arch.block_adapter_params(frozen_rank).items()}
+    return weights, split(adapter_bytes, swapped)
 
 
 # ---- shared pieces -----------------------------------------------------------------------------------------------
@@ -182,20 +246,17 @@ def _denoise_io(arch: FluxArch, tok: Tokens) -> int:
 
 
 def _vae_decode(cfg: PlanConfig, tiled: bool) -> int:
-    """Activation bytes of the VAE decode at the image size (bf16), plain or exact strip-tiled."""
+    """Activation bytes of the VAE decode at the image size (bf16), plain or exact strip-tiled with the full-size
+    maps in host memory (where the pipeline keeps them on a card sized to the plan: plan/vae.py)."""
     import torch
 
-    from ..vae_tiling import estimate_untiled_decode_bytes
+    from .vae import estimate_untiled_decode_bytes, tiled_working_bytes
 
     vae = C.FLUX_VAE_CONFIG
     if not tiled:
-        return int(estimate_untiled_decode_bytes(vae, cfg.height, cfg.width, torch.bfloat16) * C.VAE_UNTILED_HEADROOM)
-    boc = vae["block_out_channels"]
-    lat = (cfg.height // C.VAE_DOWNSAMPLE) * (cfg.width // C.VAE_DOWNSAMPLE)
-    attention = 8 * boc[-1] * lat * C.BF16  # the mid-block attention runs whole at latent resolution
-    widest = max(c * (cfg.width // C.VAE_DOWNSAMPLE) << i for i, c in enumerate(reversed(boc)))
-    strips = C.VAE_TILED_STRIPS * (C.VAE_STRIP_ROWS + 2) * widest * C.FP32
-    return max(attention, strips) + 3 * cfg.height * cfg.width * C.BF16  # + the image, left on the device
+        return estimate_untiled_decode_bytes(vae, cfg.height, cfg.width, torch.bfloat16)
+    lh, lw = cfg.height // C.VAE_DOWNSAMPLE, cfg.width // C.VAE_DOWNSAMPLE
+    return tiled_working_bytes(vae, lh, lw, torch.bfloat16, 1, C.VAE_STRIP_ROWS)
 
 
 def _precision(cfg: PlanConfig, autocast: bool) -> Precision:
@@ -204,57 +265,82 @@ def _precision(cfg: PlanConfig, autocast: bool) -> Precision:
     return CUDA_AUTOCAST if autocast else CUDA_INFERENCE
 
 
-ROW_ORDER = ("transformer weights", "adapters", "text encoders", "VAE", "gradients", "optimizer states",
-             "dequantization buffer", "activations")
+ROW_ORDER = (
+    "transformer weights",
+    "adapters",
+    "text encoders",
+    "VAE",
+    "gradients",
+    "optimizer states",
+    "dequantization buffer",
+    "activations",
+)
 
 
 def _build(cfg: PlanConfig, phases: dict[str, dict[str, int]], notes: list[str], host: int) -> Estimate:
     """Rows in ROW_ORDER; a component absent from a phase is 0 there."""
-    names = sorted(dict.fromkeys(name for parts in phases.values() for name in parts),
-                   key=lambda n: next(i for i, prefix in enumerate(ROW_ORDER) if n.startswith(prefix)))
+    names = sorted(
+        dict.fromkeys(name for parts in phases.values() for name in parts),
+        key=lambda n: next(i for i, prefix in enumerate(ROW_ORDER) if n.startswith(prefix)),
+    )
     rows = tuple((n, tuple(int(parts.get(n, 0)) for parts in phases.values())) for n in names)
     return Estimate(cfg, tuple(phases), tuple(r for r in rows if any(r[1])), tuple(notes), host)
 
 
 # ---- generate ----------------------------------------------------------------------------------------------------
 def _t5_activations(tokens: int) -> int:
-    """T5-XXL encoder at `tokens` (no grad): attention scores + FF + fp32 norm copies of one layer."""
-    return (C.T5_HEADS * tokens * tokens * C.T5_SCORE_BYTES + tokens * C.T5_D_FF * C.T5_FF_TENSORS * C.BF16
-            + tokens * C.T5_D_MODEL * C.T5_HIDDEN_FP32_TENSORS * C.FP32)
+    """T5-XXL encoder at `tokens` (no grad): the position bias and its masked copy, then the larger of one
+    layer's attention and feed-forward (plan/constants.py; measured on the real encoder, plan/fake.py)."""
+    bias = C.T5_BIAS_TENSORS * C.T5_HEADS * tokens * tokens * C.BF16
+    attention = bias + tokens * C.T5_D_MODEL * C.T5_ATTENTION_HIDDEN * C.BF16
+    ff = bias // C.T5_BIAS_TENSORS + tokens * (C.T5_D_MODEL * C.T5_FF_HIDDEN + C.T5_D_FF * C.T5_FF_TENSORS) * C.BF16
+    return max(attention, ff)
 
 
 def _text_encoder_weights(offload: str, t5_quant: str = "bf16") -> int:
     """Text-encoder bytes on the device while they run (bf16 as FluxPipeline loads them; T5's linears optionally
     NF4 through transformers' bitsandbytes integration: 4 bits + absmax; the embedding, norms and the FF output
     `wo` (T5's `_keep_in_fp32_modules`, which transformers never quantizes) stay bf16)."""
-    linear_numel = C.T5_LAYERS * (4 * C.T5_D_MODEL ** 2 + 3 * C.T5_D_MODEL * C.T5_D_FF)
-    quantized = C.T5_LAYERS * (4 * C.T5_D_MODEL ** 2 + 2 * C.T5_D_MODEL * C.T5_D_FF) if t5_quant == "nf4" else 0
+    linear_numel = C.T5_LAYERS * (4 * C.T5_D_MODEL**2 + 3 * C.T5_D_MODEL * C.T5_D_FF)
+    quantized = C.T5_LAYERS * (4 * C.T5_D_MODEL**2 + 2 * C.T5_D_MODEL * C.T5_D_FF) if t5_quant == "nf4" else 0
     linear_bytes = quantized * (0.5 + 1 / C.NF4_BLOCK) + (linear_numel - quantized) * C.BF16
     t5 = int((t5_params() - linear_numel) * C.BF16 + linear_bytes)
     clip = clip_params() * C.BF16
     t5_layer = int(linear_bytes / C.T5_LAYERS)
     embedding = C.T5_VOCAB * C.T5_D_MODEL * C.BF16
-    return {"none": t5 + clip,  # every component resident
-            "model": t5,  # one component at a time: CLIP, then T5
-            "group": embedding + 2 * t5_layer,  # the unmatched top-level modules + the running and prefetched layer
-            "sequential": embedding}[offload]  # the largest leaf module
+    return {
+        "none": t5 + clip,  # every component resident
+        "model": t5,  # one component at a time: CLIP, then T5
+        "group": embedding + 2 * t5_layer,  # the unmatched top-level modules + the running and prefetched layer
+        "sequential": embedding,
+    }[offload]  # the largest leaf module
 
 
 def _generate(cfg: PlanConfig, vram_gib: float | None) -> Estimate:
     arch, tok = cfg.arch(), cfg.tokens()
     mode = cfg.offload
-    weights = {"none": arch.weight_bytes(cfg.quant), "model": arch.weight_bytes(cfg.quant),
-               "group": 2 * arch.block_bytes(cfg.quant) + arch.other_params * C.BF16,  # running + prefetched block
-               "sequential": arch.largest_linear().weight_bytes(cfg.quant)}[mode]  # one AdaptedLinear at a time
+    weights = {
+        "none": arch.weight_bytes(cfg.quant),
+        "model": arch.weight_bytes(cfg.quant),
+        "group": 2 * arch.block_bytes(cfg.quant) + arch.other_params * C.BF16,  # running + prefetched block
+        "sequential": arch.largest_linear().weight_bytes(cfg.quant),
+    }[mode]  # one AdaptedLinear at a time
     share = {"none": 1.0, "model": 1.0, "group": 2 / arch.n_blocks, "sequential": 0.0}[mode]
-    transformer = {f"transformer weights ({cfg.quant})": weights,
-                   f"adapters (rank {cfg.adapter_rank})": arch.adapter_params(cfg.adapter_rank) * C.BF16 * share}
+    adapters = arch.adapter_params(cfg.adapter_rank) * C.BF16 * share
+    swapped_host = 0
+    if cfg.blocks_to_swap:  # the transformer is placed by the block swap, outside the model-offload hooks
+        w, a = swap_splits(cfg, arch, cfg.adapter_rank)
+        weights, adapters, swapped_host = arch.other_params * C.BF16 + w.device, a.device, w.host + a.host
+    transformer = {f"transformer weights ({cfg.quant})": weights, f"adapters (rank {cfg.adapter_rank})": adapters}
     text = {f"text encoders (T5-XXL {cfg.t5_quant} + CLIP)": _text_encoder_weights(mode, cfg.t5_quant)}
     vae = {"VAE": vae_params() * C.BF16}
-    resident = {**transformer, **text} if mode == "none" else {}  # `none`: everything stays on the device
+    # `none`: everything stays on the device; with block swap the transformer's resident part stays throughout
+    resident = {**transformer, **text} if mode == "none" else transformer if cfg.blocks_to_swap else {}
     always = vae if mode in ("none", "group") else {}  # group offloading excludes the VAE: it stays on the device
     dequant = {"dequantization buffer": _dequant_buffer(cfg, arch)}  # allocated on the first step, then held
-    denoise = inference_bytes(arch, tok, cfg.quant, _precision(cfg, autocast=False)) + _denoise_io(arch, tok)
+    denoise = inference_bytes(arch, tok, cfg.quant, _precision(cfg, autocast=False), cfg.ff_chunks) + _denoise_io(
+        arch, tok
+    )
     phases = {
         "text encoding": {**resident, **text, **always, "activations": _t5_activations(tok.text)},
         "denoising": {**resident, **transformer, **always, **dequant, "activations": denoise},
@@ -264,11 +350,18 @@ def _generate(cfg: PlanConfig, vram_gib: float | None) -> Estimate:
     tiled, note = _resolve_tiling(cfg, max(before), decode_held, vram_gib)
     phases["VAE decode"] = {**resident, **vae, **dequant, "activations": _vae_decode(cfg, tiled)}
     notes = [note] if note else []
-    host = 0
+    host = swapped_host
     if mode != "none":  # every component waits in host memory between its turns
-        host = arch.weight_bytes(cfg.quant) + (t5_params() + clip_params() + vae_params()) * C.BF16
-        notes.append(f"offload {mode}: {host / C.GiB:.1f} GiB of weights wait in host memory"
-                     + (" (pinned)" if mode == "group" else ""))
+        transformer_host = swapped_host if cfg.blocks_to_swap else arch.weight_bytes(cfg.quant)
+        host = transformer_host + _text_encoder_weights("none", cfg.t5_quant) + vae_params() * C.BF16
+        notes.append(
+            f"offload {mode}: {host / C.GiB:.1f} GiB of weights wait in host memory"
+            + (" (pinned)" if mode == "group" else "")
+        )
+    if swapped_host:
+        notes.append(
+            f"block swap: {cfg.blocks_to_swap} blocks ({swapped_host / C.GiB:.1f} GiB) stream from pinned host memory"
+        )
     return _build(cfg, phases, notes, host)
 
 
@@ -277,11 +370,15 @@ def _resolve_tiling(cfg: PlanConfig, other_phases: int, held: int, vram_gib: flo
     unknown) in a card just big enough for the other phases, which is what a plan that fits guarantees."""
     if cfg.vae_tiling != "auto":
         return cfg.vae_tiling == "on", ""
+    from .vae import HEADROOM
+
     plain = _vae_decode(cfg, tiled=False)
     card = other_phases if vram_gib is None else (vram_gib * C.GiB - C.CUDA_CONTEXT) / (1 + C.ALLOCATOR_RESERVE)
-    tiled = held + plain > card
-    return tiled, (f"VAE tiling auto -> {'exact tiled' if tiled else 'plain'} decode "
-                   f"(a plain decode needs {plain / C.GiB:.2f} GiB of activations)")
+    tiled = held + plain * HEADROOM > card  # vae_tiling's `auto` asks for the same headroom (plan/vae.should_tile)
+    return tiled, (
+        f"VAE tiling auto -> {'exact tiled' if tiled else 'plain'} decode "
+        f"(a plain decode needs {plain / C.GiB:.2f} GiB of activations, {HEADROOM:g}x of it free)"
+    )
 
 
 # ---- train -------------------------------------------------------------------------------------------------------
@@ -294,12 +391,29 @@ def _train(cfg: PlanConfig) -> Estimate:
     adapters = trainable * C.FP32 + arch.adapter_params(frozen_rank) * C.BF16
     # each forward concatenates and casts every branch to bf16; autograd keeps the copies unless blocks recompute
     casts = arch.adapter_params(r + frozen_rank) * C.BF16 if cfg.checkpointing == "off" else 0
-    states = (trainable * C.PRODIGY_STATES * C.FP32 if cfg.optimizer == "prodigy"
-              else int(trainable * C.ADAMW8BIT_BYTES))
-    acts = training_bytes(arch, tok, cfg.quant, _precision(cfg, autocast=True), cfg.checkpointing, r + frozen_rank)
+    states = trainable * C.PRODIGY_STATES * C.FP32 if cfg.optimizer == "prodigy" else int(trainable * C.ADAMW8BIT_BYTES)
+    acts = training_bytes(
+        arch,
+        tok,
+        cfg.quant,
+        _precision(cfg, autocast=True),
+        cfg.checkpointing,
+        r + frozen_rank,
+        cfg.ff_chunks,
+        cfg.checkpoint_every,
+    )
     name = f"adapters ({cfg.adapter_kind} rank {r})"
-    held = {f"transformer weights ({cfg.quant})": arch.weight_bytes(cfg.quant), name: adapters,
-            f"optimizer states ({cfg.optimizer})": states, "dequantization buffer": _dequant_buffer(cfg, arch)}
+    weights, swapped_host = arch.weight_bytes(cfg.quant), 0
+    if cfg.blocks_to_swap:  # frozen weights and frozen slices stream; the trained fp32 masters stay
+        w, a = swap_splits(cfg, arch, frozen_rank)
+        weights, swapped_host = arch.other_params * C.BF16 + w.device, w.host + a.host
+        adapters = trainable * C.FP32 + a.device
+    held = {
+        f"transformer weights ({cfg.quant})": weights,
+        name: adapters,
+        f"optimizer states ({cfg.optimizer})": states,
+        "dequantization buffer": _dequant_buffer(cfg, arch),
+    }
     grads = {"gradients (fp32)": trainable * C.FP32}
     phases = {
         "forward": {**held, name: adapters + casts, "activations": acts.forward_peak},
@@ -308,12 +422,21 @@ def _train(cfg: PlanConfig) -> Estimate:
     }
     notes = []
     if cfg.validation:  # the recipes' validation images: the trained model samples in place, then a tiled decode
-        sample = inference_bytes(arch, tok, cfg.quant, _precision(cfg, autocast=True)) + _denoise_io(arch, tok)
+        sample = inference_bytes(arch, tok, cfg.quant, _precision(cfg, autocast=True), cfg.ff_chunks) + _denoise_io(
+            arch, tok
+        )
         phases["validation"] = {**held, "activations": sample}
         phases["val. decode"] = {**held, "VAE": vae_params() * C.BF16, "activations": _vae_decode(cfg, tiled=True)}
-        notes.append("validation samples at the training size under autocast: lower validation.size (or "
-                     "validation.every=0) when it sets the peak")
-    host = arch.n_blocks * tok.total * arch.hidden * C.BF16 if cfg.checkpointing == "cpu" else 0
-    if host:
-        notes.append(f"checkpointing cpu: {host / C.GiB:.1f} GiB of block inputs in pinned host memory")
-    return _build(cfg, phases, notes, host)
+        notes.append(
+            "validation samples at the training size under autocast: lower validation.size (or "
+            "validation.every=0) when it sets the peak"
+        )
+    kept_inputs = kept_block_inputs(arch.n_blocks, cfg.checkpoint_every)  # all of them at the end of the forward
+    inputs_host = kept_inputs * tok.total * arch.hidden * C.BF16 if cfg.checkpointing == "cpu" else 0
+    if inputs_host:
+        notes.append(f"checkpointing cpu: {inputs_host / C.GiB:.1f} GiB of block inputs in pinned host memory")
+    if swapped_host:
+        notes.append(
+            f"block swap: {cfg.blocks_to_swap} blocks ({swapped_host / C.GiB:.1f} GiB) stream from pinned host memory"
+        )
+    return _build(cfg, phases, notes, inputs_host + swapped_host)

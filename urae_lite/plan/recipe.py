@@ -10,14 +10,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..config import override_keys
 from ..presets import RECIPES
 from ..train.config import TrainConfig, load_recipe
 
 RECIPE_2K_LORA = "train_2k_lora.yaml"
 RECIPE_4K_MINOR = "train_4k_minor.yaml"
 #: recipe keys -> the PlanConfig fields they set (plan CLI options of the same meaning override them)
-RECIPE_KEYS = {"quant": "quant", "adapter.kind": "adapter", "adapter.rank": "rank",
-               "training.checkpointing": "checkpointing", "optimizer._component_": "optimizer"}
+RECIPE_KEYS = {
+    "quant": "quant",
+    "adapter.kind": "adapter",
+    "adapter.rank": "rank",
+    "training.checkpointing": "checkpointing",
+    "training.blocks_to_swap": "blocks_to_swap",
+    "training.ff_chunks": "ff_chunks",
+    "training.checkpoint_every": "checkpoint_every",
+    "optimizer._component_": "optimizer",
+}
 
 
 def shipped_recipe(resolution: int, adapter: str | None = None) -> Path:
@@ -41,6 +50,9 @@ def plan_fields(cfg: TrainConfig) -> dict:
         "adapter": cfg.adapter.kind,
         "rank": cfg.adapter.rank,
         "checkpointing": cfg.training.checkpointing,
+        "blocks_to_swap": cfg.training.blocks_to_swap,
+        "ff_chunks": cfg.training.ff_chunks,
+        "checkpoint_every": cfg.training.checkpoint_every,
         "optimizer": planner_optimizer(str(cfg.optimizer["_component_"])),
         "validation": bool(cfg.validation.every and cfg.validation.prompts),
     }
@@ -53,5 +65,11 @@ def recipe_plan_fields(path: str | os.PathLike, overrides: list[str] = ()) -> di
 
 def overridden_fields(overrides: list[str]) -> set[str]:
     """PlanConfig fields that `key=value` overrides set explicitly (the `--vram` search keeps them)."""
-    keys = {o.split("=", 1)[0].strip() for o in overrides}
+    keys = override_keys(overrides)
     return {field for key, field in RECIPE_KEYS.items() if key in keys}
+
+
+def recipe_overrides(fields: dict) -> list[str]:
+    """`key=value` recipe overrides that set PlanConfig `fields` (the inverse of RECIPE_KEYS)."""
+    keys = {field: key for key, field in RECIPE_KEYS.items()}
+    return [f"{keys[name]}={value}" for name, value in fields.items()]

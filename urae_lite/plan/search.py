@@ -3,8 +3,9 @@
 Speed model (for ranking only): FLOPs of the transformer's GEMMs and attention at the reference card's throughput,
 slowed by the quantized base's dequantization, plus the host<->device traffic each offload or checkpointing mode
 adds (overlapped with compute for group offloading, serial otherwise). It orders what matters: no offload >
-model > group > sequential, bf16 > fp8 > nf4, checkpointing off > on > cpu, and it knows that streaming blocks
-costs nothing when a 4K step's compute hides the transfer but dominates at 1024².
+model > group > sequential, bf16 > fp8 > nf4, checkpointing off > on > cpu, fewer swapped blocks > more, FF
+chunks off > on in training (the chunks are recomputed once more), and it knows that streaming blocks costs nothing
+when a 4K step's compute hides the transfer but dominates at 1024².
 """
 
 from __future__ import annotations
@@ -14,37 +15,75 @@ import itertools
 from dataclasses import dataclass
 
 from . import constants as C
+from .activations import kept_block_inputs
 from .arch import FluxArch, t5_params, vae_params
-from .estimate import CHECKPOINTING, OFFLOAD_MODES, Estimate, PlanConfig, estimate
+from .estimate import BASE_ADAPTER_RANK, CHECKPOINTING, OFFLOAD_MODES, Estimate, PlanConfig, estimate
+from .swap import transfer_seconds
 
 
 def forward_flops(arch: FluxArch, image: int, text: int) -> float:
-    """GEMM + attention FLOPs of one transformer forward (2 per multiply-add; q·kᵀ and p·v each 2·N²·D)."""
-    total = 0.0
-    for l in arch.linears:
-        if ".norm" in l.name:  # adaLN modulation: applied to the (1, D) conditioning vector
-            tokens = 1
-        elif l.name.startswith("transformer_blocks."):  # two streams: text projections see the text only
-            tokens = text if ("add_" in l.name or "context" in l.name) else image
-        else:
-            tokens = image + text
-        total += 2.0 * l.numel * tokens
-    return total + 4.0 * (image + text) ** 2 * arch.hidden * arch.n_blocks
+    """GEMM + attention FLOPs of one transformer forward."""
+    return sum(arch.block_flops(image, text).values())
+
+
+def segment_forwards(n_blocks: int, every: int) -> int:
+    """Extra block forwards (without grad) a backward runs to recompute the inputs checkpoint segments of `every`
+    blocks do not keep: L²//4 per segment of L blocks (train/checkpoint_segments.py)."""
+    full, rest = divmod(n_blocks, every)
+    return full * (every * every // 4) + rest * rest // 4
+
+
+def segment_waits(n_blocks: int, every: int) -> int:
+    """Recomputed block inputs that wait for backward where the kept ones live (L - 2 per segment of L)."""
+    full, rest = divmod(n_blocks, every)
+    return full * max(every - 2, 0) + max(rest - 2, 0)
+
+
+def _memory_options_seconds(cfg: PlanConfig, arch: FluxArch, block_seconds: dict[str, float]) -> float:
+    """What block swap and FF chunking add to a step: copies the compute does not hide, per-block hooks, and in
+    training the chunked MLPs' second recompute."""
+    train = cfg.task == "train"
+    passes = (1.0, 3.0) if train else (1.0,)  # training: the checkpointed forward, then recompute + backward
+    extra = 0.0
+    if cfg.blocks_to_swap:
+        frozen_rank = (
+            (BASE_ADAPTER_RANK + cfg.adapter_rank if cfg.adapter_kind == "minor" else 0) if train else cfg.adapter_rank
+        )
+        extra += transfer_seconds(
+            arch, cfg.quant, frozen_rank, cfg.blocks_to_swap, C.REF_PCIE_PINNED, block_seconds, passes
+        )
+        extra += cfg.blocks_to_swap * len(passes) * C.SWAP_OVERHEAD_PER_BLOCK
+    if cfg.ff_chunks > 1:
+        tok = cfg.tokens()
+        if train:
+            extra += arch.mlp_flops(tok.image, tok.text) / C.REF_FLOPS * C.QUANT_SLOWDOWN[cfg.quant]
+        extra += arch.n_blocks * cfg.ff_chunks * len(passes) * C.FF_CHUNK_OVERHEAD
+    return extra
 
 
 def expected_seconds(cfg: PlanConfig) -> float:
     """Seconds per image (generate) or per optimizer step (train) on the reference card; for ranking only."""
     arch, tok = cfg.arch(), cfg.tokens()
-    compute = forward_flops(arch, tok.image, tok.text) / C.REF_FLOPS * C.QUANT_SLOWDOWN[cfg.quant]
+    slowdown = C.QUANT_SLOWDOWN[cfg.quant] / C.REF_FLOPS
+    block_seconds = {k: v * slowdown for k, v in arch.block_flops(tok.image, tok.text).items()}
+    compute = sum(block_seconds.values())
+    memory = _memory_options_seconds(cfg, arch, block_seconds)
     weights = arch.weight_bytes(cfg.quant)
     if cfg.task == "train":
         passes = 3 + (cfg.checkpointing != "off")  # forward + backward (2x) + the recompute
-        traffic = 2 * arch.n_blocks * tok.total * arch.hidden * C.BF16 if cfg.checkpointing == "cpu" else 0
-        return compute * passes + traffic / C.REF_PCIE_PINNED  # save_on_cpu copies synchronously
-    step = {"none": compute, "model": compute,
-            "group": max(compute, weights / C.REF_PCIE_PINNED) + arch.n_blocks * C.GROUP_OVERHEAD_PER_BLOCK,
-            "sequential": (compute + weights / C.REF_PCIE_PAGEABLE
-                           + len(arch.linears) * C.SEQUENTIAL_OVERHEAD_PER_LAYER)}[cfg.offload]
+        moved = kept_block_inputs(arch.n_blocks, cfg.checkpoint_every) + segment_waits(
+            arch.n_blocks, cfg.checkpoint_every
+        )
+        traffic = 2 * moved * tok.total * arch.hidden * C.BF16 if cfg.checkpointing == "cpu" else 0
+        segments = compute * segment_forwards(arch.n_blocks, cfg.checkpoint_every) / arch.n_blocks
+        return compute * passes + segments + traffic / C.REF_PCIE_PINNED + memory  # save_on_cpu copies synchronously
+    compute += memory
+    step = {
+        "none": compute,
+        "model": compute,
+        "group": max(compute, weights / C.REF_PCIE_PINNED) + arch.n_blocks * C.GROUP_OVERHEAD_PER_BLOCK,
+        "sequential": (compute + weights / C.REF_PCIE_PAGEABLE + len(arch.linears) * C.SEQUENTIAL_OVERHEAD_PER_LAYER),
+    }[cfg.offload]
     once = (weights + (t5_params() + vae_params()) * C.BF16) / C.REF_PCIE_PAGEABLE if cfg.offload != "none" else 0
     return cfg.steps * step + once
 
@@ -71,6 +110,7 @@ class PlanResult:
     smallest: Candidate
     largest_fitting_size: tuple[int, int] | None  # with the smallest configuration, when nothing fits
     ram_gib: float | None = None
+    fits_card_only: tuple[Candidate, ...] = ()  # fit the card but need more host memory than `ram_gib`
 
     @property
     def best(self) -> Candidate | None:
@@ -78,12 +118,24 @@ class PlanResult:
 
     def impossible(self) -> str:
         """One line for a request nothing fits: the smallest peak reachable and what it would need."""
+        if self.fits_card_only:  # the card is enough, host memory is not
+            fastest = self.fits_card_only[0]
+            least = min(c.estimate.host for c in self.fits_card_only)
+            cfg = fastest.config
+            return (
+                f"nothing fits in {self.vram_gib:g} GiB with {self.ram_gib:g} GiB of host memory for {cfg.task} "
+                f"at {cfg.width}x{cfg.height}: the fastest plan that fits the card ({options(cfg)}) needs "
+                f"{fastest.estimate.host / C.GiB:.1f} GiB of host memory, and every plan that fits needs at "
+                f"least {least / C.GiB:.1f} GiB; add host memory or raise --ram"
+            )
         s = self.smallest
         cfg = s.config
         ram = f" and {self.ram_gib:g} GiB of host memory" if self.ram_gib is not None else ""
-        line = (f"nothing fits in {self.vram_gib:g} GiB{ram} for {cfg.task} at {cfg.width}x{cfg.height}: the "
-                f"smallest peak is {s.peak / C.GiB:.1f} GiB ({options(cfg)}), so it needs a card with at least "
-                f"{s.peak / C.GiB:.1f} GiB")
+        line = (
+            f"nothing fits in {self.vram_gib:g} GiB{ram} for {cfg.task} at {cfg.width}x{cfg.height}: the "
+            f"smallest peak is {s.peak / C.GiB:.1f} GiB ({options(cfg)}), so it needs a card with at least "
+            f"{s.peak / C.GiB:.1f} GiB"
+        )
         if not _fits_ram(s, self.ram_gib):
             line += f" and {s.estimate.host / C.GiB:.1f} GiB of host memory"
         if self.largest_fitting_size:
@@ -94,23 +146,51 @@ class PlanResult:
 
 # The optimizer is not searched: switching it means editing the recipe's optimizer section (its arguments differ),
 # and its states are small next to activations (optim.py); `optimizer=` fixes it.
-SEARCHED = {"generate": ("quant", "offload"), "train": ("quant", "checkpointing")}
+SEARCHED = {
+    "generate": ("quant", "offload", "t5_quant", "blocks_to_swap", "ff_chunks"),
+    "train": ("quant", "checkpointing", "blocks_to_swap", "ff_chunks", "checkpoint_every"),
+}
+FF_CHUNKS = (1, 4, 16)  # tried by the search: off, and enough chunks to make the MLPs small next to attention
+CHECKPOINT_EVERY = (1, 2, 3)  # kept block inputs: all, every 2nd, every 3rd (more costs ~k/4 block forwards each)
+SWAP_STEP = 4  # blocks_to_swap tried in steps of this many blocks (and all of them)
 
 
-def _space(task: str) -> dict[str, tuple[str, ...]]:
+def _space(base: PlanConfig) -> dict[str, tuple]:
     from ..quant import QUANT_FORMATS
+    from ..text_encoders import T5_QUANTS
 
-    valid = {"quant": QUANT_FORMATS, "offload": OFFLOAD_MODES, "checkpointing": CHECKPOINTING}
-    return {k: valid[k] for k in SEARCHED[task]}
+    n_blocks = base.arch().n_blocks
+    swaps = tuple(sorted({*range(0, n_blocks, SWAP_STEP), n_blocks}))
+    valid = {
+        "quant": QUANT_FORMATS,
+        "offload": OFFLOAD_MODES,
+        "checkpointing": CHECKPOINTING,
+        "t5_quant": T5_QUANTS,
+        "blocks_to_swap": swaps,
+        "ff_chunks": FF_CHUNKS,
+        "checkpoint_every": CHECKPOINT_EVERY,
+    }
+    return {k: valid[k] for k in SEARCHED[base.task]}
+
+
+def _valid(cfg: PlanConfig) -> bool:
+    """Block swap streams the transformer itself (not with group/sequential offload) and needs checkpointing, as
+    keeping fewer checkpointed block inputs does."""
+    if cfg.checkpoint_every > 1 and cfg.checkpointing == "off":
+        return False
+    if not cfg.blocks_to_swap:
+        return True
+    return cfg.offload in ("none", "model") if cfg.task == "generate" else cfg.checkpointing != "off"
 
 
 def candidates(base: PlanConfig, fixed: set[str], vram_gib: float | None = None) -> list[Candidate]:
-    """Every combination of the searched options not in `fixed`, estimated and timed."""
-    space = {k: (getattr(base, k),) if k in fixed else v for k, v in _space(base.task).items()}
+    """Every valid combination of the searched options not in `fixed`, estimated and timed."""
+    space = {k: (getattr(base, k),) if k in fixed else v for k, v in _space(base).items()}
     out = []
     for values in itertools.product(*space.values()):
         cfg = base.replace(**dict(zip(space, values)))
-        out.append(Candidate(cfg, estimate(cfg, vram_gib), expected_seconds(cfg)))
+        if _valid(cfg):
+            out.append(Candidate(cfg, estimate(cfg, vram_gib), expected_seconds(cfg)))
     return out
 
 
@@ -118,8 +198,9 @@ def _rank(c: Candidate) -> tuple[float, int]:
     return round(c.seconds, 6), c.peak
 
 
-def best_config(task: str, width: int, height: int, vram_gib: float, ram_gib: float | None = None,
-                **fixed) -> PlanResult:
+def best_config(
+    task: str, width: int, height: int, vram_gib: float, ram_gib: float | None = None, **fixed
+) -> PlanResult:
     """The fastest configuration of `task` at `width`x`height` whose peak fits `vram_gib` GiB, and the next best.
 
     `ram_gib`: host memory available for offloaded weights or checkpoints (None: not a constraint).
@@ -135,14 +216,17 @@ def best_config(task: str, width: int, height: int, vram_gib: float, ram_gib: fl
     if vram_gib <= 0:
         raise UraeError(f"--vram must be a positive number of GiB, got {vram_gib:g}")
     base = PlanConfig(task=task, width=width, height=height, **fixed)
-    pool = candidates(base, set(fixed), vram_gib)
-    if ram_gib is not None:  # what needs more host memory is out, unless everything does
-        pool = [c for c in pool if c.estimate.host <= ram_gib * C.GiB] or pool
+    if ram_gib is not None and ram_gib <= 0:
+        raise UraeError(f"--ram must be a positive number of GiB, got {ram_gib:g}")
+    everything = candidates(base, set(fixed), vram_gib)
     limit = vram_gib * C.GiB
-    fitting = tuple(sorted((c for c in pool if c.peak <= limit and _fits_ram(c, ram_gib)), key=_rank))
+    card = sorted((c for c in everything if c.peak <= limit), key=_rank)
+    fitting = tuple(c for c in card if _fits_ram(c, ram_gib))
+    pool = [c for c in everything if _fits_ram(c, ram_gib)] or everything  # host-fitting ones, unless none is
     smallest = min(pool, key=lambda c: (c.peak, _rank(c)))
-    largest = None if fitting else _largest_fitting(smallest.config, limit, vram_gib)
-    return PlanResult(vram_gib, fitting, smallest, largest, ram_gib)
+    short = () if fitting else tuple(card)
+    largest = None if fitting or short else _largest_fitting(smallest.config, limit, vram_gib)
+    return PlanResult(vram_gib, fitting, smallest, largest, ram_gib, short)
 
 
 def _fits_ram(c: Candidate, ram_gib: float | None) -> bool:
@@ -151,6 +235,7 @@ def _fits_ram(c: Candidate, ram_gib: float | None) -> bool:
 
 def _largest_fitting(cfg: PlanConfig, limit: float, vram_gib: float) -> tuple[int, int] | None:
     """The largest size with `cfg`'s aspect ratio (multiples of 64) whose peak fits, by bisection on the scale."""
+
     def size(scale: float) -> tuple[int, int]:
         return max(64, int(cfg.width * scale) // 64 * 64), max(64, int(cfg.height * scale) // 64 * 64)
 
@@ -170,10 +255,22 @@ def _largest_fitting(cfg: PlanConfig, limit: float, vram_gib: float) -> tuple[in
 def options(cfg: PlanConfig) -> str:
     """The searched options of `cfg` as the job's own command line spells them."""
     if cfg.task == "generate":
-        return f"--quant {cfg.quant} --offload {cfg.offload}"
+        return " ".join(generate_options(cfg))
     return " ".join(train_overrides(cfg))
+
+
+def generate_options(cfg: PlanConfig) -> list[str]:
+    """`urae-lite generate` options that select `cfg`'s searched memory settings (defaults left out)."""
+    line = [f"--quant {cfg.quant}", f"--offload {cfg.offload}", f"--t5-quant {cfg.t5_quant}"]
+    if cfg.blocks_to_swap:
+        line.append(f"--blocks-to-swap {cfg.blocks_to_swap}")
+    if cfg.ff_chunks > 1:
+        line.append(f"--ff-chunks {cfg.ff_chunks}")
+    return line
 
 
 def train_overrides(cfg: PlanConfig) -> list[str]:
     """`urae-lite train RECIPE key=value ...` overrides that select `cfg`'s searched memory settings."""
-    return [f"quant={cfg.quant}", f"training.checkpointing={cfg.checkpointing}"]
+    from .recipe import recipe_overrides
+
+    return recipe_overrides({name: getattr(cfg, name) for name in SEARCHED["train"]})

@@ -25,14 +25,23 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_save_file, load_file_checked, write_json
-from ..component_files import ComponentFiles, check_files, check_fits, file_identity
+from ..component_files import ComponentFiles, check_fits, file_identity
 from ..destinations import check_output_dir
 from ..errors import UraeError
+from ..model_files import ModelFiles, as_model_files
+from ..safetensors_io import atomic_save_file, load_file_checked, write_json
 from ..vae_tiling import VAE_TILING_MODES
-from ..loader import components_root
-from .data import (CAPTION_COLUMNS, Bucket, Sample, SkipLog, fit_to_bucket, make_buckets, nearest_bucket,
-                   needs_upscale, scan_dataset)
+from .data import (
+    CAPTION_COLUMNS,
+    Bucket,
+    Sample,
+    SkipLog,
+    fit_to_bucket,
+    make_buckets,
+    nearest_bucket,
+    needs_upscale,
+    scan_dataset,
+)
 from .encoders import clip_pooled, free_device_memory, iter_t5, load_vae
 
 logger = logging.getLogger("urae_lite.train")
@@ -85,17 +94,21 @@ def _file_line(root: Path, path: Path) -> str:
     return f"{rel}:{path.stat().st_size}\n"
 
 
-def rebuild_command(data_dir: str | Path, model: str, resolution: int, cache: str | Path | None = None,
-                    base_pipeline: str | None = None, files: ComponentFiles | None = None) -> str:
+def rebuild_command(data_dir: str | Path, model: ModelFiles, resolution: int, cache: str | Path | None = None) -> str:
     extra = f" --out {cache}" if cache is not None and Path(cache) != default_cache_dir(data_dir, resolution) else ""
-    extra += f" --base-pipeline {base_pipeline}" if base_pipeline else ""
-    extra += "".join(f" --{k} {v}" for k, v in vars(files or ComponentFiles()).items() if v is not None)
-    return f"urae-lite cache {data_dir} --model {model} --resolution {resolution}{extra} --overwrite"
+    extra += f" --base-pipeline {model.base_pipeline}" if model.base_pipeline else ""
+    extra += "".join(f" --{k} {v}" for k, v in vars(model.component_files).items() if v is not None)
+    return f"urae-lite cache {data_dir} --model {model.model} --resolution {resolution}{extra} --overwrite"
 
 
 def _identity(model: str, fingerprint: str, resolution: int, max_sequence_length: int) -> dict:
-    return {"format_version": CACHE_FORMAT_VERSION, "model": model, "fingerprint": fingerprint,
-            "resolution": resolution, "max_sequence_length": max_sequence_length}
+    return {
+        "format_version": CACHE_FORMAT_VERSION,
+        "model": model,
+        "fingerprint": fingerprint,
+        "resolution": resolution,
+        "max_sequence_length": max_sequence_length,
+    }
 
 
 def _read_manifest(cache: Path) -> dict | None:
@@ -165,9 +178,19 @@ def _image_tensor(image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
-def _encode_images(cache: Path, samples: list[Sample], root: Path, buckets: list[Bucket], device, dtype,
-                   vae_tiling: str, skip_small: bool, skips: SkipLog, progress: bool,
-                   files: ComponentFiles | None = None) -> list[tuple[Sample, Bucket]]:
+def _encode_images(
+    cache: Path,
+    samples: list[Sample],
+    root: Path,
+    buckets: list[Bucket],
+    device,
+    dtype,
+    vae_tiling: str,
+    skip_small: bool,
+    skips: SkipLog,
+    progress: bool,
+    files: ComponentFiles | None = None,
+) -> list[tuple[Sample, Bucket]]:
     """VAE posterior (mean, std) per image; returns the usable samples with their buckets."""
     usable, todo = [], []
     for s in samples:
@@ -192,88 +215,142 @@ def _encode_images(cache: Path, samples: list[Sample], root: Path, buckets: list
         bucket = nearest_bucket(image.width, image.height, buckets)
         if needs_upscale(image.width, image.height, bucket):
             if skip_small:
-                skips.skip(s.image.name, "smaller than its bucket", f"{image.width}x{image.height} < "
-                           f"{bucket.width}x{bucket.height}")
+                skips.skip(
+                    s.image.name,
+                    "smaller than its bucket",
+                    f"{image.width}x{image.height} < {bucket.width}x{bucket.height}",
+                )
                 continue
-            skips.warn(s.image.name, "upscaled", f"{image.width}x{image.height} to fill {bucket.width}x"
-                       f"{bucket.height}; upscaled real data hurts quality, --skip-small drops such images")
+            skips.warn(
+                s.image.name,
+                "upscaled",
+                f"{image.width}x{image.height} to fill {bucket.width}x"
+                f"{bucket.height}; upscaled real data hurts quality, --skip-small drops such images",
+            )
         pixels = _image_tensor(fit_to_bucket(image, bucket)).to(device, dtype)
         with torch.no_grad():
             posterior = vae.encode(pixels).latent_dist
         moments = {"mean": posterior.mean[0].to("cpu", CACHE_DTYPE), "std": posterior.std[0].to("cpu", CACHE_DTYPE)}
-        atomic_save_file(moments, _latent_path(cache, s.name),
-                         {"source": _source_stamp(s.image), "width": str(bucket.width), "height": str(bucket.height)})
+        atomic_save_file(
+            moments,
+            _latent_path(cache, s.name),
+            {"source": _source_stamp(s.image), "width": str(bucket.width), "height": str(bucket.height)},
+        )
         usable.append((s, bucket))
     del vae
     free_device_memory()
     return usable
 
 
-def _encode_texts(cache: Path, samples: list[Sample], root: Path, device, dtype, max_sequence_length: int,
-                  progress: bool, files: ComponentFiles | None = None) -> None:
+def _encode_texts(
+    cache: Path,
+    samples: list[Sample],
+    root: Path,
+    device,
+    dtype,
+    max_sequence_length: int,
+    progress: bool,
+    files: ComponentFiles | None = None,
+) -> None:
     """Pooled CLIP for every missing caption first (small, kept in memory), then T5, streamed to disk."""
-    todo = [(s.name, column, text) for s in samples for column, text in s.captions.items()
-            if (_meta(_text_path(cache, s.name, column)) or {}).get("caption") != _caption_hash(text)]
+    todo = [
+        (s.name, column, text)
+        for s in samples
+        for column, text in s.captions.items()
+        if (_meta(_text_path(cache, s.name, column)) or {}).get("caption") != _caption_hash(text)
+    ]
     if not todo:
         return
     texts = [t for _, _, t in todo]
     pooled = clip_pooled(root, texts, device, dtype, files=files)
     t5 = iter_t5(root, texts, device, dtype, max_sequence_length, files=files)
-    for (name, column, text), p, e in tqdm(zip(todo, pooled, t5), total=len(todo), desc="T5 + CLIP encode",
-                                           unit="caption", disable=not progress):
-        atomic_save_file({"t5": e.to(CACHE_DTYPE), "pooled": p.to(CACHE_DTYPE)}, _text_path(cache, name, column),
-                         {"caption": _caption_hash(text)})
+    for (name, column, text), p, e in tqdm(
+        zip(todo, pooled, t5), total=len(todo), desc="T5 + CLIP encode", unit="caption", disable=not progress
+    ):
+        atomic_save_file(
+            {"t5": e.to(CACHE_DTYPE), "pooled": p.to(CACHE_DTYPE)},
+            _text_path(cache, name, column),
+            {"caption": _caption_hash(text)},
+        )
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def build_cache(data_dir: str | Path, model: str, resolution: int, out: str | Path | None = None,
-                device: str | None = None, dtype: torch.dtype | None = None, max_sequence_length: int = 512,
-                skip_small: bool = False, vae_tiling: str = "auto", overwrite: bool = False,
-                progress: bool = True, base_pipeline: str | None = None,
-                files: ComponentFiles | None = None) -> tuple[Path, SkipLog]:
+def build_cache(
+    data_dir: str | Path,
+    model: str | ModelFiles,
+    resolution: int,
+    out: str | Path | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    max_sequence_length: int = 512,
+    skip_small: bool = False,
+    vae_tiling: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+    base_pipeline: str | None = None,
+    files: ComponentFiles | None = None,
+) -> tuple[Path, SkipLog]:
     """Cache everything training needs from DATA_DIR; resumable, and refuses to mix models or resolutions.
 
     `files`: single-file VAE / CLIP / T5 used instead of the pipeline folder's (which still gives configs and
-    tokenizers)."""
+    tokenizers). `model` may be a resolved `ModelFiles` instead of the three."""
     if resolution % 16:
         raise UraeError(f"--resolution must be a multiple of 16, got {resolution}")
     if vae_tiling not in VAE_TILING_MODES:
         raise UraeError(f"--vae-tiling must be one of {', '.join(VAE_TILING_MODES)}")
-    check_files(files)
     device = torch.device(device) if device else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cache = check_output_dir(out if out is not None else default_cache_dir(data_dir, resolution))
-    root = components_root(model, base_pipeline)  # a single transformer file: its base pipeline's encoders + VAE
+    resolved = as_model_files(model, base_pipeline, files)
+    root = resolved.pipeline_root()  # a single transformer file: its base pipeline's encoders + VAE
+    files = resolved.component_files
     check_fits(files, root)
-    identity = _identity(str(model), model_fingerprint(root, files), resolution, max_sequence_length)
+    identity = _identity(resolved.model, model_fingerprint(root, files), resolution, max_sequence_length)
     manifest = _read_manifest(cache)
     if manifest is not None:
         reason = _stale_reason(manifest, identity["fingerprint"], resolution, max_sequence_length)
         if reason and not overwrite:
-            raise UraeError(f"cache {cache} cannot be extended: {reason}. Rebuild it with "
-                            f"`{rebuild_command(data_dir, model, resolution, out, base_pipeline, files)}` or pass "
-                            f"another --out")
+            raise UraeError(
+                f"cache {cache} cannot be extended: {reason}. Rebuild it with "
+                f"`{rebuild_command(data_dir, resolved, resolution, out)}` or pass "
+                f"another --out"
+            )
         if reason:
             shutil.rmtree(cache)
     write_json(cache / MANIFEST, {**identity, "complete": False})
     skips = SkipLog()
     samples = scan_dataset(data_dir, skips)
     try:
-        usable = _encode_images(cache, samples, root, make_buckets(resolution), device, dtype, vae_tiling,
-                                skip_small, skips, progress, files)
+        usable = _encode_images(
+            cache,
+            samples,
+            root,
+            make_buckets(resolution),
+            device,
+            dtype,
+            vae_tiling,
+            skip_small,
+            skips,
+            progress,
+            files,
+        )
         _encode_texts(cache, [s for s, _ in usable], root, device, dtype, max_sequence_length, progress, files)
     except torch.cuda.OutOfMemoryError:
         tiling = "" if vae_tiling == "on" else "--vae-tiling on (VAE), or "
-        raise UraeError(f"CUDA out of memory while caching at {resolution}: what is done is kept; run again with "
-                        f"{tiling}--device cpu (slow, but any size fits)") from None
+        raise UraeError(
+            f"CUDA out of memory while caching at {resolution}: what is done is kept; run again with "
+            f"{tiling}--device cpu (slow, but any size fits)"
+        ) from None
     items = {s.name: {"width": b.width, "height": b.height, "columns": sorted(s.captions)} for s, b in usable}
     if not items:
         raise UraeError(f"no usable image in {data_dir}: {skips.summary()}")
-    write_json(cache / MANIFEST, {**identity, "complete": True, "items": items, "skipped": dict(skips.reasons),
-                                  "warned": dict(skips.warnings)})
+    write_json(
+        cache / MANIFEST,
+        {**identity, "complete": True, "items": items, "skipped": dict(skips.reasons), "warned": dict(skips.warnings)},
+    )
     return cache, skips
 
 
@@ -303,17 +380,26 @@ class CachedDataset:
         return tensors["t5"], tensors["pooled"]
 
 
-def open_cache(data_dir: str | Path, model: str, resolution: int, cache: str | Path | None = None,
-               columns: tuple[str, ...] = CAPTION_COLUMNS, skips: SkipLog | None = None,
-               base_pipeline: str | None = None, files: ComponentFiles | None = None) -> CachedDataset:
+def open_cache(
+    data_dir: str | Path,
+    model: str | ModelFiles,
+    resolution: int,
+    cache: str | Path | None = None,
+    columns: tuple[str, ...] = CAPTION_COLUMNS,
+    skips: SkipLog | None = None,
+    base_pipeline: str | None = None,
+    files: ComponentFiles | None = None,
+) -> CachedDataset:
     """The cache for (model, resolution), checked: a stale or unfinished one is refused with the fix."""
     folder = Path(cache) if cache is not None else default_cache_dir(data_dir, resolution)
-    fix = rebuild_command(data_dir, model, resolution, cache, base_pipeline, files)
+    resolved = as_model_files(model, base_pipeline, files)
+    fix = rebuild_command(data_dir, resolved, resolution, cache)
     manifest = _read_manifest(folder)
     if manifest is None:
         raise UraeError(f"no cache at {folder}: build it first with `{fix.removesuffix(' --overwrite')}`")
-    reason = _stale_reason(manifest, model_fingerprint(components_root(model, base_pipeline), files), resolution,
-                           None)
+    reason = _stale_reason(
+        manifest, model_fingerprint(resolved.pipeline_root(), resolved.component_files), resolution, None
+    )
     if reason:
         raise UraeError(f"cache {folder} does not fit this run: {reason}. Rebuild it with `{fix}`")
     if not manifest.get("complete"):

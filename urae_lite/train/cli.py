@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..component_files import add_component_options
+from ..plan.choose import add_vram_options
 from ..vae_tiling import VAE_TILING_MODES
 
 
@@ -15,10 +16,19 @@ def _cmd_cache(args: argparse.Namespace) -> None:
 
     report = RunReport()
     with report.stage("cache"):
-        folder, skips = build_cache(args.data, args.model, args.resolution, out=args.out, device=args.device,
-                                    max_sequence_length=args.max_sequence_length, skip_small=args.skip_small,
-                                    vae_tiling=args.vae_tiling, overwrite=args.overwrite,
-                                    base_pipeline=args.base_pipeline, files=component_files(args))
+        folder, skips = build_cache(
+            args.data,
+            args.model,
+            args.resolution,
+            out=args.out,
+            device=args.device,
+            max_sequence_length=args.max_sequence_length,
+            skip_small=args.skip_small,
+            vae_tiling=args.vae_tiling,
+            overwrite=args.overwrite,
+            base_pipeline=args.base_pipeline,
+            files=component_files(args),
+        )
     print(f"cache ready: {folder}; {skips.summary()}")
     print(report.format())
 
@@ -29,51 +39,78 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     overrides = [*args.overrides, f"output_format={args.format}"] if args.format else args.overrides
     cfg = load_recipe(args.recipe, overrides)
-    if args.vram is not None:
-        _plan_memory(cfg, args)
-    train(cfg, resume=args.resume)
+    files = None  # resolved by `train` after its output check, or here when the planner needs the model first
+    if args.vram is not None:  # the planner's memory settings, then the user's overrides (which it kept) on top
+        files = cfg.model_files()
+        cfg = load_recipe(args.recipe, [*vram_overrides(cfg, args.overrides, args.vram, args.ram, files), *overrides])
+    train(cfg, resume=args.resume, files=files)
 
 
-def _plan_memory(cfg, args: argparse.Namespace) -> None:
-    """--vram: choose quant and checkpointing from the planner, unless set as overrides on the command line."""
-    from ..plan.choose import choose
-    from ..plan.recipe import overridden_fields, plan_fields
+def vram_overrides(
+    cfg, user_overrides: list[str], vram_gib: float, ram_gib: float | None = None, files=None
+) -> list[str]:
+    """--vram: recipe overrides for the memory settings the planner picks for `cfg`; the ones `user_overrides` set
+    stay as the user set them. `files`: `cfg.model_files()` when already resolved."""
+    from ..plan.choose import apply_vram, model_fields
+    from ..plan.recipe import overridden_fields, plan_fields, recipe_overrides
     from ..plan.search import SEARCHED
 
     fields = plan_fields(cfg)
     width, height = fields.pop("width"), fields.pop("height")
-    user_set = overridden_fields(args.overrides)
+    user_set = overridden_fields(user_overrides)
     fixed = {k: v for k, v in fields.items() if k not in SEARCHED["train"] or k in user_set}
-    pick = choose("train", width, height, args.vram, **fixed).best.config
-    cfg.quant, cfg.training.checkpointing = pick.quant, pick.checkpointing
+    model = model_fields(files if files is not None else cfg.model_files())
+    return recipe_overrides(apply_vram("train", width, height, vram_gib, ram_gib, **model, **fixed))
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("cache", help="cache T5/CLIP embeddings and VAE posteriors of a training dataset")
     p.add_argument("data", help="dataset folder: name.jpg|png|webp + name.json with prompt / generated_prompt")
-    p.add_argument("--model", required=True, help="diffusers FLUX folder, hub id, single FLUX transformer "
-                   ".safetensors (with --base-pipeline), or 'tiny'")
-    p.add_argument("--base-pipeline", help="with a single file as --model: the diffusers FLUX folder or hub id "
-                   "whose VAE and text encoders to use (default: the matching FLUX.1 from the Hugging Face cache)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="diffusers FLUX folder, hub id, single FLUX transformer .safetensors (with --base-pipeline), or 'tiny'",
+    )
+    p.add_argument(
+        "--base-pipeline",
+        help="with a single file as --model: the diffusers FLUX folder or hub id "
+        "whose VAE and text encoders to use (default: the matching FLUX.1 from the Hugging Face cache)",
+    )
     add_component_options(p)
     p.add_argument("--resolution", type=int, required=True, help="target side: buckets have about this area²")
     p.add_argument("--out", default=None, help="cache folder (default DATA/.urae_cache/RESOLUTION)")
     p.add_argument("--device", default=None, help="where the encoders run (default cuda when available)")
     p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens (dev 512, schnell 256)")
-    p.add_argument("--skip-small", action="store_true", help="skip images smaller than their bucket "
-                   "instead of upscaling them with a warning")
-    p.add_argument("--vae-tiling", choices=VAE_TILING_MODES, default="auto",
-                   help="diffusers' blended VAE tiling for the encode (auto: above 2048)")
+    p.add_argument(
+        "--skip-small",
+        action="store_true",
+        help="skip images smaller than their bucket instead of upscaling them with a warning",
+    )
+    p.add_argument(
+        "--vae-tiling",
+        choices=VAE_TILING_MODES,
+        default="auto",
+        help="diffusers' blended VAE tiling for the encode (auto: above 2048)",
+    )
     p.add_argument("--overwrite", action="store_true", help="rebuild a cache made for another model/resolution")
     p.set_defaults(func=_cmd_cache)
 
     p = subparsers.add_parser("train", help="train a URAE adapter from a recipe (recipes/train_2k_lora.yaml, ...)")
     p.add_argument("recipe", help="YAML recipe")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. training.steps=500")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue from the newest checkpoint in output_dir (or the given checkpoint folder)")
-    p.add_argument("--vram", type=float, metavar="GIB", help="choose quant and training.checkpointing that fit "
-                   "this many GiB (the `urae-lite plan` estimate), unless given as overrides")
-    p.add_argument("--format", choices=("diffusers", "kohya"), help="kohya: also write adapter_kohya.safetensors "
-                   "(ComfyUI / Forge keys) beside the diffusers-format adapter (recipe key output_format)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the newest checkpoint in output_dir (or the given checkpoint folder)",
+    )
+    add_vram_options(p, "train")
+    p.add_argument(
+        "--format",
+        choices=("diffusers", "kohya"),
+        help="kohya: also write adapter_kohya.safetensors "
+        "(ComfyUI / Forge keys) beside the diffusers-format adapter (recipe key output_format)",
+    )
     p.set_defaults(func=_cmd_train)

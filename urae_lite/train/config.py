@@ -3,25 +3,21 @@
 Like torchtune: a recipe is readable config over reusable parts. Plain settings are checked against the
 dataclasses below (an unknown or misspelled key is an error, not silently ignored); sections with a
 `_component_` key name a callable by dotted path and pass the rest as keyword arguments, so the optimizer and
-LR schedule can be swapped (Prodigy, bitsandbytes 8-bit AdamW, torch AdamW, ...) without code changes.
+LR schedule can be swapped (Prodigy, bitsandbytes 8-bit AdamW, torch AdamW, ...) without code changes. The YAML,
+override and `_component_` machinery is urae_lite/config.py's, shared with the generation presets.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ..config import PROFILES_KEY, REQUIRED, apply_overrides, build, instantiate, missing, read_yaml
 from ..errors import UraeError
 
-REQUIRED = "???"
+__all__ = ["REQUIRED", "TrainConfig", "check_config", "instantiate", "load_recipe"]
 
 
 @dataclass
@@ -58,6 +54,12 @@ class TrainingConfig:
     logit_std: float = 1.0
     precision: str = "bf16"  # bf16: bf16 weights + autocast | fp32: full precision (CPU tests; big and slow on GPUs)
     checkpointing: str = "on"  # on: recompute blocks in backward | cpu: and keep their inputs in host memory | off
+    # keep only every k-th block's input (on the device / in host memory); backward recomputes the others from the
+    # last kept one: k times fewer kept inputs for about (k/4) more block forwards per block (needs checkpointing)
+    checkpoint_every: int = 1
+    ff_chunks: int = 1  # run the blocks' MLPs in this many token chunks (less memory, one more MLP forward)
+    # keep the last N blocks' frozen weights in host memory, streamed through the GPU (0 = off; needs checkpointing)
+    blocks_to_swap: int = 0
 
 
 @dataclass
@@ -95,11 +97,19 @@ class TrainConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     hires: HiresConfig = field(default_factory=HiresConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    optimizer: dict[str, Any] = field(default_factory=lambda: {
-        "_component_": "prodigyopt.Prodigy", "lr": 1.0, "weight_decay": 1e-4, "decouple": True,
-        "use_bias_correction": True, "safeguard_warmup": True})
-    lr_scheduler: dict[str, Any] = field(default_factory=lambda: {
-        "_component_": "urae_lite.train.optim.constant_with_warmup", "warmup_steps": 0})
+    optimizer: dict[str, Any] = field(
+        default_factory=lambda: {
+            "_component_": "prodigyopt.Prodigy",
+            "lr": 1.0,
+            "weight_decay": 1e-4,
+            "decouple": True,
+            "use_bias_correction": True,
+            "safeguard_warmup": True,
+        }
+    )
+    lr_scheduler: dict[str, Any] = field(
+        default_factory=lambda: {"_component_": "urae_lite.train.optim.constant_with_warmup", "warmup_steps": 0}
+    )
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
@@ -112,126 +122,24 @@ class TrainConfig:
 
         return ComponentFiles(self.vae, self.clip, self.t5)
 
+    def model_files(self):
+        """Where this recipe's transformer, VAE and text encoders are (urae_lite.model_files.ModelFiles): resolved
+        once per run (a hub id is fetched here) and passed to the cache, the model and validation."""
+        from ..model_files import resolve_files
 
-# ---- loading -------------------------------------------------------------------------------------------------
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise UraeError(f"override '{text}' is not key=value (e.g. training.steps=100)")
-    try:
-        parsed = yaml.safe_load(value) if value else ""
-    except yaml.YAMLError:
-        parsed = value
-    return key.strip().split("."), parsed
-
-
-def _set_path(tree: dict, path: list[str], value: Any) -> None:
-    for part in path[:-1]:
-        node = tree.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise UraeError(f"cannot set {'.'.join(path)}: {part} is a value, not a section")
-        tree = node
-    tree[path[-1]] = value
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """YAML reads `1e-4` as a string and `16` as an int; fit values to the field's declared type."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _coerce(value, options[0], key)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise UraeError(f"{key} must be true or false, got {value!r}")
-    if annotation in (int, float):
-        try:
-            number = float(value) if isinstance(value, str) else value
-            if annotation is int and (isinstance(number, bool) or float(number) != int(number)):
-                raise ValueError
-            return annotation(number)
-        except (TypeError, ValueError):
-            raise UraeError(f"{key} must be a number ({annotation.__name__}), got {value!r}") from None
-    if annotation is str:
-        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes as booleans
-            return "on" if value else "off"
-        if isinstance(value, (dict, list)) or value is None:
-            raise UraeError(f"{key} must be a string, got {value!r}")
-        return str(value)
-    if origin is list:
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            value = [value]
-        return [_coerce(v, typing.get_args(annotation)[0], key) for v in value]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise UraeError(f"{key} must be a mapping, got {value!r}")
-        return {k: (_number(v) if typing.get_args(annotation)[1] is Any else
-                    _coerce(v, typing.get_args(annotation)[1], f"{key}.{k}")) for k, v in value.items()}
-    return value
-
-
-def _number(value: Any) -> Any:
-    """Component kwargs are untyped: turn numeric strings such as '1e-4' into floats, leave the rest."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
-    if not isinstance(values, dict):
-        raise UraeError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise UraeError(f"unknown setting '{prefix}{unknown[0]}' (known in this section: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in values.items():
-        hint = hints[name]
-        if isinstance(value, str) and value == REQUIRED:
-            kwargs[name] = REQUIRED
-        elif dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _missing(obj: Any, prefix: str = "") -> list[str]:
-    out = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            out += _missing(value, f"{prefix}{f.name}.")
-        elif value == REQUIRED:
-            out.append(f"{prefix}{f.name}")
-    return out
+        return resolve_files(self.model, self.base_pipeline, self.component_files(), transformer=self.transformer)
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] = (), require_paths: bool = True) -> TrainConfig:
     """Recipe file + `key=value` overrides (dotted keys, YAML values) -> a checked TrainConfig.
 
     `require_paths=False` (planning memory) accepts a recipe whose data, output and base adapter paths are unset."""
-    path = Path(path)
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise UraeError(f"cannot read recipe {path}: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise UraeError(f"recipe {path} is not valid YAML: {e}") from e
-    for text in overrides:
-        _set_path(tree, *_parse_override(text))
-    cfg = _build(TrainConfig, tree)
-    missing = _missing(cfg) if require_paths else []
-    if missing:
-        raise UraeError(f"the recipe needs {missing[0]}: pass {missing[0]}=... on the command line")
+    tree = apply_overrides(read_yaml(path, "recipe"), overrides)
+    tree.pop(PROFILES_KEY, None)
+    cfg = build(TrainConfig, tree)
+    unset = missing(cfg) if require_paths else []
+    if unset:
+        raise UraeError(f"the recipe needs {unset[0]}: pass {unset[0]}=... on the command line")
     check_config(cfg, require_paths)
     return cfg
 
@@ -255,20 +163,39 @@ def check_config(cfg: TrainConfig, require_paths: bool = True) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise UraeError(f"{key}={value} is not one of {', '.join(str(a) for a in allowed if a)}")
-    positive = {"training.steps": cfg.training.steps, "training.gradient_accumulation":
-                cfg.training.gradient_accumulation, "adapter.rank": cfg.adapter.rank,
-                "data.resolution": cfg.data.resolution, "checkpoint.keep": cfg.checkpoint.keep}
+    positive = {
+        "training.steps": cfg.training.steps,
+        "training.gradient_accumulation": cfg.training.gradient_accumulation,
+        "adapter.rank": cfg.adapter.rank,
+        "data.resolution": cfg.data.resolution,
+        "checkpoint.keep": cfg.checkpoint.keep,
+        "training.ff_chunks": cfg.training.ff_chunks,
+        "training.checkpoint_every": cfg.training.checkpoint_every,
+    }
     for key, value in positive.items():
         if value < 1:
             raise UraeError(f"{key} must be at least 1, got {value}")
     if cfg.data.resolution % 16:
         raise UraeError(f"data.resolution must be a multiple of 16, got {cfg.data.resolution}")
+    if cfg.training.blocks_to_swap < 0:  # the upper bound (the model's block count) is checked when it loads
+        raise UraeError(f"training.blocks_to_swap must be 0 (off) or more, got {cfg.training.blocks_to_swap}")
+    if cfg.training.blocks_to_swap and cfg.training.checkpointing == "off":
+        raise UraeError(
+            "training.blocks_to_swap needs gradient checkpointing (backward must fetch the swapped "
+            "blocks again): set training.checkpointing=on"
+        )
+    if cfg.training.checkpoint_every > 1 and cfg.training.checkpointing == "off":
+        raise UraeError(
+            f"training.checkpoint_every={cfg.training.checkpoint_every} thins out checkpointed block "
+            f"inputs: set training.checkpointing=on or cpu, or training.checkpoint_every=1"
+        )
     from .data import CAPTION_COLUMNS
 
     unknown = sorted(set(cfg.data.caption_mix) - set(CAPTION_COLUMNS))
     if unknown:
-        raise UraeError(f"data.caption_mix has an unknown caption column '{unknown[0]}' (columns: "
-                        f"{', '.join(CAPTION_COLUMNS)})")
+        raise UraeError(
+            f"data.caption_mix has an unknown caption column '{unknown[0]}' (columns: {', '.join(CAPTION_COLUMNS)})"
+        )
     if any(w < 0 for w in cfg.data.caption_mix.values()) or sum(cfg.data.caption_mix.values()) <= 0:
         raise UraeError("data.caption_mix needs at least one caption column with a positive weight")
     if require_paths and cfg.adapter.kind == "minor" and not cfg.adapter.base_adapters:
@@ -276,19 +203,3 @@ def check_config(cfg: TrainConfig, require_paths: bool = True) -> None:
     for section in ("optimizer", "lr_scheduler"):
         if "_component_" not in getattr(cfg, section):
             raise UraeError(f"{section} needs a _component_ (a dotted path such as prodigyopt.Prodigy)")
-
-
-def instantiate(section: dict[str, Any], *args: Any) -> Any:
-    """Call the `_component_` of a recipe section with `args` and the section's other keys."""
-    path = section["_component_"]
-    module_name, _, attr = str(path).rpartition(".")
-    try:
-        component = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as e:
-        hint = " (pip install prodigyopt, or pip install urae-lite[train])" if "prodigy" in str(path) else ""
-        raise UraeError(f"cannot import component {path}{hint}: {e}") from e
-    kwargs = {k: v for k, v in section.items() if k != "_component_"}
-    try:
-        return component(*args, **kwargs)
-    except TypeError as e:
-        raise UraeError(f"{path} does not accept these settings {sorted(kwargs)}: {e}") from e

@@ -101,8 +101,11 @@ class SkipLog:
         return sum(self.reasons.values())
 
     def summary(self) -> str:
-        text = (f"skipped {self.total} item(s): " + ", ".join(f"{n} {r}" for r, n in sorted(self.reasons.items()))
-                if self.total else "no items skipped")
+        text = (
+            f"skipped {self.total} item(s): " + ", ".join(f"{n} {r}" for r, n in sorted(self.reasons.items()))
+            if self.total
+            else "no items skipped"
+        )
         if self.warnings:
             text += "; kept with a warning: " + ", ".join(f"{n} {r}" for r, n in sorted(self.warnings.items()))
         return text
@@ -150,6 +153,8 @@ def scan_dataset(folder: str | Path, skips: SkipLog, columns: tuple[str, ...] = 
             continue
         samples[path.stem] = Sample(path.stem, path, captions)
     if not samples:
-        raise UraeError(f"empty dataset: {folder} has no {'/'.join(IMAGE_SUFFIXES)} image with a name.json caption "
-                        f"({skips.summary()})")
+        raise UraeError(
+            f"empty dataset: {folder} has no {'/'.join(IMAGE_SUFFIXES)} image with a name.json caption "
+            f"({skips.summary()})"
+        )
     return list(samples.values())

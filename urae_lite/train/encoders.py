@@ -24,15 +24,26 @@ def free_device_memory() -> None:
 
 
 @torch.no_grad()
-def clip_pooled(root: Path, texts: Sequence[str], device, dtype: torch.dtype, batch_size: int = 16,
-                files: ComponentFiles | None = None) -> torch.Tensor:
+def clip_pooled(
+    root: Path,
+    texts: Sequence[str],
+    device,
+    dtype: torch.dtype,
+    batch_size: int = 16,
+    files: ComponentFiles | None = None,
+) -> torch.Tensor:
     """(n, 768) pooled CLIP-L embeddings, as FluxPipeline computes them (77 tokens, padded, truncated)."""
     tokenizer = load_component(root, "tokenizer")
     model = load_model(root, "text_encoder", files, dtype).to(device)
     out = []
     for i in range(0, len(texts), batch_size):
-        ids = tokenizer(list(texts[i:i + batch_size]), padding="max_length", max_length=CLIP_MAX_LENGTH,
-                        truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(
+            list(texts[i : i + batch_size]),
+            padding="max_length",
+            max_length=CLIP_MAX_LENGTH,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         out.append(model(ids.to(device), output_hidden_states=False).pooler_output.float().cpu())
     del model
     free_device_memory()
@@ -40,23 +51,41 @@ def clip_pooled(root: Path, texts: Sequence[str], device, dtype: torch.dtype, ba
 
 
 @torch.no_grad()
-def iter_t5(root: Path, texts: Sequence[str], device, dtype: torch.dtype, max_sequence_length: int,
-            batch_size: int = 4, files: ComponentFiles | None = None) -> Iterator[torch.Tensor]:
+def iter_t5(
+    root: Path,
+    texts: Sequence[str],
+    device,
+    dtype: torch.dtype,
+    max_sequence_length: int,
+    batch_size: int = 4,
+    files: ComponentFiles | None = None,
+) -> Iterator[torch.Tensor]:
     """(max_sequence_length, 4096) T5 embeddings per text, yielded as computed so callers can stream them to disk."""
     tokenizer = load_component(root, "tokenizer_2")
     model = load_model(root, "text_encoder_2", files, dtype).to(device)
     try:
         for i in range(0, len(texts), batch_size):
-            ids = tokenizer(list(texts[i:i + batch_size]), padding="max_length", max_length=max_sequence_length,
-                            truncation=True, return_tensors="pt").input_ids
+            ids = tokenizer(
+                list(texts[i : i + batch_size]),
+                padding="max_length",
+                max_length=max_sequence_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
             yield from model(ids.to(device), output_hidden_states=False)[0].cpu()
     finally:  # also when the consumer stops early: the next model needs the device
         del model
         free_device_memory()
 
 
-def encode_prompts(root: Path, texts: Sequence[str], device, dtype: torch.dtype, max_sequence_length: int,
-                   files: ComponentFiles | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def encode_prompts(
+    root: Path,
+    texts: Sequence[str],
+    device,
+    dtype: torch.dtype,
+    max_sequence_length: int,
+    files: ComponentFiles | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """[(t5 (L, 4096), pooled (768,))] for a few prompts (validation); CLIP and T5 never share the device."""
     pooled = clip_pooled(root, texts, device, dtype, files=files)
     t5 = iter_t5(root, texts, device, dtype, max_sequence_length, files=files)

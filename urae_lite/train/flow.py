@@ -20,8 +20,13 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def sample_sigma(gen: torch.Generator, mode: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
-                 num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> float:
+def sample_sigma(
+    gen: torch.Generator,
+    mode: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+) -> float:
     """σ ∈ {1/T, ..., 1}: uniform as the authors trained (no shift, weight 1), or logit-normal (SD3's choice)."""
     if mode == "uniform":
         u = torch.rand((), generator=gen).item()
@@ -32,8 +37,9 @@ def sample_sigma(gen: torch.Generator, mode: str = "uniform", logit_mean: float 
     return (min(int(u * num_train_timesteps), num_train_timesteps - 1) + 1) / num_train_timesteps
 
 
-def posterior_sample(mean: torch.Tensor, std: torch.Tensor, gen: torch.Generator, shift_factor: float,
-                     scaling_factor: float) -> torch.Tensor:
+def posterior_sample(
+    mean: torch.Tensor, std: torch.Tensor, gen: torch.Generator, shift_factor: float, scaling_factor: float
+) -> torch.Tensor:
     """A fresh VAE posterior draw in the transformer's latent space: (mean + std·ε − shift)·scale, fp32."""
     eps = torch.randn(mean.shape, generator=gen)
     return (mean.float() + std.float() * eps - shift_factor) * scaling_factor
@@ -71,9 +77,3 @@ def latent_image_ids(height: int, width: int) -> torch.Tensor:
 def flow_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Plain MSE in fp32, weight 1 for every σ."""
     return torch.mean((prediction.float() - target.float()) ** 2)
-
-
-def shifted_sigmas(steps: int, shift: float) -> list[float]:
-    """Inference schedule: σ = linspace(1, 1/N, N), static shift s·σ/(1+(s−1)·σ), then 0 (docs/high-resolution.md)."""
-    base = [1.0 - i * (1.0 - 1.0 / steps) / max(steps - 1, 1) for i in range(steps)]
-    return [shift * s / (1.0 + (shift - 1.0) * s) for s in base] + [0.0]

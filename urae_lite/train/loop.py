@@ -21,20 +21,19 @@ import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write_text
-from ..component_files import check_files, check_fits
+from ..component_files import check_fits
 from ..destinations import check_output_dir
 from ..errors import UraeError
-from ..loader import components_root
+from ..model_files import ModelFiles
 from ..report import GiB, RunReport
+from ..safetensors_io import atomic_write_text
 from .cache import open_cache
-from .checkpointing import (find_checkpoint, list_checkpoints, load_checkpoint, partial_dir, publish, set_rng_state,
-                            write_rng)
 from .config import TrainConfig
 from .data import SkipLog
 from .flow import flow_loss
 from .model import build_model, export_adapters, load_trainable, save_trainable, trainable_parameters
 from .optim import build_optimizer
+from .resume import find_checkpoint, list_checkpoints, load_checkpoint, partial_dir, publish, set_rng_state, write_rng
 from .samples import SampleSource, TrainSample, vae_factors
 from .validation import run_validation, validation_embeddings
 
@@ -46,8 +45,15 @@ logger = logging.getLogger("urae_lite.train")
 class Trainer:
     """One optimizer step = G micro-steps of forward + backward, a gradient all-reduce, clipping, update."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg: TrainConfig,
-                 device: torch.device, accelerator=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        cfg: TrainConfig,
+        device: torch.device,
+        accelerator=None,
+    ):
         self.model, self.optimizer, self.scheduler, self.cfg = model, optimizer, scheduler, cfg
         self.device, self.accelerator = device, accelerator
         self.params = [p for _, p in trainable_parameters(model)]
@@ -59,15 +65,23 @@ class Trainer:
         t = self.cfg.training
         # With checkpointing, what autograd saves are mostly the block inputs (recent torch, checked on 2.13, saves a
         # checkpoint's inputs through saved-tensor hooks), so this keeps them in host memory instead of the GPU.
-        offload = (torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
-                   if t.checkpointing == "cpu" else contextlib.nullcontext())
+        offload = (
+            torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
+            if t.checkpointing == "cpu"
+            else contextlib.nullcontext()
+        )
         guidance = None if self.guidance is None else torch.full((1,), self.guidance, device=self.device)
         with offload, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
-            prediction = self.model(hidden_states=s.noisy.to(self.input_dtype),
-                                    encoder_hidden_states=s.t5.to(self.input_dtype),
-                                    pooled_projections=s.pooled.to(self.input_dtype),
-                                    timestep=torch.full((1,), s.sigma, device=self.device), img_ids=s.img_ids,
-                                    txt_ids=s.txt_ids, guidance=guidance, return_dict=False)[0]
+            prediction = self.model(
+                hidden_states=s.noisy.to(self.input_dtype),
+                encoder_hidden_states=s.t5.to(self.input_dtype),
+                pooled_projections=s.pooled.to(self.input_dtype),
+                timestep=torch.full((1,), s.sigma, device=self.device),
+                img_ids=s.img_ids,
+                txt_ids=s.txt_ids,
+                guidance=guidance,
+                return_dict=False,
+            )[0]
         return flow_loss(prediction, s.target)
 
     def micro_step(self, sample: TrainSample) -> float:
@@ -100,21 +114,30 @@ def oom_advice(cfg: TrainConfig, where: str, peak_gib: float | None = None, tota
         tips += [f"validation.size={max(512, (cfg.validation.size or cfg.data.resolution) // 2)}", "validation.every=0"]
     if t.checkpointing != "cpu":
         tips.append("training.checkpointing=cpu")
+    if t.ff_chunks < 4:
+        tips.append("training.ff_chunks=4")
+    if t.blocks_to_swap == 0:
+        tips.append("training.blocks_to_swap=57 (or fewer: the last N blocks stream from host memory)")
     if cfg.quant != "nf4":
         tips.append("quant=nf4")
     if "8bit" not in str(cfg.optimizer.get("_component_", "")).lower():
         tips.append("optimizer._component_=bitsandbytes.optim.AdamW8bit optimizer.lr=1e-4")
     peak = f"peak {peak_gib:.1f} of {total_gib:.1f} GiB; " if peak_gib is not None and total_gib is not None else ""
-    head = (f"CUDA out of memory during {where} ({peak}resolution {cfg.data.resolution}, quant={cfg.quant}, "
-            f"checkpointing={t.checkpointing}, optimizer {cfg.optimizer.get('_component_')})")
+    head = (
+        f"CUDA out of memory during {where} ({peak}resolution {cfg.data.resolution}, quant={cfg.quant}, "
+        f"checkpointing={t.checkpointing}, optimizer {cfg.optimizer.get('_component_')})"
+    )
     if tips:
         return f"{head}. These settings use less memory, most effective first: {' '.join(tips)}"
-    return (f"{head}. Every memory saving is already on: train at a lower data.resolution (re-run `urae-lite cache`) "
-            f"or use a GPU with more memory")
+    return (
+        f"{head}. Every memory saving is already on: train at a lower data.resolution (re-run `urae-lite cache`) "
+        f"or use a GPU with more memory (`urae-lite plan --task train --vram N` says what fits)"
+    )
 
 
 @contextlib.contextmanager
-def _oom_guard(cfg: TrainConfig, device: torch.device, where: str):
+def oom_guard(cfg: TrainConfig, device: torch.device, where: str):
+    """Turn a CUDA out-of-memory error inside the block into a UraeError with `oom_advice` for `where`."""
     try:
         yield
     except torch.cuda.OutOfMemoryError:
@@ -150,12 +173,17 @@ def _restore(path: Path, trainer: Trainer, cfg: TrainConfig, items: list[str], a
     ckpt = load_checkpoint(path, accelerator.process_index)
     state = ckpt["state"]
     if state["items"] != items:
-        raise UraeError(f"the cache changed since the checkpoint ({len(state['items'])} items then, {len(items)} "
-                        f"now): resume needs the same data, or start a new run")
+        raise UraeError(
+            f"the cache changed since the checkpoint ({len(state['items'])} items then, {len(items)} "
+            f"now): resume needs the same data, or start a new run"
+        )
     per_step = accelerator.num_processes * cfg.training.gradient_accumulation
     if state["samples_per_step"] != per_step:
-        logger.warning("resuming with %d samples per step instead of %d: the sample order will differ from an "
-                       "uninterrupted run", per_step, state["samples_per_step"])
+        logger.warning(
+            "resuming with %d samples per step instead of %d: the sample order will differ from an uninterrupted run",
+            per_step,
+            state["samples_per_step"],
+        )
     try:
         load_trainable(trainer.model, ckpt["trainable"])
     except ValueError as e:
@@ -169,8 +197,13 @@ def _restore(path: Path, trainer: Trainer, cfg: TrainConfig, items: list[str], a
 
 def _log_record(trainer: Trainer, step: int, loss: float, grad_norm: float, seconds: float) -> dict:
     group = trainer.optimizer.param_groups[0]
-    record = {"step": step, "loss": loss, "lr": trainer.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-              "seconds": round(seconds, 4)}
+    record = {
+        "step": step,
+        "loss": loss,
+        "lr": trainer.scheduler.get_last_lr()[0],
+        "grad_norm": grad_norm,
+        "seconds": round(seconds, 4),
+    }
     if "d" in group:  # Prodigy's adapted step size: the LR it actually applies is d·lr
         record["prodigy_d"] = group["d"]
     if trainer.device.type == "cuda":
@@ -178,36 +211,41 @@ def _log_record(trainer: Trainer, step: int, loss: float, grad_norm: float, seco
     return record
 
 
-def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
-          on_step: Callable[[int], None] | None = None) -> Path:
+def train(
+    cfg: TrainConfig,
+    resume: str | None = None,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+    files: ModelFiles | None = None,
+) -> Path:
     """Run the recipe; returns the folder holding the final adapter. `resume`: `auto` or a checkpoint folder.
 
     `on_step(step)` is called before each optimizer step's work, with its 1-based number (progress hooks; tests
-    use it to kill a run mid-way)."""
+    use it to kill a run mid-way). `files`: the recipe's model files if already resolved (`cfg.model_files()`)."""
     check_output_dir(cfg.output_dir, "output_dir")
-    check_files(cfg.component_files())
+    files = files if files is not None else cfg.model_files()  # once per run: cache, model and validation share it
     accelerator = _make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
     out = Path(cfg.output_dir)
     if resume is None and list_checkpoints(out):
-        raise UraeError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another "
-                        f"output_dir")
+        raise UraeError(
+            f"{out} already holds checkpoints: pass --resume to continue that run, or choose another output_dir"
+        )
     torch.manual_seed(cfg.seed)  # nothing in training draws from the global RNG, but keep it reproducible too
-    report, skips, root = RunReport(), SkipLog(), components_root(cfg.model, cfg.base_pipeline)
-    check_fits(cfg.component_files(), root)
+    report, skips, root = RunReport(), SkipLog(), files.pipeline_root()
+    check_fits(files.component_files, root)
     with report.stage("open cache"):
-        dataset = open_cache(cfg.data.dir, cfg.model, cfg.data.resolution, cfg.data.cache, skips=skips,
-                             base_pipeline=cfg.base_pipeline, files=cfg.component_files())
+        dataset = open_cache(cfg.data.dir, files, cfg.data.resolution, cfg.data.cache, skips=skips)
         source = SampleSource(dataset, cfg, *vae_factors(root), skips)
     validate = bool(cfg.validation.every and cfg.validation.prompts)
     embeds = []
     if validate and main:  # before the transformer is on the device: T5 needs it alone
-        with report.stage("validation prompts"), _oom_guard(cfg, device, "prompt encoding"):
+        with report.stage("validation prompts"), oom_guard(cfg, device, "prompt encoding"):
             manifest = json.loads((dataset.cache / "manifest.json").read_text())
             embeds = validation_embeddings(cfg, root, device, manifest["max_sequence_length"])
-    with report.stage("load model"), _oom_guard(cfg, device, "model loading"):
-        model = build_model(cfg, device, progress=progress and main)
+    with report.stage("load model"), oom_guard(cfg, device, "model loading"):
+        model = build_model(cfg, device, progress=progress and main, files=files)
         optimizer, scheduler = build_optimizer(cfg, (p for _, p in trainable_parameters(model)))
     trainer = Trainer(model, optimizer, scheduler, cfg, device, accelerator)
     items = [item.name for item in dataset.items]
@@ -227,7 +265,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
             losses = []
             if on_step is not None:
                 on_step(step + 1)
-            with _oom_guard(cfg, device, f"training step {step + 1}"):
+            with oom_guard(cfg, device, f"training step {step + 1}"):
                 for micro in range(t.gradient_accumulation):
                     losses.append(trainer.micro_step(source.get(step * per_step + micro * world + rank)))
                 grad_norm = trainer.optimizer_step()
@@ -242,7 +280,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool = True,
                 _save_checkpoint(trainer, cfg, step, items, accelerator)
             if validate and step % cfg.validation.every == 0:
                 if main:
-                    with _oom_guard(cfg, device, "validation"):
+                    with oom_guard(cfg, device, "validation"):
                         run_validation(model, cfg, root, embeds, step, device)
                 accelerator.wait_for_everyone()
     bar.close()
@@ -267,8 +305,13 @@ def _save_checkpoint(trainer: Trainer, cfg: TrainConfig, step: int, items: list[
         return None
     save_trainable(trainer.model, staging / "trainable.safetensors")
     export_adapters(trainer.model, cfg, staging, {"urae_lite.steps": str(step)})
-    state = {"step": step, "seed": cfg.seed, "items": items, "world_size": accelerator.num_processes,
-             "samples_per_step": accelerator.num_processes * cfg.training.gradient_accumulation,
-             "config": cfg.to_dict()}
+    state = {
+        "step": step,
+        "seed": cfg.seed,
+        "items": items,
+        "world_size": accelerator.num_processes,
+        "samples_per_step": accelerator.num_processes * cfg.training.gradient_accumulation,
+        "config": cfg.to_dict(),
+    }
     optimizer_state = {"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict()}
     return publish(staging, cfg.output_dir, step, optimizer_state, state, cfg.checkpoint.keep)

@@ -8,37 +8,52 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..adapter_io import save_adapter
-from ..checkpoint import atomic_save_file
+from ..block_swap import enable_block_swap
 from ..export import export_adapter
+from ..ff_chunking import enable_ff_chunking
 from ..hires import set_ntk, set_proportional_attention
-from ..loader import adapted_layers, add_lora, load_transformer
+from ..loader import LoadSpec, adapted_layers, add_lora, read_transformer
 from ..minor import MINOR_RESIDUAL_SLICE, MINOR_SLICE, MinorSpec
+from ..safetensors_io import atomic_save_file
+from .checkpoint_segments import enable_checkpoint_segments
 from .config import TrainConfig
+
+if TYPE_CHECKING:
+    from ..model_files import ModelFiles
 
 LORA_SLICE = "lora"
 
 
-def build_model(cfg: TrainConfig, device: torch.device, progress: bool = True) -> nn.Module:
-    """Load base + `adapter.base_adapters` (frozen), with minor components initialised from them if asked."""
+def build_model(
+    cfg: TrainConfig, device: torch.device, progress: bool = True, files: ModelFiles | None = None
+) -> nn.Module:
+    """Load base + `adapter.base_adapters` (frozen), with minor components initialised from them if asked; with
+    `training.blocks_to_swap` the last blocks' frozen weights then move to host memory (urae_lite.block_swap).
+    `files`: the run's resolved model files (default: resolved from the recipe here)."""
     a = cfg.adapter
     minor = None
     if a.kind == "minor":
         minor = MinorSpec(a.rank, a.targets, trainable=True, svd_device=str(device) if device.type == "cuda" else None)
     dtype = torch.float32 if cfg.training.precision == "fp32" else torch.bfloat16
-    base_pipeline = cfg.base_pipeline or (cfg.model if cfg.transformer else None)  # for a single-file base
-    model = load_transformer(cfg.transformer or cfg.model, cfg.quant, device, dtype, adapters=a.base_adapters,
-                             minor=minor, progress=progress, base_pipeline=base_pipeline)
-    return prepare_for_training(model, cfg)
+    spec = LoadSpec(
+        cfg.quant, device, dtype, a.base_adapters, minor, progress, park_blocks=cfg.training.blocks_to_swap
+    )  # swapped blocks never sit on the device
+    model = read_transformer(files if files is not None else cfg.model_files(), spec)
+    model = prepare_for_training(model, cfg)
+    enable_block_swap(model, cfg.training.blocks_to_swap, device)  # after the fp32 masters exist; 0 = off
+    return model
 
 
 def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """Add the LoRA (kind lora), make trainable factors fp32 masters, set NTK / proportional attention, and
-    turn on block checkpointing (its inputs go to host memory in the forward when checkpointing=cpu)."""
+    """Add the LoRA (kind lora), make trainable factors fp32 masters, set NTK / proportional attention, chunk the
+    MLPs (`training.ff_chunks`) and turn on block checkpointing (its inputs go to host memory in the forward when
+    checkpointing=cpu; only every `training.checkpoint_every`-th block's input is kept)."""
     a = cfg.adapter
     if a.kind == "lora":
         add_lora(model, LORA_SLICE, a.rank, a.alpha, a.targets, seed=cfg.seed)
@@ -49,8 +64,10 @@ def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
                 piece.B = nn.Parameter(piece.B.detach().float())
     set_ntk(model, cfg.hires.ntk)
     set_proportional_attention(model, cfg.hires.proportional_attention)
-    if cfg.training.checkpointing != "off":
-        model.enable_gradient_checkpointing()
+    if cfg.training.ff_chunks > 1:  # before any hook that would keep the blocks' original forward
+        enable_ff_chunking(model, cfg.training.ff_chunks)
+    if cfg.training.checkpointing != "off":  # keeping every `checkpoint_every`-th block's input only
+        enable_checkpoint_segments(model, cfg.training.checkpoint_every)
     model.train()
     return model
 
@@ -89,8 +106,9 @@ def export_adapters(model: nn.Module, cfg: TrainConfig, folder: str | Path, meta
     if cfg.adapter.kind == "lora":
         files = [save_adapter(model, folder / "adapter.safetensors", [LORA_SLICE], meta)]
         return files + _kohya_copy(files[0], cfg)
-    frozen = sorted({n for _, layer in adapted_layers(model) for n in layer.slices
-                     if n not in (MINOR_SLICE, MINOR_RESIDUAL_SLICE)})
+    frozen = sorted(
+        {n for _, layer in adapted_layers(model) for n in layer.slices if n not in (MINOR_SLICE, MINOR_RESIDUAL_SLICE)}
+    )
     files = [save_adapter(model, folder / "adapter.safetensors", frozen + [MINOR_RESIDUAL_SLICE, MINOR_SLICE], meta)]
     if cfg.adapter.targets == "authors":  # their key layout only names attention projections
         files.append(save_urae_minor(model, folder / "adapter_urae4k.safetensors", meta))

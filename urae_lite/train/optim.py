@@ -21,7 +21,8 @@ def constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int = 0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
 
 
-def build_optimizer(cfg: TrainConfig, params: Iterable[torch.nn.Parameter]
-                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def build_optimizer(
+    cfg: TrainConfig, params: Iterable[torch.nn.Parameter]
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     optimizer = instantiate(cfg.optimizer, list(params))
     return optimizer, instantiate(cfg.lr_scheduler, optimizer)

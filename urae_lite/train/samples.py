@@ -37,7 +37,7 @@ class TrainSample:
     img_ids: torch.Tensor  # (tokens, 3)
     txt_ids: torch.Tensor  # (L, 3)
 
-    def to(self, device: torch.device) -> "TrainSample":
+    def to(self, device: torch.device) -> TrainSample:
         moved = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in vars(self).items()}
         return TrainSample(**moved)
 
@@ -51,21 +51,42 @@ def vae_factors(model_root: Path) -> tuple[float, float]:
         raise UraeError(f"cannot read the VAE's shift/scaling factors from {model_root / 'vae'}: {e}") from e
 
 
-def build_sample(index: int, item: CachedItem, mean: torch.Tensor, std: torch.Tensor, column: str,
-                 t5: torch.Tensor, pooled: torch.Tensor, sigma: float, gen: torch.Generator,
-                 shift_factor: float, scaling_factor: float) -> TrainSample:
+def build_sample(
+    index: int,
+    item: CachedItem,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    column: str,
+    t5: torch.Tensor,
+    pooled: torch.Tensor,
+    sigma: float,
+    gen: torch.Generator,
+    shift_factor: float,
+    scaling_factor: float,
+) -> TrainSample:
     x0 = posterior_sample(mean[None], std[None], gen, shift_factor, scaling_factor)
     noisy, target = noisy_and_target(x0, sigma, gen)
     h, w = x0.shape[-2:]
-    return TrainSample(index, item.name, column, sigma, pack_latents(noisy), pack_latents(target), t5[None],
-                       pooled[None], latent_image_ids(h, w), torch.zeros(t5.shape[0], 3))
+    return TrainSample(
+        index,
+        item.name,
+        column,
+        sigma,
+        pack_latents(noisy),
+        pack_latents(target),
+        t5[None],
+        pooled[None],
+        latent_image_ids(h, w),
+        torch.zeros(t5.shape[0], 3),
+    )
 
 
 class SampleSource:
     """Deterministic samples over a cached dataset; unreadable cache files are skipped, never fatal."""
 
-    def __init__(self, dataset: CachedDataset, cfg: TrainConfig, shift_factor: float, scaling_factor: float,
-                 skips: SkipLog):
+    def __init__(
+        self, dataset: CachedDataset, cfg: TrainConfig, shift_factor: float, scaling_factor: float, skips: SkipLog
+    ):
         self.dataset, self.cfg, self.skips = dataset, cfg, skips
         self.shift_factor, self.scaling_factor = shift_factor, scaling_factor
         self.bad: set[str] = set()
@@ -99,5 +120,6 @@ class SampleSource:
         sigma = sample_sigma(gen, t.timesteps, t.logit_mean, t.logit_std)
         mean, std = self.dataset.latent(item)
         t5, pooled = self.dataset.text(item, column)
-        return build_sample(index, item, mean, std, column, t5, pooled, sigma, gen, self.shift_factor,
-                            self.scaling_factor)
+        return build_sample(
+            index, item, mean, std, column, t5, pooled, sigma, gen, self.shift_factor, self.scaling_factor
+        )

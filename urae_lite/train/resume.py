@@ -1,4 +1,4 @@
-"""Training checkpoints: everything `--resume` needs to continue as if never stopped, written atomically.
+"""Resume state (training checkpoints): everything `--resume` needs to continue as if never stopped, written atomically.
 
 A checkpoint is a folder `checkpoints/step-00000500/`:
     trainable.safetensors   fp32 master factors by parameter name
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import load_file_checked, write_json
 from ..errors import UraeError
+from ..safetensors_io import load_file_checked, write_json
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 

@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 from .errors import UraeError
 
 
-def _open(path: Path):
+def open_safetensors(path: Path):
+    """`safe_open` with the pread backend where available; a missing or corrupt file is a UraeError naming it."""
     try:
         try:
             return safe_open(str(path), framework="pt", backend="pread")
@@ -37,7 +38,7 @@ def load_file_checked(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     path = Path(path)
     if not path.is_file():
         raise UraeError(f"file not found: {path}")
-    with _open(path) as f:
+    with open_safetensors(path) as f:
         try:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except (SafetensorError, OSError, ValueError) as e:
@@ -58,7 +59,7 @@ class CheckpointReader:
             raise UraeError(f"no .safetensors weights in {self.folder}: point --model at a diffusers FLUX folder")
         self.key_to_file: dict[str, Path] = {}
         for file in files:
-            with _open(file) as f:
+            with open_safetensors(file) as f:
                 for k in f.keys():
                     self.key_to_file[k] = file
 
@@ -68,7 +69,7 @@ class CheckpointReader:
     def get(self, key: str) -> torch.Tensor:
         if key not in self.key_to_file:
             raise UraeError(f"tensor {key} missing from {self.folder}")
-        with _open(self.key_to_file[key]) as f:
+        with open_safetensors(self.key_to_file[key]) as f:
             return self._read(f, key)
 
     def _read(self, f, key: str) -> torch.Tensor:
@@ -86,12 +87,12 @@ class CheckpointReader:
                 raise UraeError(f"tensor {k} missing from {self.folder}")
             by_file.setdefault(self.key_to_file[k], []).append(k)
         for file, names in by_file.items():
-            f, read = _open(file), 0
+            f, read = open_safetensors(file), 0
             try:
                 for k in names:
                     if read >= self.reopen_bytes:
                         f.__exit__(None, None, None)
-                        f, read = _open(file), 0
+                        f, read = open_safetensors(file), 0
                     t = self._read(f, k)
                     read += t.numel() * t.element_size()
                     yield k, t
@@ -99,8 +100,9 @@ class CheckpointReader:
                 f.__exit__(None, None, None)
 
 
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> Path:
+def atomic_save_file(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> Path:
     """save_file into a temp file beside `path`, then rename: a killed run never leaves a half file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

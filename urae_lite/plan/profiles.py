@@ -1,0 +1,158 @@
+"""Ready memory profiles for 8, 12, 16 and 24 GiB cards in the shipped presets and recipes.
+
+A profile is what `--vram N` picks for the preset's or recipe's own job on an N GiB card in a desktop with 24 GiB of
+host memory for offloaded weights and checkpoints: the planner's fastest plan that fits. The profiles are written
+into the YAML files (`profiles:` at the end) by
+
+    python -m urae_lite.plan.profiles          # rewrite the profiles: sections
+    python -m urae_lite.plan.profiles --check  # exit 1 when a shipped profile is not the planner's pick
+
+and tests/test_plan_profiles.py checks that every shipped profile is still the planner's pick, so they cannot go
+stale when the planner changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import PROFILES_KEY, read_yaml
+from ..presets import RECIPES, load_preset
+from .estimate import PlanConfig
+from .recipe import plan_fields, recipe_overrides
+from .search import SEARCHED, PlanResult, best_config
+
+CARDS_GIB = (8, 12, 16, 24)
+HOST_RAM_GIB = 24  # a 32 GB desktop: what is left for offloaded weights, swapped blocks and checkpoints
+GENERATE_PRESETS = (
+    "generate_dev_2k.yaml",
+    "generate_dev_4k.yaml",
+    "generate_schnell_2k.yaml",
+    "generate_schnell_4k.yaml",
+)
+TRAIN_RECIPES = ("train_2k_lora.yaml", "train_4k_minor.yaml")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A shipped preset or recipe as the planner sees it: the task, the size and the options it fixes."""
+
+    file: Path
+    task: str
+    width: int
+    height: int
+    fixed: dict
+
+    def plan(self, vram_gib: float) -> PlanResult:
+        return best_config(self.task, self.width, self.height, vram_gib, HOST_RAM_GIB, **self.fixed)
+
+
+def shipped_jobs() -> list[Job]:
+    """Every preset and recipe that ships with profiles."""
+    from ..train.config import load_recipe
+
+    jobs = []
+    for name in GENERATE_PRESETS:
+        variant = "schnell" if "schnell" in name else "dev"
+        s = load_preset(RECIPES / name, variant)
+        jobs.append(
+            Job(
+                RECIPES / name,
+                "generate",
+                s.width,
+                s.height,
+                {"variant": variant, "steps": s.steps, "vae_tiling": s.vae_tiling},
+            )
+        )
+    for name in TRAIN_RECIPES:
+        fields = plan_fields(load_recipe(RECIPES / name, require_paths=False))
+        width, height = fields.pop("width"), fields.pop("height")
+        fixed = {k: v for k, v in fields.items() if k not in SEARCHED["train"]}
+        jobs.append(Job(RECIPES / name, "train", width, height, fixed))
+    return jobs
+
+
+def profile_settings(task: str, pick: PlanConfig) -> dict:
+    """The searched options of a plan as the preset (generate option names) or recipe (dotted keys) spells them."""
+    fields = {name: getattr(pick, name) for name in SEARCHED[task]}
+    if task == "generate":
+        return fields
+    return dict(override.split("=", 1) for override in recipe_overrides(fields))
+
+
+def computed_profiles(job: Job) -> dict[int, dict | str]:
+    """Card GiB -> the settings the planner picks, or the one-line reason nothing fits."""
+    out: dict[int, dict | str] = {}
+    for card in CARDS_GIB:
+        result = job.plan(card)
+        out[card] = profile_settings(job.task, result.best.config) if result.best else result.impossible()
+    return out
+
+
+def shipped_profiles(job: Job) -> dict[int, dict]:
+    from ..config import profiles
+
+    return profiles(read_yaml(job.file, "profiles"), str(job.file))
+
+
+def render(job: Job, computed: dict[int, dict | str]) -> str:
+    """The `profiles:` section in YAML, with the planner's peak for each card as a comment."""
+    lines = [
+        f"{PROFILES_KEY}:  # --vram N: the planner's fastest plan for N GiB with {HOST_RAM_GIB} GiB of host "
+        f"memory (python -m urae_lite.plan.profiles)"
+    ]
+    for card, settings in computed.items():
+        if isinstance(settings, str):
+            lines.append(f"  # {card}: none fits: {settings}")
+            continue
+        best = job.plan(card).best
+        body = ", ".join(f"{k}: {_yaml_value(v)}" for k, v in settings.items())
+        lines.append(
+            f"  {card}: {{{body}}}  # peak {best.peak / 2**30:.1f} GiB, host {best.estimate.host / 2**30:.1f} GiB"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_value(value) -> str:
+    return f'"{value}"' if value in ("on", "off") else str(value)  # YAML 1.1 would read on/off as booleans
+
+
+def write(job: Job) -> None:
+    """Replace the file's `profiles:` section (always the last one) with the planner's current picks."""
+    from ..safetensors_io import atomic_write_text
+
+    text = job.file.read_text()
+    head = text.split(f"\n{PROFILES_KEY}:", 1)[0].rstrip("\n")
+    atomic_write_text(job.file, f"{head}\n\n{render(job, computed_profiles(job))}")
+
+
+def stale(job: Job) -> list[str]:
+    """Cards whose shipped profile differs from the planner's pick (or is missing)."""
+    shipped = {card: {k: str(v) for k, v in s.items()} for card, s in shipped_profiles(job).items()}
+    problems = []
+    for card, settings in computed_profiles(job).items():
+        want = None if isinstance(settings, str) else {k: str(v) for k, v in settings.items()}
+        if shipped.get(card) != want:
+            problems.append(f"{job.file.name} {card} GiB: shipped {shipped.get(card)}, planner picks {want}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="only check: exit 1 when a profile is stale")
+    args = p.parse_args(argv)
+    problems = []
+    for job in shipped_jobs():
+        if args.check:
+            problems += stale(job)
+        else:
+            write(job)
+            print(f"wrote profiles of {job.file.name}")
+    print("\n".join(problems) or ("profiles match the planner" if args.check else ""))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
