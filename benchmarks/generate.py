@@ -1,13 +1,17 @@
 """Peak GPU memory and seconds per step of `urae-lite generate` on the full-size FLUX.1-dev architecture.
 
     python benchmarks/generate.py [--quants nf4 fp8 bf16] [--sizes 1024 2048 4096] [--steps 4] [--offload model]
+                                  [--t5-quant nf4] [--blocks-to-swap N] [--token-chunks N]
 
 No weights are downloaded (weight values change neither memory nor speed). The transformer is streamed tensor
 by tensor from `urae_lite.tiny.iter_random_transformer_tensors(flux_dev_config(), device="cuda")` into
 `empty_transformer` + `fill_transformer` (quantized as it arrives); T5-XXL, CLIP-L and the FLUX VAE are built
 from their real configs with random weights; tokenizers and scheduler come from the tiny offline model. The
 transformer carries URAE-sized adapters: a rank-16 LoRA on the authors' 190 targets for 1024²/2048² (the 2K
-adapter) and rank 48 for 4096² (the 2K + 4K adapters converted to one exact LoRA).
+adapter) and rank 48 for 4096² (the 2K + 4K adapters converted to one exact LoRA). The memory options of
+`urae-lite generate` are set up in the order `load_pipeline` sets them up: `--token-chunks` and `--blocks-to-swap` on
+the transformer (with its adapters) before the offload hooks; `--t5-quant nf4` saves the random T5-XXL to a temporary
+folder and loads it back through `load_t5_nf4`, the library's bitsandbytes path.
 
 Per (quant, size) row: time and peak CUDA memory (allocated and reserved) of each stage of one generation with
 the preset's settings (text encoders, denoise, VAE decode) and seconds per denoising step (median interval
@@ -82,6 +86,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sizes", nargs="+", type=int, default=[1024, 2048, 4096], help="square image sides")
     p.add_argument("--steps", type=int, default=4, help="denoising steps per generation (>= 2 to time a step)")
     p.add_argument("--offload", default="model", choices=["none", "model", "group", "sequential"])
+    p.add_argument("--t5-quant", default="bf16", choices=["bf16", "nf4"], help="T5-XXL's linears")
+    p.add_argument("--blocks-to-swap", type=int, default=0, metavar="N", help="stream the last N blocks from host")
+    p.add_argument("--token-chunks", type=int, default=1, metavar="N", help="run the blocks over N token chunks")
     p.add_argument("--skip-vae", action="store_true", help="skip the separate 4096² tiled-vs-plain VAE decode")
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/generate_<device>.json)")
     return p.parse_args()
@@ -103,8 +110,9 @@ def _fill_random_(module, seed: int) -> None:
                 p.normal_(0.0, 0.02, generator=g)
 
 
-def random_text_encoders():
-    """CLIP-L and T5-XXL with random weights, made on the GPU (fast) and parked on the CPU."""
+def random_text_encoders(t5_quant: str = "bf16"):
+    """CLIP-L and T5-XXL with random weights, made on the GPU (fast) and parked on the CPU; T5 in NF4 through the
+    library's loader (`t5_quant="nf4"`)."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -118,8 +126,35 @@ def random_text_encoders():
             if name.endswith("position_ids"):
                 buf.copy_(torch.arange(buf.shape[-1], device=buf.device).expand_as(buf))
         out.append(model.to("cpu").eval())
+        del model
         torch.cuda.empty_cache()
+    if t5_quant == "nf4":
+        out.append(nf4_t5(out.pop()))
     return out
+
+
+def nf4_t5(model):
+    """`model` (bf16 T5) in NF4 as `load_pipeline(t5_quant="nf4")` makes it: saved, then loaded by `load_t5_nf4`
+    (transformers' bitsandbytes integration decides where it lives, as for a downloaded T5)."""
+    import tempfile
+
+    import torch
+
+    from urae_lite.text_encoders import load_t5_nf4
+
+    with tempfile.TemporaryDirectory(prefix="urae_t5_") as root:
+        model.save_pretrained(Path(root) / "text_encoder_2")
+        del model  # the bf16 host copy goes before the NF4 one loads (the caller's list no longer holds it)
+        return load_t5_nf4(Path(root), torch.bfloat16).eval()
+
+
+def outside_allocator_gib(device=None) -> float:
+    """Device memory in use outside torch's caching allocator (CUDA context, library handles, loaded kernels): what
+    a card needs beyond max_memory_reserved. Read from the driver, so it assumes this process is alone on the GPU."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free - torch.cuda.memory_reserved(device)) / GIB
 
 
 def random_vae():
@@ -265,14 +300,16 @@ def main() -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTokenizer, T5TokenizerFast
 
+    from urae_lite.block_swap import enable_block_swap
     from urae_lite.offload import apply_offload
     from urae_lite.pipeline import UraePipeline
     from urae_lite.presets import GenerationSettings
     from urae_lite.tiny import tiny_flux_path
+    from urae_lite.token_chunking import enable_token_chunking
 
     device = torch.cuda.get_device_name()
     tiny = tiny_flux_path()
-    clip, t5 = random_text_encoders()
+    clip, t5 = random_text_encoders(args.t5_quant)
     vae = random_vae()
     parts = dict(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(tiny, subfolder="scheduler"),
@@ -283,16 +320,23 @@ def main() -> None:
         vae=vae,
     )
     rows: list[dict] = []
-    print(f"{device} | torch {torch.__version__} | diffusers {diffusers.__version__} | offload {args.offload}")
+    memory = {"t5_quant": args.t5_quant, "blocks_to_swap": args.blocks_to_swap, "token_chunks": args.token_chunks}
+    print(
+        f"{device} | torch {torch.__version__} | diffusers {diffusers.__version__} | offload {args.offload} | {memory}"
+    )
     print(f"{'quant':5} {'size':>5} {'s/step':>7} {'TE GiB':>7} {'denoise GiB':>11} {'VAE GiB':>8} {'peak GiB':>9}")
     for quant in args.quants:
         transformer = random_transformer(quant)
-        # `none`/`model` move whole modules, so the 4K rank can be added later; group/sequential offload hooks
-        # capture the tensors when applied, so there every size runs with the 4K rank (48) from the start
-        grow = args.offload in ("none", "model") and min(args.sizes) < 4096
+        # `none`/`model` move whole modules, so the 4K rank can be added later; group/sequential offload hooks and
+        # block swap capture the tensors when applied, so there every size runs with the 4K rank (48) from the start
+        grow = args.offload in ("none", "model") and not args.blocks_to_swap and min(args.sizes) < 4096
         add_adapter_rank(transformer, 16 if grow else 48, "urae_2k" if grow else "urae_2k_4k")
+        if args.token_chunks > 1:  # as load_pipeline: before any hook, then block swap, then the offload
+            enable_token_chunking(transformer, args.token_chunks)
+        enable_block_swap(transformer, args.blocks_to_swap, torch.device("cuda"))
         flux = FluxPipeline(transformer=transformer, **parts)
         apply_offload(flux, args.offload, torch.device("cuda"))
+        torch.cuda.empty_cache()  # the loading's cached blocks must not count as the first row's reserved peak
         pipe = UraePipeline(
             flux,
             model="random FLUX.1-dev",
@@ -300,6 +344,8 @@ def main() -> None:
             adapters=[],
             offload=args.offload,
             defaults=GenerationSettings(),
+            blocks_to_swap=args.blocks_to_swap,
+            token_chunks=args.token_chunks,
             progress=False,
         )
         for size in sorted(args.sizes):
@@ -307,6 +353,8 @@ def main() -> None:
                 add_adapter_rank(transformer, 32, "urae_4k")  # 16 + 32 = the converted 2K + 4K rank
             row = generation_row(pipe, quant, size, args.steps)
             row["adapter_rank"] = adapter_rank(transformer)
+            row["outside_allocator_gib"] = outside_allocator_gib()
+            row.update(memory)
             rows.append(row)
             st = row["stages"]
             fmt = lambda k, st=st: f"{st[k]['peak_allocated_gib']:.2f}" if k in st else "-"  # noqa: E731
@@ -350,6 +398,7 @@ def main() -> None:
                 "device": device,
                 **provenance(),
                 "offload": args.offload,
+                **memory,
                 "rows": rows,
                 "vae_4096": vae_result,
                 "goals": goals,

@@ -11,12 +11,20 @@ Options: `--budget-s 480` (seconds for the whole run), `--only SLICE,...` (e.g. 
 skipped: `--only train-4096-nf4 --budget-s 540`; the other slices keep their results from the file), `--out DIR`,
 `--commit SHA` (recorded when the copy on the device has no .git for provenance.py to read).
 `python benchmarks/gpu_check.py --dry-run --out DIR` runs the same slices on the tiny model on the CPU (about
-1-2 minutes on 2 cores; its children are forks of the parent, which has done the slow imports once).
+3 minutes on 2 cores; its children are forks of the parent, which has done the slow imports once).
 
 Slices, most important first; each heavy one runs in a fresh process so peak counters and the allocator start
 empty: the compiled kernel tests (pytest tests/test_kernels*.py), `benchmarks/kernels.py --quick`, then generate
 (`benchmarks/generate.py`, model offload, 2 steps) and train (`benchmarks/train.py --one`, the recipe's
-`checkpointing=cpu`, 1 warm-up + 2 steps): 2K NF4 generate, 2K NF4 train, 4K NF4 generate, the FP8 rows, 4K train.
+`checkpointing=cpu`, 1 warm-up + 2 steps): 2K NF4 generate, 2K NF4 train, 4K NF4 generate, the FP8 rows, 4K train,
+then the consumer-card goals (benchmarks/gpu_goals.py), each run exactly as `urae-lite plan --vram N --ram 24` picks
+it at run time (quant, offload, T5 quant, block swap, token chunks; checkpointing and its stride):
+`goal-generate-4096-8g`, `goal-train-2048-8g`, `goal-train-4096-12g`. Their rows add `goal`: the card, the pick, the
+planner's card total, and whether the measured reserved peak + the memory outside the allocator fits the card.
+A default run seldom reaches them (they are last and slow: 52-56 blocks streamed per step, T5-XXL saved and reloaded
+for NF4): measure them with `--only goal-generate-4096-8g,goal-train-2048-8g --budget-s 540`, then
+`--only goal-train-4096-12g --budget-s 580`. The dry run plans them for the full-size model but runs them on the tiny
+one with its block share swapped and no offload (`dry_run_changes` in the row).
 A slice whose expected time does not fit what is left of the budget is skipped and recorded with the reason; each
 child has a timeout inside the budget. Expected times come from this device's previous result file when there is
 one, else from defaults, scaled by how the finished slices compared with theirs.
@@ -76,6 +84,9 @@ GPU_COST = {
     ("generate", 4096): 200,
     ("train", 2048): 120,
     ("train", 4096): 480,
+    "goal-generate-4096-8g": 300,  # + saving and reloading T5-XXL for NF4, 52 blocks streamed per step
+    "goal-train-2048-8g": 200,
+    "goal-train-4096-12g": 540,
 }
 DRY_COST = {
     "kernel-tests": 40,
@@ -84,6 +95,9 @@ DRY_COST = {
     ("generate", 4096): 20,
     ("train", 2048): 15,
     ("train", 4096): 20,
+    "goal-generate-4096-8g": 15,
+    "goal-train-2048-8g": 15,
+    "goal-train-4096-12g": 45,  # token chunks: every chunk recomputed alone
 }
 # What the dry run's forked children import, imported once before the first fork.
 WARM_IMPORTS = (
@@ -165,21 +179,34 @@ def child_argv(target: str, args: list[str]) -> list[str]:
     return [sys.executable, *(["-m", "pytest"] if target == "pytest" else [target]), *args]
 
 
+def goals():
+    """benchmarks/gpu_goals.py, imported on first use: every child process runs this file from its sitecustomize,
+    with no benchmarks/ on sys.path."""
+    import gpu_goals
+
+    return gpu_goals
+
+
 # ---- slices ------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Slice:
     name: str
     task: str  # kernel-tests | kernel-bench | generate | train
     size: int | None = None
-    quant: str | None = None
+    quant: str | None = None  # goal slices: the planner's pick (None until asked)
+    vram_gib: float | None = None  # goal slices: the card the plan is for
 
     @property
     def cost_key(self):
-        return (self.task, self.size) if self.size else self.task
+        return self.name if self.vram_gib else (self.task, self.size) if self.size else self.task
+
+    def goal_config(self):
+        """Goal slices: the PlanConfig the planner picks (asked once per process; UraeError when nothing fits)."""
+        return goals().goal_pick(self.task, self.size, self.vram_gib).config
 
 
 def slices() -> list[Slice]:
-    """Most important first: kernels, 2K NF4, 4K NF4 generate, the FP8 rows, 4K train."""
+    """Most important first: kernels, 2K NF4, 4K NF4 generate, the FP8 rows, 4K train, the consumer-card goals."""
     heavy = [
         ("generate", 2048, "nf4"),
         ("train", 2048, "nf4"),
@@ -194,42 +221,50 @@ def slices() -> list[Slice]:
         Slice("kernel-tests", "kernel-tests"),
         Slice("kernel-bench", "kernel-bench"),
         *(Slice(f"{t}-{s}-{q}", t, s, q) for t, s, q in heavy),
+        *(Slice(goals().goal_name(t, s, v), t, s, vram_gib=v) for t, s, v in goals().GOALS),
     ]
 
 
 def train_config(sl: Slice) -> str:
-    """benchmarks/train.py's config name for a train slice."""
-    return f"{sl.size // 1024}k-{sl.quant}"
+    """benchmarks/train.py's config name for a train slice (a goal's: the recipe and size, its quant comes with the
+    plan's `quant=` override)."""
+    return f"{sl.size // 1024}k-{'nf4' if sl.vram_gib else sl.quant}"
 
 
 # ---- the planner ------------------------------------------------------------------------------------------------
-def plan_config(sl: Slice, rank: int | None = None, vae_tiling: str | None = None):
+def plan_config(sl: Slice, rank: int | None = None, vae_tiling: str | None = None, memory: dict | None = None):
     """The PlanConfig of what the slice runs: generate.py's preset (the 4K preset forces the tiled VAE decode) and
-    adapter rank (16 at 2K, 48 at 4K), or train.py's recipe (2K LoRA, 4K minor) with no validation."""
+    adapter rank (16 at 2K, 48 at 4K), or train.py's recipe (2K LoRA, 4K minor) with no validation; `memory` (the
+    options `gpu_goals.memory_options` names: quant, offload, T5 quant, block swap, token chunks, checkpointing and
+    its stride) replaces the slice's, and defaults to the planner's pick for a goal slice."""
     from urae_lite.plan import PlanConfig
     from urae_lite.presets import load_preset
 
+    if memory is None and sl.vram_gib:
+        memory = goals().memory_options(sl.goal_config())
     if sl.task == "generate":
         preset = load_preset("4k" if sl.size >= 4096 else "2k", "dev")
-        return PlanConfig(
+        cfg = PlanConfig(
             task="generate",
             width=sl.size,
             height=sl.size,
-            quant=sl.quant,
+            quant=sl.quant or "nf4",
             offload=OFFLOAD,
             rank=rank or (48 if sl.size >= 4096 else 16),
             vae_tiling=vae_tiling or preset.vae_tiling,
             steps=STEPS,
         )
-    return PlanConfig(
-        task="train",
-        width=sl.size,
-        height=sl.size,
-        quant=sl.quant,
-        checkpointing=TRAIN_MODE,
-        adapter="lora" if sl.size < 4096 else "minor",
-        validation=False,
-    )
+    else:
+        cfg = PlanConfig(
+            task="train",
+            width=sl.size,
+            height=sl.size,
+            quant=sl.quant or "nf4",
+            checkpointing=TRAIN_MODE,
+            adapter="lora" if sl.size < 4096 else "minor",
+            validation=False,
+        )
+    return cfg.replace(**(memory or {}))
 
 
 def planner_entry(sl: Slice, vram_gib: float | None, rank: int | None = None, vae_tiling: str | None = None) -> dict:
@@ -409,29 +444,38 @@ def kernel_bench(ctx: Context, sl: Slice, timeout_s: float) -> tuple[dict, Child
     return {"command": command, "measured": {"goal": result.get("goal"), "rows": result.get("rows")}}, res
 
 
+def goal_run_config(ctx: Context, sl: Slice) -> tuple[object | None, dict]:
+    """A goal slice's PlanConfig as this run takes it (the dry run's tiny model: `gpu_goals.tiny_plan`) and the
+    fields that record the changes; (None, {}) for the other slices."""
+    if not sl.vram_gib:
+        return None, {}
+    cfg = sl.goal_config()
+    if not ctx.dry_run:
+        return cfg, {}
+    from urae_lite.tiny import tiny_transformer_config
+
+    tiny = tiny_transformer_config()
+    cfg, changes = goals().tiny_plan(cfg, tiny["num_layers"] + tiny["num_single_layers"])
+    return cfg, {"dry_run_changes": changes}
+
+
 def generate(ctx: Context, sl: Slice, timeout_s: float) -> tuple[dict, ChildResult]:
     out = ctx.work / "generate.json"
+    goal, fields = goal_run_config(ctx, sl)
+    quant = goal.quant if goal else sl.quant
     if ctx.dry_run:  # benchmarks/generate.py needs CUDA; the same pipeline stages on the tiny model instead
         target, out_args = BENCH / "gpu_check.py", [str(out)]
-        args = ["tiny-generate", sl.quant, str(sl.size), str(ctx.steps)]
+        memory = [f"{k}={getattr(goal, k)}" for k in ("t5_quant", "blocks_to_swap", "token_chunks")] if goal else []
+        args = ["tiny-generate", quant, str(sl.size), str(ctx.steps), *memory]
     else:
         target, out_args = BENCH / "generate.py", ["--out", str(out)]
-        args = [
-            "--quants",
-            sl.quant,
-            "--sizes",
-            str(sl.size),
-            "--steps",
-            str(ctx.steps),
-            "--offload",
-            OFFLOAD,
-            "--skip-vae",
-        ]
-    command = shlex.join(["python", str(target.relative_to(ROOT)), *args])
+        memory = goals().generate_args(goal) if goal else ["--offload", OFFLOAD]
+        args = ["--quants", quant, "--sizes", str(sl.size), "--steps", str(ctx.steps), *memory, "--skip-vae"]
+    fields["command"] = shlex.join(["python", str(target.relative_to(ROOT)), *args])
     res = run_child(ctx, str(target), args + out_args, child_env(ctx.dry_run), timeout_s)
     if res.rc != 0 or not out.is_file():
-        return {"command": command, "status": "failed", "reason": f"exit {res.rc}: {res.last_line()}"}, res
-    return {"command": command, **generate_fields(sl, json.loads(out.read_text())["rows"][0], ctx)}, res
+        return {**fields, "status": "failed", "reason": f"exit {res.rc}: {res.last_line()}"}, res
+    return {**fields, **generate_fields(sl, json.loads(out.read_text())["rows"][0], ctx)}, res
 
 
 def generate_fields(sl: Slice, row: dict, ctx: Context) -> dict:
@@ -456,9 +500,11 @@ def generate_fields(sl: Slice, row: dict, ctx: Context) -> dict:
     measured = {
         "peak_allocated_gib": row.get("peak_allocated_gib"),
         "peak_reserved_gib": row.get("peak_reserved_gib"),
+        "outside_allocator_gib": row.get("outside_allocator_gib"),
         "seconds_per_step": row.get("seconds_per_step"),
         "adapter_rank": row.get("adapter_rank"),
         "image_size": row.get("size"),
+        **{k: row.get(k) for k in ("quant", "t5_quant", "blocks_to_swap", "token_chunks")},
         "stages": stages,
     }
     fields.update(measured=measured, planner=planner)
@@ -468,24 +514,28 @@ def generate_fields(sl: Slice, row: dict, ctx: Context) -> dict:
 
 
 def train(ctx: Context, sl: Slice, timeout_s: float) -> tuple[dict, ChildResult]:
-    args = ["--one", train_config(sl), "--modes", TRAIN_MODE, "--steps", str(ctx.steps), "--warmup", "1"]
+    goal, fields = goal_run_config(ctx, sl)
+    memory = goals().train_args(goal) if goal else ["--modes", TRAIN_MODE]
+    args = ["--one", train_config(sl), *memory, "--steps", str(ctx.steps), "--warmup", "1"]
     args += ["--tiny"] if ctx.dry_run else []
-    command = shlex.join(["python", "benchmarks/train.py", *args])
+    fields["command"] = shlex.join(["python", "benchmarks/train.py", *args])
     res = run_child(ctx, str(BENCH / "train.py"), args, child_env(ctx.dry_run), timeout_s)
     found = [ln for ln in res.stdout.splitlines() if ln.startswith("ROWS ")]
     if res.rc != 0 or not found:
-        return {"command": command, "status": "failed", "reason": f"exit {res.rc}: {res.last_line()}"}, res
+        return {**fields, "status": "failed", "reason": f"exit {res.rc}: {res.last_line()}"}, res
     (row,) = json.loads(found[-1][5:])
     measured = {
         "peak_allocated_gib": row.get("peak_allocated_gib"),
         "peak_reserved_gib": row.get("peak_reserved_gib"),
+        "outside_allocator_gib": row.get("outside_allocator_gib"),
         "seconds_per_step": row.get("s_per_step"),
         "load_s": row.get("load_s"),
         "kind": row.get("kind"),
         "image_size": row.get("resolution"),
         "checkpointing": row.get("mode"),
+        **{k: row.get(k) for k in ("quant", "blocks_to_swap", "token_chunks", "checkpoint_every")},
     }
-    fields = {"command": command, "measured": measured}
+    fields["measured"] = measured
     if "error" in row:
         fields.update(status="failed", reason=row["error"])
     return fields, res
@@ -495,16 +545,17 @@ RUNNERS = {"kernel-tests": kernel_tests, "kernel-bench": kernel_bench, "generate
 
 
 # ---- the tiny stand-in for generate.py (--dry-run child) ---------------------------------------------------------
-def tiny_generate(quant: str, size: int, steps: int) -> dict:
+def tiny_generate(quant: str, size: int, steps: int, **memory) -> dict:
     """generate.py's row, made on the tiny model on the CPU: the same pipeline stages, preset and adapter rank at
-    the stand-in side TINY_SIZE[size]; no CUDA, so the peaks are None."""
+    the stand-in side TINY_SIZE[size], with `memory` (t5_quant, blocks_to_swap, token_chunks) as load_pipeline
+    takes them; no CUDA, so the peaks are None."""
     from generate import PROMPT, adapter_rank, add_adapter_rank
 
     import urae_lite
     from urae_lite.presets import load_preset
 
     preset = "4k" if size >= 4096 else "2k"
-    pipe = urae_lite.load_pipeline("tiny", quant=quant, preset=preset, device="cpu", progress=False)
+    pipe = urae_lite.load_pipeline("tiny", quant=quant, preset=preset, device="cpu", progress=False, **memory)
     add_adapter_rank(pipe.transformer, 48 if size >= 4096 else 16, "urae")
     s = load_preset(preset, "dev").replace(width=TINY_SIZE[size], height=TINY_SIZE[size], steps=steps)
     ends: list[float] = []
@@ -532,12 +583,15 @@ def tiny_generate(quant: str, size: int, steps: int) -> dict:
         "adapter_rank": adapter_rank(pipe.transformer),
         "peak_allocated_gib": None,
         "peak_reserved_gib": None,
+        **{"t5_quant": "bf16", "blocks_to_swap": 0, "token_chunks": 1, **memory},
     }
 
 
 def tiny_generate_main(argv: list[str]) -> None:
-    quant, size, steps, out = argv
-    row = tiny_generate(quant, int(size), int(steps))
+    """`QUANT SIZE STEPS [t5_quant=Q blocks_to_swap=N token_chunks=N] OUT`."""
+    (quant, size, steps), options, out = argv[:3], argv[3:-1], argv[-1]
+    memory = {k: v if k == "t5_quant" else int(v) for k, v in (o.split("=", 1) for o in options)}
+    row = tiny_generate(quant, int(size), int(steps), **memory)
     Path(out).write_text(json.dumps({"device": "cpu-tiny", "rows": [row]}, indent=1))
 
 
@@ -644,6 +698,12 @@ def base_row(sl: Slice, ctx: Context) -> dict:
         "planner": None,
         "ratio_estimate_to_measured": None,
     }
+    if sl.vram_gib:
+        try:
+            row["goal"] = goals().goal_record(sl.task, sl.size, sl.vram_gib)
+            row["quant"] = row["goal"]["config"]["quant"]
+        except Exception as e:  # noqa: BLE001 -- noted; running the slice then fails with the same error
+            row["goal"] = {"vram_gib": sl.vram_gib, "error": f"{type(e).__name__}: {e}"}
     if sl.size:
         row["model"] = "tiny FLUX on the CPU" if ctx.dry_run else "FLUX.1-dev architecture, random weights"
         row["planner"] = planner_or_note(row, sl, ctx.vram_gib)
@@ -663,9 +723,21 @@ def fmt(value, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def goal_note(row: dict) -> str:
+    """A goal row's card and whether what was measured fits it ('' for the other rows)."""
+    goal = row.get("goal")
+    if not goal:
+        return ""
+    if "plan" not in goal:
+        return f"{goal['vram_gib']:g} GiB goal: no plan ({goal.get('error', '')})"
+    fit = {True: "fits", False: "does NOT fit", None: "fit not measured"}[goal["fits"]]
+    card = f" ({goal['measured_card_gib']:.2f} GiB)" if goal["measured_card_gib"] is not None else ""
+    return f"{goal['vram_gib']:g} GiB goal: {fit}{card}; plan {goal['plan']}"
+
+
 def progress_line(row: dict, elapsed: float) -> str:
     m, p = row.get("measured") or {}, row.get("planner") or {}
-    parts = [f"[{elapsed:5.0f} s] {row['slice']:18} {row['status']:9}"]
+    parts = [f"[{elapsed:5.0f} s] {row['slice']:21} {row['status']:9}"]
     if row.get("wall_s") is not None:
         parts.append(f"{row['wall_s']:6.1f} s")
     if "passed" in m:
@@ -678,6 +750,8 @@ def progress_line(row: dict, elapsed: float) -> str:
             f"peak {peaks} GiB, planner {p['allocated_gib']:.2f}/{p['reserved_gib']:.2f}, "
             f"{fmt(m.get('seconds_per_step'), '.3f')} s/step"
         )
+    if row.get("goal"):
+        parts.append(goal_note(row))
     if row.get("reason"):
         parts.append(f"({row['reason']})")
     return "  ".join(parts)
@@ -685,18 +759,18 @@ def progress_line(row: dict, elapsed: float) -> str:
 
 def table(rows: list[dict]) -> str:
     head = (
-        f"{'slice':18} {'status':9} {'wall s':>7} {'s/step':>7} {'alloc':>6} {'resv':>6} {'est alloc':>9} "
+        f"{'slice':21} {'status':9} {'wall s':>7} {'s/step':>7} {'alloc':>6} {'resv':>6} {'est alloc':>9} "
         f"{'est resv':>8} {'est card':>8} {'est/meas':>8}  note"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         m, p, q = r.get("measured") or {}, r.get("planner") or {}, r.get("ratio_estimate_to_measured") or {}
         lines.append(
-            f"{r['slice']:18} {r['status']:9} {fmt(r.get('wall_s'), '.1f'):>7} "
+            f"{r['slice']:21} {r['status']:9} {fmt(r.get('wall_s'), '.1f'):>7} "
             f"{fmt(m.get('seconds_per_step'), '.3f'):>7} {fmt(m.get('peak_allocated_gib')):>6} "
             f"{fmt(m.get('peak_reserved_gib')):>6} {fmt(p.get('allocated_gib')):>9} "
             f"{fmt(p.get('reserved_gib')):>8} {fmt(p.get('total_gib')):>8} "
-            f"{fmt(q.get('allocated'), '.3f'):>8}  {(r.get('reason') or '')[:70]}"
+            f"{fmt(q.get('allocated'), '.3f'):>8}  {(r.get('reason') or goal_note(r))[:70]}"
         )
     return "\n".join(lines) + "\n(GiB. est: the planner's allocated, + allocator reserve, + CUDA context)"
 
@@ -765,6 +839,8 @@ def run_slice(sl: Slice, row: dict, ctx: Context, budget: Budget, known: dict[st
     budget.record(expected, row["wall_s"])
     if row.get("planner") and row.get("measured"):
         row["ratio_estimate_to_measured"] = ratios(row["planner"], row["measured"])
+    if row.get("goal", {}).get("plan") and row.get("measured"):
+        row["goal"] = goals().measured_fit(row["goal"], row["measured"])
 
 
 def output_path(args: argparse.Namespace, device: str) -> Path:

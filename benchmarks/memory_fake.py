@@ -7,7 +7,7 @@ No GPU: full-size FLUX.1-dev, T5-XXL, CLIP-L and the VAE run on the CPU under Fa
 phase's peak of live device storage bytes is put beside the planner's allocated-bytes estimate for the same
 configuration. Rows: generate 1024², 2048², 4096² (presets 2k / 4k, `model` offload, one denoising step) and
 train 2048² (2K LoRA recipe) and 4096² (4K minor recipe), NF4 and FP8; then the memory options' rows (MEMORY_ROWS:
-block swap, FF chunking, NF4 T5, checkpoint segments, as `urae-lite plan --vram` picks them). --only, --quants and
+block swap, token chunking, NF4 T5, checkpoint segments, as `urae-lite plan --vram` picks them). --only, --quants and
 --sizes pick a slice.
 Writes JSON (rows + provenance) and a chart of measured vs planned per row.
 """
@@ -30,24 +30,28 @@ OUT = ROOT / "benchmarks" / "results" / "memory_fake.json"
 
 
 # Rows beyond the base matrix, (task, size, quant, memory options): the plans `urae-lite plan --task T --resolution R
-# --vram V --ram 24` picks for the goal jobs (for train 4096² at 12 GiB, which nothing fits, the smallest-peak
-# plan), and FF chunking on the base 4096² rows. Options not named are the base rows' (recipe / preset defaults).
+# --vram V --ram 24` picks for the three goal jobs (generate 4096² and train 2048² at 8 GiB, train 4096² at 12 GiB),
+# its pick for train 4096² at 8 GiB, the smallest-peak 4096² training plan, generation at 4096² with 4 token chunks
+# and the 4K recipe without them (it ships with 4). Options not named are the base
+# rows' (recipe / preset defaults).
 MEMORY_ROWS = (
-    ("generate", 4096, "fp8", {"offload": "model", "t5_quant": "nf4", "blocks_to_swap": 56, "ff_chunks": 4}),
+    ("generate", 4096, "fp8", {"offload": "model", "t5_quant": "nf4", "blocks_to_swap": 52, "token_chunks": 4}),
     ("train", 2048, "fp8", {"checkpointing": "cpu", "blocks_to_swap": 56}),
-    ("train", 4096, "nf4", {"checkpointing": "cpu", "blocks_to_swap": 57, "ff_chunks": 16, "checkpoint_every": 2}),
-    ("generate", 4096, "nf4", {"ff_chunks": 4}),
-    ("generate", 4096, "fp8", {"ff_chunks": 4}),
-    ("train", 4096, "nf4", {"ff_chunks": 4}),
-    ("train", 4096, "fp8", {"ff_chunks": 4}),
+    ("train", 4096, "nf4", {"checkpointing": "cpu", "blocks_to_swap": 20, "token_chunks": 4}),
+    ("train", 4096, "fp8", {"checkpointing": "cpu", "blocks_to_swap": 56, "token_chunks": 4, "checkpoint_every": 2}),
+    ("train", 4096, "nf4", {"checkpointing": "cpu", "blocks_to_swap": 57, "token_chunks": 16, "checkpoint_every": 2}),
+    ("generate", 4096, "nf4", {"token_chunks": 4}),
+    ("generate", 4096, "fp8", {"token_chunks": 4}),
+    ("train", 4096, "nf4", {"token_chunks": 1}),
+    ("train", 4096, "fp8", {"token_chunks": 1}),
 )
-GENERATE_DEFAULTS = {"offload": "model", "t5_quant": "bf16", "blocks_to_swap": 0, "ff_chunks": 1}
-TRAIN_OPTIONS = ("checkpointing", "blocks_to_swap", "ff_chunks", "checkpoint_every")  # recipe `training.` keys
+GENERATE_DEFAULTS = {"offload": "model", "t5_quant": "bf16", "blocks_to_swap": 0, "token_chunks": 1}
+TRAIN_OPTIONS = ("checkpointing", "blocks_to_swap", "token_chunks", "checkpoint_every")  # recipe `training.` keys
 
 
 def generate_rows(quant: str, sizes: tuple[int, ...], memory: dict | None = None) -> list[dict]:
     """Measured and planned bytes per phase of generation at each size (one fake pipeline per adapter rank);
-    `memory`: offload, t5_quant, blocks_to_swap, ff_chunks (default: `model` offload, bf16 T5, neither)."""
+    `memory`: offload, t5_quant, blocks_to_swap, token_chunks (default: `model` offload, bf16 T5, neither)."""
     from urae_lite.plan import PlanConfig, estimate
     from urae_lite.plan.fake import fake_mode, fake_pipeline, forget_fake_workspaces, generate_rank, measure_generate
     from urae_lite.presets import load_preset
@@ -57,7 +61,7 @@ def generate_rows(quant: str, sizes: tuple[int, ...], memory: dict | None = None
     for rank in sorted({generate_rank(s) for s in sizes}):
         with fake_mode():
             pipe = fake_pipeline(
-                quant, rank, ff_chunks=m["ff_chunks"], blocks_to_swap=m["blocks_to_swap"], t5_quant=m["t5_quant"]
+                quant, rank, token_chunks=m["token_chunks"], blocks_to_swap=m["blocks_to_swap"], t5_quant=m["t5_quant"]
             )
             for size in [s for s in sizes if generate_rank(s) == rank]:
                 preset = load_preset("4k" if size >= 4096 else "2k", "dev").vae_tiling
@@ -96,7 +100,7 @@ def resolved_tiling(cfg) -> str:
 
 def train_rows(quant: str, size: int, memory: dict | None = None) -> list[dict]:
     """One training step's phases with the size's recipe; `memory`: recipe `training.` options (checkpointing,
-    blocks_to_swap, ff_chunks, checkpoint_every) over the recipe's own."""
+    blocks_to_swap, token_chunks, checkpoint_every) over the recipe's own."""
     from urae_lite.plan import PlanConfig, estimate
     from urae_lite.plan.fake import fake_mode, forget_fake_workspaces, measure_train, train_recipe
 
@@ -154,8 +158,8 @@ def pair(task: str, size: int, quant: str, options: dict, phases, est) -> list[d
 
 
 def memory_tag(options: dict) -> str:
-    """The row's memory options that differ from the base rows, shortly: ' swap56 ff4 t5nf4 every2'."""
-    tags = {"blocks_to_swap": "swap", "ff_chunks": "ff", "checkpoint_every": "every"}
+    """The row's memory options that differ from the base rows, shortly: ' swap56 chunks4 t5nf4 every2'."""
+    tags = {"blocks_to_swap": "swap", "token_chunks": "chunks", "checkpoint_every": "every"}
     out = [
         f"{short}{options[k]}"
         for k, short in tags.items()

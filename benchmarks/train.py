@@ -1,6 +1,7 @@
 """Peak VRAM and seconds per step of URAE adapter training on full-size FLUX.1-dev (random weights, one GPU).
 
     python benchmarks/train.py [--configs 2k-nf4,2k-fp8,4k-nf4,4k-fp8] [--modes on,cpu] [--steps 3] [--warmup 1]
+                               [--set training.blocks_to_swap=56 --set quant=fp8 ...]
 
 Weights are streamed from `urae_lite.tiny.iter_random_transformer_tensors(flux_dev_config(), device="cuda")`
 into the loader's own skeleton (`empty_transformer` + `fill_transformer`): same shapes, quantization, adapters and
@@ -11,6 +12,9 @@ recipe (recipes/train_2k_lora.yaml or train_4k_minor.yaml) with its quant and ch
 * 4k-*: 4096² (65536 + 512 tokens), minor-component rank 16 initialised by SVD (on the GPU, while streaming) of
   base + a random rank-16 2K LoRA that stays frozen in the same branch; NTK 10, proportional attention, Prodigy.
 * modes: `on` = block checkpointing, `cpu` = checkpointing with block inputs in pinned host memory, `off` = none.
+* `--set KEY=VALUE` (repeatable): recipe overrides after the config's, e.g. the memory options `urae-lite plan
+  --vram N` prints (`quant=`, `training.blocks_to_swap=`, `training.token_chunks=`, `training.checkpoint_every=`);
+  token chunks, checkpoint segments and (after loading) block swap are set up as train/model.py sets them up.
 
 Batches are synthetic (VAE posterior mean/std, T5 512x4096, pooled CLIP 768) with the real shapes, built by the
 training code's own `build_sample`; steps run through the training `Trainer` (bf16 autocast, fp32 loss, clipping,
@@ -33,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from provenance import provenance, result_path
@@ -57,6 +62,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (the first also autotunes kernels)")
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/train_<device>.json)")
     p.add_argument("--tiny", action="store_true", help="smoke-test this script on the tiny model on the CPU")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override after the config's (repeatable), e.g. training.blocks_to_swap=56",
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config in this process, print its rows
     return p.parse_args(argv)
 
@@ -108,14 +121,18 @@ def _synthetic_sample(config: dict, resolution: int, text_tokens: int, seed: int
     return build_sample(seed, item, mean, std, "generated_prompt", t5, pooled, 0.5, gen, 0.1159, 0.3611)
 
 
-def run_one(name: str, modes: list[str], steps: int, warmup: int, tiny: bool) -> list[dict]:
-    """Load one (resolution, quant) model, then time `steps` optimizer steps per checkpointing mode."""
+def run_one(name: str, modes: list[str], steps: int, warmup: int, tiny: bool, extra: Sequence[str] = ()) -> list[dict]:
+    """Load one (resolution, quant) model, then time `steps` optimizer steps per checkpointing mode. `extra`:
+    recipe overrides after the config's (a `quant=` there replaces the config's quant)."""
     import torch
+    from generate import outside_allocator_gib
 
+    from urae_lite.block_swap import enable_block_swap
     from urae_lite.flux_configs import flux_dev_config
     from urae_lite.loader import LoadSpec, empty_transformer, fill_transformer
     from urae_lite.minor import MinorSpec
     from urae_lite.tiny import iter_random_transformer_tensors, tiny_transformer_config
+    from urae_lite.train.checkpoint_segments import enable_checkpoint_segments
     from urae_lite.train.config import load_recipe
     from urae_lite.train.loop import Trainer
     from urae_lite.train.model import prepare_for_training, trainable_parameters
@@ -132,15 +149,20 @@ def run_one(name: str, modes: list[str], steps: int, warmup: int, tiny: bool) ->
     if "minor" in recipe:
         overrides.append(f"adapter.base_adapters=[{_random_2k_adapter(config, tmp)}]")
         minor = MinorSpec(16, svd_device=str(device) if device.type == "cuda" else None)
-    cfg = load_recipe(ROOT / "recipes" / recipe, overrides)
+    cfg = load_recipe(ROOT / "recipes" / recipe, overrides + list(extra))
+    t = cfg.training
 
     start = time.perf_counter()
+    # Loaded whole on the device, then the swapped blocks move to host memory (peaks are reset before the steps).
+    # Not `LoadSpec(park_blocks=)` as build_model: fill_transformer parks a layer when its weight arrives, and this
+    # stream (state_dict order) brings the weight before the bias.
     model = fill_transformer(
         empty_transformer(config),
         iter_random_transformer_tensors(config, device=device),
-        LoadSpec(quant, device, adapters=cfg.adapter.base_adapters, minor=minor, progress=False),
+        LoadSpec(cfg.quant, device, adapters=cfg.adapter.base_adapters, minor=minor, progress=False),
     )
     model = prepare_for_training(model, cfg)
+    enable_block_swap(model, t.blocks_to_swap, device)  # after the fp32 masters exist; 0 = off
     if device.type == "cuda":
         torch.cuda.synchronize()
     load_s = time.perf_counter() - start
@@ -151,7 +173,7 @@ def run_one(name: str, modes: list[str], steps: int, warmup: int, tiny: bool) ->
         if mode == "off":
             model.disable_gradient_checkpointing()
         else:
-            model.enable_gradient_checkpointing()
+            enable_checkpoint_segments(model, t.checkpoint_every)
         optimizer, scheduler = build_optimizer(cfg, (p for _, p in trainable_parameters(model)))
         trainer = Trainer(model, optimizer, scheduler, cfg, device)
         if device.type == "cuda":
@@ -161,8 +183,12 @@ def run_one(name: str, modes: list[str], steps: int, warmup: int, tiny: bool) ->
             "config": name,
             "mode": mode,
             "resolution": size,
-            "quant": quant,
+            "quant": cfg.quant,
             "kind": cfg.adapter.kind,
+            "blocks_to_swap": t.blocks_to_swap,
+            "token_chunks": t.token_chunks,
+            "checkpoint_every": t.checkpoint_every,
+            "overrides": list(extra),
             "tokens": (size // 16) ** 2 + text_tokens,
             "load_s": round(load_s, 1),
             "steps": steps,
@@ -185,6 +211,7 @@ def run_one(name: str, modes: list[str], steps: int, warmup: int, tiny: bool) ->
         if device.type == "cuda":
             row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / GiB, 2)
             row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / GiB, 2)
+            row["outside_allocator_gib"] = round(outside_allocator_gib(device), 2)
             row["goal_gib"] = GOAL_GIB[resolution]
             row["meets_goal"] = "error" not in row and row["peak_reserved_gib"] <= GOAL_GIB[resolution]
         rows.append(row)
@@ -209,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.tiny:
         bench.import_kernels()
     if args.one:
-        print("ROWS " + json.dumps(run_one(args.one, modes, args.steps, args.warmup, args.tiny)))
+        print("ROWS " + json.dumps(run_one(args.one, modes, args.steps, args.warmup, args.tiny, args.overrides)))
         return
 
     device = "cpu-tiny" if args.tiny else torch.cuda.get_device_name()
@@ -228,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
             str(args.steps),
             "--warmup",
             str(args.warmup),
+            *(x for o in args.overrides for x in ("--set", o)),
         ] + (["--tiny"] if args.tiny else [])
         result = subprocess.run(command, capture_output=True, text=True)
         found = [line for line in result.stdout.splitlines() if line.startswith("ROWS ")]

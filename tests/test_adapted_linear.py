@@ -107,3 +107,32 @@ def test_minor_slices_are_noop_at_init_and_train():
     assert layer.slices[MINOR_SLICE].trainable and not layer.slices[MINOR_RESIDUAL_SLICE].trainable
     layer(x).sum().backward()
     assert layer.slices[MINOR_SLICE].A.grad is not None and layer.slices[MINOR_RESIDUAL_SLICE].A.grad is None
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_trainable_factor_gradients_own_their_storage(autocast):
+    """fp32 trainable masters beside bf16 frozen slices: each slice is cast before the concatenation, so the
+    trainable A's gradient is its own (r, K) fp32 tensor, not a view keeping the (R, K) gradient of the whole
+    concatenation; the values are those of concatenating first (the previous order)."""
+    layer, _ = _layer("nf4", n=48, k=64)
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    layer.add_slice("frozen", torch.randn(16, 64, generator=g) * 0.1, torch.randn(48, 16, generator=g) * 0.1)
+    trained = layer.add_slice(
+        "trained", torch.randn(4, 64, generator=g) * 0.1, torch.randn(48, 4, generator=g) * 0.1, trainable=True
+    )
+    trained.A, trained.B = (nn.Parameter(t.detach().float()) for t in (trained.A, trained.B))
+    x = torch.randn(9, 64, generator=g)
+    grads = {}
+    for name, branch in (("cast first", None), ("cat first", lambda dtype: AdaptedLinear.branch(layer))):
+        if branch is not None:
+            layer.branch = branch  # the previous order: concatenate in fp32, cast in forward
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x if autocast else x.bfloat16())
+        y.float().square().sum().backward()
+        grads[name] = (trained.A.grad, trained.B.grad)
+        trained.A.grad = trained.B.grad = None
+        vars(layer).pop("branch", None)
+    dA, dB = grads["cast first"]
+    assert dA.dtype == torch.float32 and dA.untyped_storage().nbytes() == dA.numel() * 4
+    assert torch.equal(dA, grads["cat first"][0]) and torch.equal(dB, grads["cat first"][1])
+    assert grads["cat first"][0].untyped_storage().nbytes() > dA.untyped_storage().nbytes()  # what it fixes

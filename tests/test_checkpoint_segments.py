@@ -20,11 +20,11 @@ from train_utils import REPO, RESOLUTION, SIZES, make_dataset, one_thread, recip
 
 from urae_lite.block_swap import enable_block_swap, execution_blocks
 from urae_lite.errors import UraeError
-from urae_lite.ff_chunking import enable_ff_chunking
 from urae_lite.loader import LoadSpec, adapted_layers, empty_transformer, fill_transformer
 from urae_lite.plan.fake import LiveBytes
 from urae_lite.quant import QuantizedWeight
 from urae_lite.tiny import iter_random_transformer_tensors
+from urae_lite.token_chunking import enable_token_chunking
 from urae_lite.train import checkpoint_segments
 from urae_lite.train.cache import build_cache
 from urae_lite.train.checkpoint_segments import SegmentCheckpointing, enable_checkpoint_segments
@@ -63,11 +63,11 @@ def models(tiny_config):
     return {"fp32": _model(tiny_config, torch.float32), "bf16": _model(tiny_config, torch.bfloat16)}
 
 
-def _copy(base, every: int, swap: int = 0, ff_chunks: int = 1):
-    """A training copy set up in prepare_for_training's and build_model's order: FF chunks, checkpointing, swap."""
+def _copy(base, every: int, swap: int = 0, token_chunks: int = 1):
+    """A training copy set up in prepare_for_training's and build_model's order: token chunks, checkpointing, swap."""
     model = copy.deepcopy(base)
-    if ff_chunks > 1:
-        enable_ff_chunking(model, ff_chunks)
+    if token_chunks > 1:
+        enable_token_chunking(model, token_chunks)
     enable_checkpoint_segments(model, every)
     enable_block_swap(model, swap, CPU)
     return model.train()
@@ -95,17 +95,17 @@ def _segment_lengths(every: int) -> list[int]:
         ("bf16", True, "on", ""),  # training's precision=bf16: bf16 weights, bf16 autocast
         ("fp32", True, "cpu", ""),  # fp32 weights under bf16 autocast: here the chain's autocast state decides the bits
         ("fp32", False, "on", "block swap"),
-        ("fp32", False, "cpu", "ff chunks"),
-        ("fp32", True, "on", "block swap + ff chunks"),
-        ("bf16", True, "cpu", "block swap + ff chunks"),
+        ("fp32", False, "cpu", "token chunks"),
+        ("fp32", True, "on", "block swap + token chunks"),
+        ("bf16", True, "cpu", "block swap + token chunks"),
     ],
 )
 def test_loss_and_gradients_are_bit_identical(models, tiny_config, weights, autocast, mode, extra, monkeypatch):
     """The recomputed inputs are the forward's bits: the same ops on the same values in the same order (the chain
-    runs under no_grad, where FF chunking loops instead of checkpointing its chunks; the values do not change)."""
-    swap, ff_chunks = (N_BLOCKS if "block swap" in extra else 0), (3 if "ff chunks" in extra else 1)
+    runs under no_grad, where token chunking loops without building a graph; the values do not change)."""
+    swap, token_chunks = (N_BLOCKS if "block swap" in extra else 0), (3 if "token chunks" in extra else 1)
     inputs = transformer_inputs(tiny_config, dtype=torch.float32 if weights == "fp32" else torch.bfloat16)
-    ref_loss, ref_grads = _step(_copy(models[weights], 1, swap, ff_chunks), inputs, mode, autocast)
+    ref_loss, ref_grads = _step(_copy(models[weights], 1, swap, token_chunks), inputs, mode, autocast)
     if swap:  # every forward of a swapped block, the recompute chain's included, reads the device copies
         reads = []
         dequantize = QuantizedWeight.dequantize
@@ -117,7 +117,7 @@ def test_loss_and_gradients_are_bit_identical(models, tiny_config, weights, auto
 
         monkeypatch.setattr(QuantizedWeight, "dequantize", resident_only)
     for every in EVERY:
-        model = _copy(models[weights], every, swap, ff_chunks)
+        model = _copy(models[weights], every, swap, token_chunks)
         chain = []
         for block in execution_blocks(model):
             block.register_forward_pre_hook(

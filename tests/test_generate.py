@@ -428,7 +428,7 @@ def test_cuda_out_of_memory_is_caught_with_advice(capsys, tiny_flux, tmp_path, m
     errors = [line for line in err if "error" in line.lower()]  # earlier stderr lines are the loading progress bars
     assert code == 2 and errors == [err[-1]] and not any("Traceback" in line for line in err)
     assert "out of memory in stage 'denoise'" in err[-1] and "--offload model" in err[-1] and "--quant nf4" in err[-1]
-    assert "--blocks-to-swap" in err[-1] and "--ff-chunks 4" in err[-1]  # the tiny model's block count
+    assert "--blocks-to-swap" in err[-1] and "--token-chunks 4" in err[-1]  # the tiny model's block count
     assert not (tmp_path / "x.png").exists()
 
 

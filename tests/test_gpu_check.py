@@ -16,7 +16,14 @@ SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 HEAVY = [
     f"{task}-{size}-{quant}" for task in ("generate", "train") for size in (2048, 4096) for quant in ("nf4", "fp8")
 ]
-RAN = ["generate-2048-nf4", "train-2048-nf4"]  # one slice of each kind: every runner and parser, no 4K, no kernels
+GOALS = {  # slice -> (urae-lite plan arguments, card GiB)
+    "goal-generate-4096-8g": (["--resolution", "4096"], 8),
+    "goal-train-2048-8g": (["--task", "train", "--resolution", "2048"], 8),
+    "goal-train-4096-12g": (["--task", "train", "--resolution", "4096"], 12),
+}
+# one slice of each kind (every runner and parser, no kernels) and the quick goal slices (block swap, token chunks,
+# T5 NF4 and FP8 on the tiny model); the 4K goal training is the slow one
+RAN = ["generate-2048-nf4", "train-2048-nf4", "goal-generate-4096-8g", "goal-train-2048-8g"]
 # A Python that sees the checkout the way the GPU machine does: no editable-install finder, so urae_lite.kernels
 # and urae_lite.recipes (package-dir mappings of the install) are missing unless gpu_check maps them.
 NO_EDITABLE_INSTALL = """import sys
@@ -102,6 +109,90 @@ def test_selected_slices_ran_and_the_others_say_why_not(dry_run):
             assert row["measured"]["seconds_per_step"] > 0
         else:
             assert row["status"] == "skipped" and row["reason"]
+
+
+def cli_pick(args: list[str], vram: float, capsys) -> dict:
+    """The configuration `urae-lite plan ARGS --vram VRAM --ram 24 --json` lists first."""
+    from urae_lite.cli import main
+
+    capsys.readouterr()
+    assert main(["plan", *args, "--vram", str(vram), "--ram", "24", "--json"]) in (0, None)
+    return json.loads(capsys.readouterr().out)["fitting"][0]["config"]
+
+
+def test_goal_slices_come_last_and_run_what_urae_lite_plan_picks(gpu_check, tmp_path, capsys):
+    from urae_lite.plan.search import SEARCHED
+
+    names = [s.name for s in gpu_check.slices()]
+    assert names[-len(GOALS) :] == list(GOALS) and names[: -len(GOALS)] == [
+        "kernel-tests",
+        "kernel-bench",
+        *(n for n in names if n in HEAVY),
+    ]
+    ctx = gpu_check.Context(dry_run=False, work=tmp_path, vram_gib=None)
+    for sl in gpu_check.slices()[-len(GOALS) :]:
+        args, vram = GOALS[sl.name]
+        want = {k: v for k, v in cli_pick(args, vram, capsys).items() if k in SEARCHED[sl.task]}
+        assert sl.vram_gib == vram and want
+        row = gpu_check.base_row(sl, ctx)
+        assert row["goal"]["config"] == want and row["goal"]["vram_gib"] == vram and row["quant"] == want["quant"]
+        assert 0 < row["goal"]["planned_card_gib"] <= vram
+        cfg = gpu_check.plan_config(sl)  # the estimate beside the measurement: the same memory options
+        assert {k: getattr(cfg, k) for k in want} == want
+        assert row["planner"]["config"] == cfg.summary() and row["planner"]["total_gib"] <= vram
+
+
+def test_goal_options_parse_in_the_gpu_scripts_as_picked(gpu_check, monkeypatch):
+    """The command lines a GPU session runs: generate.py / train.py read back the pick's every memory option."""
+    import generate
+    import gpu_goals
+    import train
+
+    from urae_lite.train.config import load_recipe
+
+    for sl in gpu_check.slices()[-len(GOALS) :]:
+        cfg = sl.goal_config()
+        if sl.task == "generate":
+            monkeypatch.setattr(sys, "argv", ["generate.py", "--quants", cfg.quant, *gpu_goals.generate_args(cfg)])
+            args = generate.parse_args()
+            got = {
+                "quant": args.quants[0],
+                **{k: getattr(args, k) for k in gpu_goals.memory_options(cfg) if k != "quant"},
+            }
+        else:
+            args = train.parse_args(["--one", gpu_check.train_config(sl), *gpu_goals.train_args(cfg)])
+            recipe = load_recipe(REPO / "recipes" / train.CONFIGS[args.one][0], args.overrides, require_paths=False)
+            t = recipe.training
+            got = {"quant": recipe.quant, "checkpointing": args.modes, "blocks_to_swap": t.blocks_to_swap}
+            got |= {"token_chunks": t.token_chunks, "checkpoint_every": t.checkpoint_every}
+        assert got == gpu_goals.memory_options(cfg), sl.name
+
+
+def test_goal_fit_is_the_reserved_peak_plus_what_lies_outside_the_allocator(gpu_check):
+    import gpu_goals
+
+    goal = {"vram_gib": 8.0, "plan": "...", "measured_card_gib": None, "fits": None}
+    assert gpu_goals.measured_fit(goal, {"peak_reserved_gib": 7.2, "outside_allocator_gib": 0.7})["fits"] is True
+    over = gpu_goals.measured_fit(goal, {"peak_reserved_gib": 7.5, "outside_allocator_gib": 0.7})
+    assert over["fits"] is False and over["measured_card_gib"] == pytest.approx(8.2)
+    assert gpu_goals.measured_fit(goal, {"peak_reserved_gib": None, "outside_allocator_gib": None})["fits"] is None
+
+
+def test_dry_run_runs_the_goal_plans_on_the_tiny_model_and_says_what_it_changed(dry_run):
+    _, _, report = dry_run
+    rows = {r["slice"]: r for r in report["rows"]}
+    for name in GOALS:
+        goal = rows[name]["goal"]
+        assert goal["plan"] and goal["config"]["quant"] == rows[name]["quant"]
+    for name in (n for n in RAN if n in GOALS):
+        row, pick = rows[name], rows[name]["goal"]["config"]
+        m, changes = row["measured"], row["dry_run_changes"]
+        assert row["goal"]["fits"] is None  # no CUDA, nothing to compare with the card
+        assert m["quant"] == pick["quant"] and m["token_chunks"] == pick["token_chunks"]
+        assert 0 < m["blocks_to_swap"] <= 4 and "blocks_to_swap" in changes  # the tiny model has 4 blocks
+        run_as_picked = ("t5_quant",) if row["task"] == "generate" else ("checkpointing", "checkpoint_every")
+        assert {k: m[k] for k in run_as_picked} == {k: pick[k] for k in run_as_picked}
+        assert row["planner"]["config"].count(f"{pick['blocks_to_swap']} blocks swapped") == 1
 
 
 def test_budget_skips_what_does_not_fit_and_bounds_the_timeout(gpu_check):

@@ -88,5 +88,11 @@ def test_bf16_autocast_checkpointing_and_save_on_cpu(tiny_flux, tiny_config, mak
     out, grads = _run(model, inputs, "on", monkeypatch, autocast=True, offload=True)
     # bf16 roundings in different places (the kernel adds branch and bias in fp32 before one rounding)
     assert _close(out, ref_out, 2e-2)
+    assert grads.keys() == ref_grads.keys() and all(g.dtype == torch.float32 for g in grads.values())
+    flat, ref_flat = (torch.cat([g[n].flatten() for n in sorted(g)]) for g in (grads, ref_grads))
+    assert _close(flat, ref_flat, 3e-2)
+    # Per factor the error is larger where a gradient comes from few rounded terms: the adaLN modulation linears see
+    # one conditioning vector, and their small A gradients differ by up to 4.5% (8 seeds) or 12% (seen once); a
+    # wrong gradient would be off by its whole size.
     for name, grad in grads.items():
-        assert grad.dtype == torch.float32 and _close(grad, ref_grads[name], 5e-2), name
+        assert _close(grad, ref_grads[name], 0.25), name

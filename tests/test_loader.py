@@ -200,3 +200,20 @@ def test_park_blocks_leaves_exactly_the_swapped_blocks_frozen_tensors_in_host_me
     assert any(".base." in n for n in on_host) and any(n.endswith("bias") for n in on_host)
     if minor is not None:
         assert any(t.requires_grad and any(n.startswith(f"{b}.") for b in swapped) for n, t in tensors.items())
+
+
+def test_parking_does_not_depend_on_the_order_of_weight_and_bias():
+    """A stream may bring a parked layer's weight before its bias (the bias is still on `meta` when the layer is
+    parked): the bias lands in host memory when it arrives, and the model equals the one loaded bias-first."""
+    from urae_lite.loader import LoadSpec, empty_transformer, fill_transformer
+    from urae_lite.tiny import iter_random_transformer_tensors, tiny_transformer_config
+
+    config = tiny_transformer_config()
+    stream = list(iter_random_transformer_tensors(config))
+    weights_first = sorted(stream, key=lambda kv: (kv[0].rpartition(".")[0], kv[0].endswith(".bias")))
+    biases_first = sorted(stream, key=lambda kv: (kv[0].rpartition(".")[0], not kv[0].endswith(".bias")))
+    spec = LoadSpec("nf4", "cpu", torch.bfloat16, park_blocks=2, progress=False)
+    a = fill_transformer(empty_transformer(config), weights_first, spec)
+    b = fill_transformer(empty_transformer(config), biases_first, spec)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -10,6 +10,9 @@ the harness's CUDA emulation (plan/fake_cuda.py) against what CPU autocast alone
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,14 +75,14 @@ def test_generate_1024_nf4_full_size_matches_planner(kernels_on, capsys):
 
 
 def test_chunked_swapped_training_step_matches_planner(kernels_on, capsys):
-    """A training step with FF chunks and block swap through the real mechanisms (ff_chunking.py, block_swap.py)
+    """A training step with token chunks and block swap through the real mechanisms (token_chunking.py, block_swap.py)
     on full-width FLUX with fewer blocks (1 double, 2 single): every phase within the band. The swapped block's
     host copies are not counted: the device holds the rest of the model and the swap's window only."""
     from urae_lite.flux_configs import flux_dev_config
     from urae_lite.plan.fake import device_tensors, fake_training_model, measure_train, train_recipe
 
     config = {**flux_dev_config(), "num_layers": 1, "num_single_layers": 2}
-    overrides = ("training.checkpointing=cpu", "training.ff_chunks=4", "training.blocks_to_swap=1")
+    overrides = ("training.checkpointing=cpu", "training.token_chunks=4", "training.blocks_to_swap=1")
     with fake_mode():
         cfg = train_recipe(1024, "nf4", overrides)
         model = fake_training_model(cfg, config)
@@ -97,7 +100,7 @@ def test_chunked_swapped_training_step_matches_planner(kernels_on, capsys):
             adapter="lora",
             rank=16,
             checkpointing="cpu",
-            ff_chunks=4,
+            token_chunks=4,
             blocks_to_swap=1,
             transformer_config=config,
         )
@@ -166,6 +169,35 @@ def test_harness_allocates_as_cuda_autocast_does():
     assert peaks["rms_norm"] == T * D * (2 + 4 + 4) + D * (2 + 4) + T * 4
     assert peaks["cat"] == T * D * (4 + 2 + 2 * 4)  # the inputs and the fp32 output
     assert _peak(cat) == peaks["cat"] + T * D * 4  # CPU autocast alone: + an fp32 copy of the bf16 input
+
+
+def test_harness_holds_flash_attentions_fp32_dq_buffer_in_backward():
+    """CUDA's flash-attention backward accumulates dq in fp32 (q's size): the harness holds such a buffer from the
+    output's gradient until q's gradient is out, only for SDPA calls that run a backward, and keeps no reference to
+    q (checkpointing must still free it)."""
+    B, H, T, Dh = 1, 2, 512, 64
+    q_bytes = B * H * T * Dh
+
+    def step(grad: bool) -> None:
+        q, k, v = (torch.randn(B, H, T, Dh, dtype=torch.bfloat16, requires_grad=grad) for _ in range(3))
+        out = F.scaled_dot_product_attention(q * 1, k * 1, v * 1)
+        if grad:
+            out.float().sum().backward()
+
+    def backward_peak(policy: bool) -> int:
+        with cuda_autocast_policy() if policy else contextlib.nullcontext():
+            return _peak(lambda: step(True))
+
+    assert backward_peak(True) - backward_peak(False) == q_bytes * 4
+    with cuda_autocast_policy():
+        no_grad = _peak(lambda: step(False))
+    assert no_grad == _peak(lambda: step(False))
+    with cuda_autocast_policy():
+        q = torch.randn(B, H, T, Dh, requires_grad=True) * 1
+        ref = weakref.ref(q.untyped_storage())
+        F.scaled_dot_product_attention(q, q.detach(), q.detach())
+        del q
+        assert ref() is None
 
 
 def test_fake_models_keep_tied_weights():

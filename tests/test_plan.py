@@ -18,10 +18,10 @@ import json
 
 import pytest
 import torch
+from plan_utils import recipe_plan_config
 
 from urae_lite.cli import main
 from urae_lite.errors import UraeError
-from urae_lite.ff_chunking import enable_ff_chunking
 from urae_lite.flux_configs import flux_dev_config
 from urae_lite.loader import LoadSpec, add_lora, empty_transformer, fill_transformer
 from urae_lite.plan import PlanConfig, best_config, estimate, expected_seconds
@@ -29,6 +29,7 @@ from urae_lite.plan.activations import CPU, Tokens, inference_bytes, training_by
 from urae_lite.plan.arch import flux_arch
 from urae_lite.plan.fake import LiveBytes, module_tensors
 from urae_lite.tiny import iter_random_transformer_tensors, tiny_transformer_config
+from urae_lite.token_chunking import enable_token_chunking
 
 GiB = 2**30
 TEXT = 32  # text tokens in the measured forwards
@@ -179,13 +180,14 @@ def test_training_step_peak_matches_measurement(name):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_chunked_ff_forward_matches_measurement(name):
-    """FF token chunks (urae_lite/ff_chunking.py) without grad: the peak, and what chunking saves, as predicted."""
+def test_token_chunks_forward_matches_measurement(name):
+    """Token chunks (urae_lite/token_chunking.py) without grad: the peak, and what chunking saves, as predicted
+    (plan/chunked.py)."""
     config = CONFIGS[name]
     model = build(config, "nf4").eval()
     sides, measured = (16, 32), {}
     for chunks in (1, 4):
-        enable_ff_chunking(model, chunks)
+        enable_token_chunking(model, chunks)
         measured[chunks] = [measure_forward(model, config, s) for s in sides]
     predicted = {c: [estimated_forward(config, "nf4", s, c) for s in sides] for c in (1, 4)}
     for m, e, s in zip(measured[4], predicted[4], sides):
@@ -194,15 +196,15 @@ def test_chunked_ff_forward_matches_measurement(name):
     assert saved > 0 and close(predicted[1][1] - predicted[4][1], saved), (predicted, measured)
 
 
-def test_chunked_ff_training_step_matches_measurement():
-    """A checkpointed LoRA step with FF token chunks: each chunk is recomputed alone, but every finished chunk's
-    input gradients wait for the token slices' backward (activations.single_backward_chunked)."""
+def test_token_chunks_training_step_matches_measurement():
+    """A checkpointed LoRA step with token chunks: each pass keeps only its inputs and recomputes one chunk at a time
+    in backward, writing its input gradients into full-size buffers (plan/chunked.py)."""
     config = CONFIGS["flux-shaped"]
     model = trainable(build(config, "nf4"))
     model.enable_gradient_checkpointing()
     sides, measured = (12, 24), {}
     for chunks in (1, 4):
-        enable_ff_chunking(model, chunks)
+        enable_token_chunking(model, chunks)
         measured[chunks] = [measure_step(model, config, s) for s in sides]
     predicted = {c: [estimated_step(config, "nf4", s, "on", c) for s in sides] for c in (1, 4)}
     for m, e, s in zip(measured[4], predicted[4], sides):
@@ -292,13 +294,13 @@ def test_vram_picks_bf16_when_it_fits_and_nf4_when_not():
 
 
 def test_impossible_request_says_what_it_would_need():
-    result = best_config("generate", 4096, 4096, 4)
+    result = best_config("generate", 4096, 4096, 3)
     assert result.best is None and result.largest_fitting_size is not None
     message = result.impossible()
-    assert message.startswith("nothing fits in 4 GiB for generate at 4096x4096: the smallest peak is")
+    assert message.startswith("nothing fits in 3 GiB for generate at 4096x4096: the smallest peak is")
     assert f"{result.smallest.peak / GiB:.1f} GiB" in message and "fits up to" in message
     w, h = result.largest_fitting_size
-    assert estimate(result.smallest.config.replace(width=w, height=h), 4).peak <= 4 * GiB
+    assert estimate(result.smallest.config.replace(width=w, height=h), 3).peak <= 3 * GiB
 
 
 def test_unknown_plan_option_is_rejected_with_the_valid_ones():
@@ -320,7 +322,7 @@ def test_cli_table_and_vram(capsys):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["--resolution", "4096", "--vram", "4"], "nothing fits in 4 GiB"),
+        (["--resolution", "4096", "--vram", "3"], "nothing fits in 3 GiB"),
         (["--resolution", "1000"], "width 1000 is not a positive multiple of 16"),
         (["--vram", "0"], "--vram must be a positive number"),
     ],
@@ -362,25 +364,11 @@ def test_memory_benchmark_dry_run_without_a_gpu(capsys, monkeypatch):
 
 # ---- plans of the recipes users run ---------------------------------------------------------------------------------
 def _recipe_config(path, overrides=()) -> PlanConfig:
-    """The PlanConfig a recipe describes, read field by field from the loaded recipe."""
+    """The PlanConfig a recipe describes, by the tests' own reading of the loaded recipe."""
     from urae_lite.train.config import load_recipe
 
     cfg = load_recipe(path, ["data.dir=d", "output_dir=o", "adapter.base_adapters=[a.safetensors]", *overrides])
-    optimizer = "adamw8bit" if "8bit" in cfg.optimizer["_component_"].lower() else "prodigy"
-    return PlanConfig(
-        task="train",
-        width=cfg.data.resolution,
-        height=cfg.data.resolution,
-        quant=cfg.quant,
-        adapter=cfg.adapter.kind,
-        rank=cfg.adapter.rank,
-        checkpointing=cfg.training.checkpointing,
-        blocks_to_swap=cfg.training.blocks_to_swap,
-        ff_chunks=cfg.training.ff_chunks,
-        checkpoint_every=cfg.training.checkpoint_every,
-        optimizer=optimizer,
-        validation=bool(cfg.validation.every and cfg.validation.prompts),
-    )
+    return recipe_plan_config(cfg)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from plan_utils import recipe_plan_config
 from train_utils import REPO
 
 from urae_lite.errors import UraeError
@@ -14,21 +15,9 @@ REQUIRED = ["data.dir=/data", "output_dir=/out"]
 
 
 def _planned_peak_gib(cfg) -> float:
-    from urae_lite.plan import PlanConfig, estimate
+    from urae_lite.plan import estimate
 
-    plan = PlanConfig(
-        task="train",
-        width=cfg.data.resolution,
-        height=cfg.data.resolution,
-        quant=cfg.quant,
-        adapter=cfg.adapter.kind,
-        rank=cfg.adapter.rank,
-        checkpointing=cfg.training.checkpointing,
-        blocks_to_swap=cfg.training.blocks_to_swap,
-        ff_chunks=cfg.training.ff_chunks,
-        checkpoint_every=cfg.training.checkpoint_every,
-    )
-    return estimate(plan).peak / 2**30
+    return estimate(recipe_plan_config(cfg)).peak / 2**30
 
 
 def test_shipped_recipes_hold_the_authors_settings():

@@ -314,14 +314,14 @@ def test_bad_runs_fail_with_one_line(tiny_flux, data, tmp_path):
     with pytest.raises(
         UraeError,
         match="CUDA out of memory during training step 3.*checkpointing=on.*"
-        "most effective first: training.checkpointing=cpu training.ff_chunks=4 "
+        "most effective first: training.checkpointing=cpu training.token_chunks=4 "
         "training.blocks_to_swap=57 .*quant=nf4 "
         "optimizer._component_=bitsandbytes.optim.AdamW8bit",
     ):
         with oom_guard(cfg, CPU, "training step 3"):
             raise torch.cuda.OutOfMemoryError("out of memory")
     cfg.quant, cfg.training.checkpointing = "nf4", "cpu"
-    cfg.training.ff_chunks, cfg.training.blocks_to_swap = 4, 4
+    cfg.training.token_chunks, cfg.training.blocks_to_swap = 4, 4
     cfg.optimizer = {"_component_": "bitsandbytes.optim.AdamW8bit"}
     text = oom_advice(cfg, "training step 1", 23.5, 24.0)
     assert "peak 23.5 of 24.0 GiB" in text and "Every memory saving is already on" in text

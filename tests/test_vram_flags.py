@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 from PIL import Image
 
@@ -35,7 +39,7 @@ def test_generate_vram_uses_the_planners_pick(tiny_flux, tmp_path, capsys):
     expected = best_config("generate", 128, 128, 48, ram_gib=20, **fields).best.config
     assert f"planner picks {options(expected)} " in capsys.readouterr().out
     assert Image.open(out).info["quant"] == expected.quant
-    assert main(args + ["--vram", "48", "--ram", "20", "--quant", "nf4", "--ff-chunks", "3"]) == 0  # given: stay
+    assert main(args + ["--vram", "48", "--ram", "20", "--quant", "nf4", "--token-chunks", "3"]) == 0  # given: stay
     assert "--quant nf4 " in capsys.readouterr().out and Image.open(out).info["quant"] == "nf4"
     assert main(args + ["--vram", "48", "--ram", "20", "--blocks-to-swap", "3"]) == 0  # given: stays, and runs
     assert "--blocks-to-swap 3" in capsys.readouterr().out
@@ -64,7 +68,7 @@ def test_generate_vram_too_small_is_one_clear_error(tiny_flux, tmp_path, capsys)
 
 @pytest.mark.parametrize(
     "overrides,fixed,vram",
-    [([], {}, 8.0), (["quant=fp8"], {"quant": "fp8"}, 24.0), (["training.ff_chunks=4"], {"ff_chunks": 4}, 12.0)],
+    [([], {}, 8.0), (["quant=fp8"], {"quant": "fp8"}, 24.0), (["training.token_chunks=4"], {"token_chunks": 4}, 12.0)],
 )
 def test_train_vram_sets_the_memory_settings_and_keeps_the_users(tiny_flux, overrides, fixed, vram):
     """Planned for the recipe's model, whose depth bounds blocks_to_swap (here the tiny one)."""
@@ -88,10 +92,27 @@ def test_train_vram_sets_the_memory_settings_and_keeps_the_users(tiny_flux, over
         **fixed,
     ).best.config
     t = cfg.training
-    assert (cfg.quant, t.checkpointing, t.blocks_to_swap, t.ff_chunks) == (
+    assert (cfg.quant, t.checkpointing, t.blocks_to_swap, t.token_chunks) == (
         pick.quant,
         pick.checkpointing,
         pick.blocks_to_swap,
-        pick.ff_chunks,
+        pick.token_chunks,
     )
     assert all(getattr(pick, k) == v for k, v in fixed.items())
+
+
+PLANNER = ("urae_lite.plan.search", "urae_lite.plan.estimate")
+
+
+def _planner_modules_after_import(module: str) -> list[str]:
+    """The planner modules a clean interpreter holds after importing `module` (and nothing else)."""
+    code = f"import sys, json, {module}; print(json.dumps([m for m in {list(PLANNER)!r} if m in sys.modules]))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_command_modules_do_not_import_the_planner():
+    """`--vram`'s options come from urae_lite.vram_options; the planner is imported only when it runs."""
+    assert _planner_modules_after_import("urae_lite.plan.choose") == list(PLANNER)  # the check sees the planner
+    for module in ("urae_lite.generate", "urae_lite.train.cli"):
+        assert _planner_modules_after_import(module) == [], module

@@ -20,6 +20,12 @@ from torch import nn
 from .quant import QuantizedWeight, kernels_enabled
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype linears and attention compute `x` in: autocast's lower precision where it is on for `x`'s device
+    (both are on autocast's cast-down list), else `x`'s own. Casting to it early changes no value."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
 class LowRankSlice(nn.Module):
     """One adapter's factors in a branch: delta W = scale · B·A with A (r, K), B (N, r)."""
 
@@ -117,13 +123,19 @@ class AdaptedLinear(nn.Module):
         scale = 1.0 if alpha is None else alpha / rank
         return self.add_slice(name, A, B, scale, trainable=True, dtype=dtype)
 
-    def branch(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        """(A (R, K), s⊙B (N, R), n_trainable) with trainable slices first; None without slices."""
+    def branch(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """(A (R, K), s⊙B (N, R), n_trainable) with trainable slices first, each slice cast to `dtype` (if given)
+        before the concatenation; None without slices. Casting first gives the same values, and each trainable
+        factor's gradient is then its own fp32 tensor, not a view that keeps the whole concatenation's gradient."""
         if not self.slices:
             return None
         ordered = sorted(self.slices.values(), key=lambda s: not s.trainable)  # stable: keeps insertion order
-        A = torch.cat([s.A for s in ordered], dim=0)
-        B = torch.cat([s.B * s.scale if s.scale != 1.0 else s.B for s in ordered], dim=1)
+
+        def cast(t: torch.Tensor) -> torch.Tensor:
+            return t if dtype is None else t.to(dtype)
+
+        A = torch.cat([cast(s.A) for s in ordered], dim=0)
+        B = torch.cat([cast(s.B * s.scale if s.scale != 1.0 else s.B) for s in ordered], dim=1)
         n_trainable = sum(s.rank for s in ordered if s.trainable)
         return A, B, n_trainable
 
@@ -136,10 +148,10 @@ class AdaptedLinear(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = compute_dtype(x)
         x = x.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
-        branch = self.branch()
+        branch = self.branch(dtype)
         if kernels_enabled(x):
             from urae_lite import kernels
 

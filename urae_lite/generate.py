@@ -8,15 +8,15 @@ import argparse
 from .component_files import add_component_options
 from .destinations import check_output_file, write_with_fallback
 from .offload import OFFLOAD_MODES
-from .plan.choose import add_vram_options
 from .presets import PRESETS, VAE_TILING_MODES
 from .quant import QUANT_FORMATS
 from .text_encoders import T5_QUANTS
+from .vram_options import add_vram_options
 
 # memory options (PlanConfig fields, `--vram` fills the ones not given) and their defaults; offload's depends on the
 # device and is decided by load_pipeline
-MEMORY_OPTIONS = ("quant", "offload", "t5_quant", "blocks_to_swap", "ff_chunks")
-MEMORY_DEFAULTS = {"quant": "nf4", "t5_quant": "bf16", "blocks_to_swap": 0, "ff_chunks": 1}
+MEMORY_OPTIONS = ("quant", "offload", "t5_quant", "blocks_to_swap", "token_chunks")
+MEMORY_DEFAULTS = {"quant": "nf4", "t5_quant": "bf16", "blocks_to_swap": 0, "token_chunks": 1}
 
 # CLI option -> GenerationSettings field, for the options that override the preset
 SETTING_OPTIONS = (
@@ -112,10 +112,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "time (with --offload model or none): less GPU memory, same image, slower (default: 0, off)",
     )
     p.add_argument(
-        "--ff-chunks",
+        "--token-chunks",
         type=int,
         metavar="N",
-        help="run the blocks' MLPs in N token chunks: less GPU memory at 4K, same image (default: 1, off)",
+        help="run the blocks (all but attention) over N token chunks: less GPU memory at 4K, same image (default 1)",
     )
     p.add_argument("--vae-tiling", choices=VAE_TILING_MODES, help="exact strip-tiled VAE decode")
     p.add_argument("--vae-strip-rows", type=int, help="rows per tiled-decode strip (fewer = less memory)")
@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> None:
             device=args.device,
             offload=args.offload,
             blocks_to_swap=args.blocks_to_swap,
-            ff_chunks=args.ff_chunks,
+            token_chunks=args.token_chunks,
             svd_device=args.svd_device,
             t5_quant=args.t5_quant,
             report=report,

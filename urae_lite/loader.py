@@ -162,9 +162,10 @@ def _in_blocks(name: str, blocks: tuple[str, ...]) -> bool:
 
 
 def park_frozen(layer: AdaptedLinear) -> None:
-    """The layer's frozen tensors (quantized base, bias, frozen slices) to host memory; trainable slices stay."""
+    """The layer's frozen tensors (quantized base, bias, frozen slices) to host memory; trainable slices stay. A
+    bias still to come in the stream (on `meta`) is placed at the host when it arrives."""
     layer.base.to(HOST)
-    if layer.bias is not None:
+    if layer.bias is not None and not layer.bias.is_meta:
         layer.bias = nn.Parameter(layer.bias.data.to(HOST), requires_grad=False)
     for piece in layer.slices.values():
         if not piece.trainable:

@@ -20,7 +20,6 @@ from .block_swap import check_blocks_to_swap, check_swap_offload, enable_block_s
 from .component_files import ComponentFiles, check_fits, pipeline_components
 from .console import library_bars_off
 from .errors import UraeError
-from .ff_chunking import check_ff_chunks, enable_ff_chunking
 from .hires import set_ntk, set_proportional_attention
 from .loader import LoadSpec, read_transformer
 from .minor import MinorSpec
@@ -33,6 +32,7 @@ from .report import RunReport
 from .safetensors_io import file_digest
 from .text_encoders import check_t5_quant, load_t5_nf4
 from .timeshift import static_shift_scheduler
+from .token_chunking import check_token_chunks, enable_token_chunking
 from .vae_tiling import decode as vae_decode
 
 Embeds = tuple[torch.Tensor, torch.Tensor]  # T5 (1, L, 4096), pooled CLIP (1, 768) for FLUX.1
@@ -51,13 +51,13 @@ class UraePipeline:
         defaults: GenerationSettings,
         offload: str,
         blocks_to_swap: int = 0,
-        ff_chunks: int = 1,
+        token_chunks: int = 1,
         progress: bool = True,
     ):
         self.flux = flux
         self.model, self.quant, self.adapters = model, quant, adapters
         self.defaults, self.offload = defaults, offload
-        self.blocks_to_swap, self.ff_chunks = blocks_to_swap, ff_chunks  # for the out-of-memory advice
+        self.blocks_to_swap, self.token_chunks = blocks_to_swap, token_chunks  # for the out-of-memory advice
         self._own_scheduler = flux.scheduler  # the model's own (dynamic shifting for dev); shifted copies per call
         flux.set_progress_bar_config(disable=not progress, desc="denoising")
 
@@ -90,7 +90,7 @@ class UraePipeline:
                     self.quant,
                     report.stages[-1][0],
                     self.blocks_to_swap,
-                    self.ff_chunks,
+                    self.token_chunks,
                     len(execution_blocks(self.transformer)),
                 )
             ) from e
@@ -168,7 +168,7 @@ def oom_advice(
     quant: str,
     stage: str,
     blocks_to_swap: int = 0,
-    ff_chunks: int = 1,
+    token_chunks: int = 1,
     n_blocks: int = 57,
 ) -> str:
     """One line: where memory ran out and the settings that lower it, cheapest first."""
@@ -178,8 +178,8 @@ def oom_advice(
         tips.append(f"--offload {lighter}")
     if stage in ("denoise", "refine", "coarse image") and offload in ("none", "model") and blocks_to_swap < n_blocks:
         tips.append(f"--blocks-to-swap {n_blocks}")
-    if stage in ("denoise", "refine", "coarse image") and ff_chunks < 4:
-        tips.append("--ff-chunks 4")
+    if stage in ("denoise", "refine", "coarse image") and token_chunks < 4:
+        tips.append("--token-chunks 4")
     if quant != "nf4":
         tips.append("--quant nf4")
     if stage == "vae decode":
@@ -206,7 +206,7 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     offload: str | None = None,
     blocks_to_swap: int = 0,
-    ff_chunks: int = 1,
+    token_chunks: int = 1,
     minor: MinorSpec | None = None,
     svd_device: str | None = None,
     t5_quant: str = "bf16",
@@ -225,8 +225,8 @@ def load_pipeline(
     `dtype` to bf16 on CUDA and fp32 on CPU (CPU bf16 convolutions are ~30x slower); `offload` to `model`
     (staged) on CUDA and `none` on CPU. `blocks_to_swap` keeps the last N transformer blocks in host memory and
     streams them through the device one at a time (with offload `model` or `none`; urae_lite.block_swap).
-    `ff_chunks` runs the blocks' MLPs in that many token chunks: the same image with less peak memory at 4K
-    (urae_lite.ff_chunking).
+    `token_chunks` runs the blocks (all but the attention) in that many token chunks: the same image with less peak
+    memory at 4K (urae_lite.token_chunking).
     `minor` attaches a minor-component adapter initialised from the base.
     `t5_quant="nf4"` loads T5-XXL's linears in NF4 (bitsandbytes via transformers): 8.9 -> 3.9 GiB, the largest
     weights on the GPU during text encoding, which otherwise set the 2K peak. `model` may be a single FLUX
@@ -239,7 +239,7 @@ def load_pipeline(
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     offload = check_offload(offload or ("model" if device.type == "cuda" else "none"))
     check_swap_offload(blocks_to_swap, offload)
-    check_ff_chunks(ff_chunks)
+    check_token_chunks(token_chunks)
     # bf16 needs no quantization work, so an offloaded (or block-swapped) bf16 base is built on the CPU instead of
     # passing the GPU
     load_device = torch.device("cpu") if quant == "bf16" and (offload != "none" or blocks_to_swap) else device
@@ -258,8 +258,8 @@ def load_pipeline(
         )
     with report.stage(f"load transformer ({quant})"):
         transformer = read_transformer(files, replace(spec, adapters=resolved))
-        if ff_chunks > 1:  # before any hook: offload hooks keep the forward they wrap
-            enable_ff_chunking(transformer, ff_chunks)
+        if token_chunks > 1:  # before any hook: offload hooks keep the forward they wrap
+            enable_token_chunking(transformer, token_chunks)
         # before the pipeline's `.to()` / offload hooks, which then move only the blocks that are not swapped
         enable_block_swap(transformer, blocks_to_swap, device)
     with report.stage("load text encoders + vae"), library_bars_off():
@@ -280,6 +280,6 @@ def load_pipeline(
         defaults=defaults,
         offload=offload,
         blocks_to_swap=blocks_to_swap,
-        ff_chunks=ff_chunks,
+        token_chunks=token_chunks,
         progress=progress,
     )

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import chunked
 from .arch import FluxArch
+from .chunked import ChunkedCosts, lse_bytes
 from .constants import BF16, FP32
 
 
@@ -153,123 +155,6 @@ def double_backward(p: Precision, m: float, saved: float) -> float:
     return max(recompute, attn)
 
 
-# ---- token-chunked feed-forward (urae_lite/ff_chunking.py) ---------------------------------------------------------
-# With `c` chunks the single blocks run attention first, then per chunk proj_mlp -> GELU -> cat -> proj_out -> gate ->
-# residual; the double blocks' ff / ff_context run per chunk. Without grad the chunks write into one preallocated
-# output; with grad each chunk is a nested non-reentrant checkpoint whose outputs are concatenated. In backward the
-# chunks' input gradients wait at the token slices' backward nodes until the last chunk is done, and a chunk's
-# attention-part gradient is a view of its whole d(cat): every done chunk keeps its d(cat) and d(norm) alive.
-def _single_chunk(p: Precision, m: float, w: float, chunks: int, gelu_input: bool = False) -> float:
-    """One chunk of a single block's MLP + output projection, per T·D of the whole block (`w`: the dense proj_out
-    weight, which is not chunked): proj_mlp and GELU, the cat and its bf16 copy, proj_out (+ bias), the gate.
-    `gelu_input`: the recompute in backward, where GELU keeps its input."""
-    a, n = p.act, p.norm
-    cast = (1 + m) * a if n != a else 0
-    cat = m * a + (1 + m) * n + cast + (m * a if gelu_input else 0)  # GELU output, the cat, its bf16 copy
-    return max(2 * m * a, cat + _out(p), cat + a + w * chunks, m * a + (1 + m) * n + 2 * a) / chunks
-
-
-def _single_held(p: Precision) -> float:
-    """Block input, residual cat and norm output (once the MLP runs after attention, no GELU output yet)."""
-    return 2 * p.act + p.norm
-
-
-def single_inference_chunked(p: Precision, m: float, w: float, chunks: int, grad: bool = False) -> float:
-    """A chunked single block's peak without saved tensors: RoPE of k before any MLP, or a chunk beside the
-    full-size attention output and the growing output (preallocated without grad; with grad the chunk outputs,
-    then their cat)."""
-    a, n = p.act, p.norm
-    held = _single_held(p)
-    rope = held + 2 * n + a + _rope(p)
-    base = held + n  # + the attention output (q's dtype)
-    chunk = _single_chunk(p, m, w, chunks)
-    if not grad:
-        return max(rope, base + a + chunk)
-    return max(rope, base + (chunks - 1) / chunks * a + chunk, base + 2 * a)
-
-
-def _shared(p: Precision) -> float:
-    """Norm output, attention output and residual: the chunks' inputs, kept full-size by their token slices (under
-    autocast they are not what LayerNorm, LoRA and SDPA save; on the reference path they are)."""
-    return 2 * p.norm + p.act if p.norm != p.act else 0
-
-
-def single_saved_chunked(p: Precision, m: float, saved: float, checkpointed: bool) -> float:
-    """What a chunked single block keeps for backward: GELU's input is the inner checkpoints' business; without
-    block checkpointing the chunks' saved inputs keep the norm output, attention output and residual."""
-    return saved - m * p.act + (0 if checkpointed else _shared(p))
-
-
-def single_recompute_chunked(p: Precision, m: float, w: float, chunks: int, saved: float) -> float:
-    """The block checkpoint's recompute in backward (`saved`: the attention's saved tensors), block input
-    included: RoPE once RMSNorm's inputs are kept, or the last chunk it runs (it stops before the last one)."""
-    a, n = p.act, p.norm
-    held = a + _shared(p) - n  # input (+ residual cat and norm output when they are not saved)
-    rope = saved - 4 * a + a + held + 2 * n + a + _rope(p)  # before SDPA; + the output gradient
-    run = saved + a + held + (n if n != a else 0) + max(chunks - 2, 0) / chunks * a + _single_chunk(p, m, w, chunks)
-    return max(rope, run)
-
-
-def single_backward_chunked(p: Precision, m: float, w: float, chunks: int, saved: float) -> float:
-    """A chunked single block's backward after the block recompute (no block input; `saved`: the attention's saved
-    tensors, plus the shared inputs without block checkpointing): the first chunk's recompute with every other
-    chunk's d(cat) and d(norm) waiting; the token slices' backward summing them; SDPA's backward."""
-    a, n = p.act, p.norm
-    cast = (1 + m) * a if n != a else 0
-    waiting = (1 + m) * n + n  # per done chunk (x chunks / chunks)
-    recompute = _single_chunk(p, m, w, chunks, gelu_input=True)
-    # GELU's input and d(cat), with d(cat)'s bf16 copy, or d(MLP part) in bf16 and GELU's gradient
-    backward = (m * a + (1 + m) * n + max(cast, (m * a if n != a else 0) + m * a)) / chunks
-    chunk = a + _shared(p) + (chunks - 1) / chunks * waiting + max(recompute, backward)  # + output gradient
-    slices = waiting + max(3 * a, a + 2 * n)  # every chunk's gradients, summed into full-size ones
-    attention = a + 2 * n + 3 * a + p.sdpa_backward_fp32 * FP32  # d(residual), d(attention), d(norm); dq, dk, dv
-    return saved + max(chunk, slices, attention)
-
-
-def _double_chunk(p: Precision, m: float, w: float, chunks: int) -> float:
-    """One chunk of a double block's FF, per T·D (`w`: the dense first FF weight): Linear D->4D, GELU, Linear."""
-    a, n = p.act, p.norm
-    cast = a if n != a else 0  # autocast's bf16 copy of the fp32 modulated norm
-    return (
-        max(
-            cast + m * a + (m * a if p.bias_copy else 0),
-            cast + m * a + w * chunks,
-            2 * m * a,
-            m * a + _out(p),
-            m * a + a + w * chunks,
-        )
-        / chunks
-    )
-
-
-def double_inference_chunked(p: Precision, m: float, w: float, chunks: int, grad: bool = False) -> float:
-    """A chunked double block without saved tensors: RoPE (unchanged), or an FF chunk beside the inputs, the
-    attention output, gated and summed, the modulated norm and the growing output."""
-    a, n = p.act, p.norm
-    rope = a + n + 2 * n + a + _rope(p)
-    ff = 4 * a + n
-    out = a if not grad else (chunks - 1) / chunks * a
-    return max(rope, ff + out + _double_chunk(p, m, w, chunks), ff + 2 * a)
-
-
-def double_saved_chunked(p: Precision, m: float, saved: float, checkpointed: bool) -> float:
-    """GELU's input moves into the inner checkpoints; without block checkpointing their saved input (the modulated
-    norm, fp32 under autocast) stays."""
-    return saved - m * p.act + (0 if checkpointed or p.norm == p.act else p.norm)
-
-
-def double_backward_chunked(p: Precision, m: float, w: float, chunks: int, saved: float) -> tuple[float, float]:
-    """(recompute, after): the block recompute reaching the FF chunks, and the FF chunks' backward with every done
-    chunk's input gradient waiting, or RMSNorm's backward; `saved` without GELU's input."""
-    a, n = p.act, p.norm
-    shared = n if n != a else 0  # the modulated norm, held by the chunks' token slices
-    recompute = saved + a + n + max(chunks - 2, 0) / chunks * a + _double_chunk(p, m, w, chunks)
-    chunk = max(2 * m * a + _out(p), 3 * m * a) / chunks  # GELU input, its output or gradients
-    after = saved + a + shared + (chunks - 1) / chunks * n + chunk
-    attn = saved - 4 * a + 3 * a + 2 * a + p.rms_backward_fp32 * FP32
-    return recompute, max(after, attn)
-
-
 @dataclass(frozen=True)
 class Tokens:
     """Transformer sequence: packed image tokens (H/16 x W/16) and T5 text tokens, attended together."""
@@ -298,67 +183,62 @@ class _Block:
     backward: float
     recompute: float = 0.0  # checkpointing: the backward moment while the block's forward is recomputed
     checkpointed: float | None = None  # the forward inside a block checkpoint (default: `inference`)
-    after_recompute: float = 0.0  # chunked FF: backward moments once the recompute is over (its input freed)
+    after_recompute: float = 0.0  # token chunks: backward moments once the recompute is over (its input freed)
 
 
 BLOCK_KINDS = ("double", "single")  # FLUX's transformer_blocks and single_transformer_blocks
 
 
 def _blocks(
-    arch: FluxArch, T: int, quant: str, p: Precision, branch_rank: int, chunks: int = 1, checkpointed: bool = True
+    arch: FluxArch,
+    T: int,
+    quant: str,
+    p: Precision,
+    branch_rank: int,
+    chunks: int = 1,
+    checkpointed: bool = True,
+    text: int = 0,
 ) -> dict[str, _Block]:
-    """Per block kind present. `chunks`: the FF token chunks (1: off); `checkpointed`: block checkpointing
-    (training with it on / cpu)."""
+    """Per block kind present. `chunks`: the token chunks (1: off, plan/chunked.py); `checkpointed`: block
+    checkpointing (training with it on / cpu); `text`: the text tokens among the T (the double blocks' text stream
+    runs as one chunk)."""
     D, m = arch.hidden, arch.mlp_ratio
     mlp, frac = int(m * D), branch_rank / D
-    gelu_input = m * p.act
     out = {}
+    if chunks > 1:
+        for kind, count in (("double", arch.n_double), ("single", arch.n_single)):
+            if not count:
+                continue
+            costs = ChunkedCosts(
+                act=p.act,
+                norm=p.norm,
+                rope=_rope(p),
+                out=_out(p),
+                sdpa_backward=p.sdpa_backward_fp32 * FP32,
+                lse=lse_bytes(D // arch.head_dim, D),
+                dense_qkv=_dense(quant, p, D * D, T, D),
+                dense_mlp=_dense(quant, p, (D + mlp) * D if kind == "single" else mlp * D, T, D),
+            )
+            b = chunked.double(costs, m, chunks, text / T) if kind == "double" else chunked.single(costs, m, chunks)
+            if checkpointed:
+                out[kind] = _Block(
+                    count, b.saved, b.inference, b.checkpointed, 0.0, b.recompute, b.checkpointed, b.after_recompute
+                )
+            else:
+                out[kind] = _Block(count, b.saved, b.inference, b.forward, b.backward)
+        return out
     if arch.n_double:
         s = double_saved(p, m, arch.targets_per_block(True), frac)
         w = _dense(quant, p, mlp * D, T, D)
-        if chunks == 1:
-            inf = double_inference(p, m, w)
-            out["double"] = _Block(arch.n_double, s, inf, double_forward(p, s, inf), double_backward(p, m, s))
-        else:
-            inf = double_inference_chunked(p, m, w, chunks)
-            grad = double_inference_chunked(p, m, w, chunks, grad=True)
-            recompute, after = double_backward_chunked(p, m, w, chunks, s - gelu_input)
-            if checkpointed:
-                out["double"] = _Block(
-                    arch.n_double, s - gelu_input, inf, grad, recompute, checkpointed=grad, after_recompute=after
-                )
-            else:
-                sc = double_saved_chunked(p, m, s, checkpointed=False)
-                out["double"] = _Block(arch.n_double, sc, inf, double_forward(p, sc, grad), after + sc - s + gelu_input)
+        inf = double_inference(p, m, w)
+        out["double"] = _Block(arch.n_double, s, inf, double_forward(p, s, inf), double_backward(p, m, s))
     if arch.n_single:
         s = single_saved(p, m, arch.targets_per_block(False), frac)
         w = _dense(quant, p, (D + mlp) * D, T, D)
-        if chunks == 1:
-            inf = single_inference(p, m, w)
-            out["single"] = _Block(
-                arch.n_single, s, inf, single_forward(p, m, s, inf), single_backward(p, m, s), single_recompute(p, m, s)
-            )
-        else:
-            attention = s - gelu_input  # what the block checkpoint's recompute saves
-            inf = single_inference_chunked(p, m, w, chunks)
-            grad = single_inference_chunked(p, m, w, chunks, grad=True)
-            backward = single_backward_chunked(p, m, w, chunks, attention)
-            if checkpointed:
-                out["single"] = _Block(
-                    arch.n_single,
-                    attention,
-                    inf,
-                    grad,
-                    0.0,
-                    single_recompute_chunked(p, m, w, chunks, attention),
-                    grad,
-                    backward,
-                )
-            else:
-                sc = single_saved_chunked(p, m, s, checkpointed=False)
-                chunk = sc + p.act + (chunks - 1) / chunks * p.act + _single_chunk(p, m, w, chunks)
-                forward = max(sc, grad + 2 * p.rms_saved, chunk)
-                out["single"] = _Block(arch.n_single, sc, inf, forward, backward)
+        inf = single_inference(p, m, w)
+        out["single"] = _Block(
+            arch.n_single, s, inf, single_forward(p, m, s, inf), single_backward(p, m, s), single_recompute(p, m, s)
+        )
     return out
 
 
@@ -371,9 +251,9 @@ def inference_bytes(
     arch: FluxArch, tok: Tokens, quant: str, p: Precision, chunks: int = 1, kind: str | None = None
 ) -> int:
     """Peak activation bytes of one transformer forward without grad (the caller's inputs not included);
-    `chunks`: the FF token chunks (1: off); `kind`: only while blocks of this kind run (BLOCK_KINDS)."""
+    `chunks`: the token chunks (1: off; plan/chunked.py); `kind`: only while blocks of this kind run (BLOCK_KINDS)."""
     T = tok.total
-    peak = max(b.inference for b in _of_kind(_blocks(arch, T, quant, p, 0, chunks), kind))
+    peak = max(b.inference for b in _of_kind(_blocks(arch, T, quant, p, 0, chunks, text=tok.text), kind))
     return int(peak * T * arch.hidden + rope_tables(arch, tok))
 
 
@@ -412,13 +292,14 @@ def training_bytes(
 
     checkpointing: `off` (autograd keeps every block's saved tensors), `on` (only block inputs are kept; a block is
     recomputed in backward), `cpu` (block inputs go to pinned host memory: two blocks' worth on the device).
-    `chunks`: the FF token chunks (1: off). `every`: only every `every`-th block input is kept; backward runs the
-    blocks between forward again, without grad, from the last kept one. `kind`: the peaks while blocks of this
-    kind run (what is kept is all blocks'); block swap holds a different window of weights for each.
+    `chunks`: the token chunks (1: off; plan/chunked.py). `every`: only every `every`-th block input is kept;
+    backward runs the blocks between forward again, without grad, from the last kept one. `kind`: the peaks while
+    blocks of this kind run (what is kept is all blocks'); block swap holds a different window of weights for
+    each.
     """
     T, D, a = tok.total, arch.hidden, p.act
     TD = T * D
-    every_block = _blocks(arch, T, quant, p, branch_rank, chunks, checkpointed=checkpointing != "off")
+    every_block = _blocks(arch, T, quant, p, branch_rank, chunks, checkpointing != "off", tok.text)
     blocks = _of_kind(every_block, kind)
     rope = rope_tables(arch, tok)
     # the prediction and norm_out's saved input (LayerNorm over the image tokens before proj_out), kept until backward
@@ -434,7 +315,12 @@ def training_bytes(
         # recomputed in backward); with `every` >= 3 the next block's recomputed input waits beside it
         own = a if on and every > 1 else 0
         ready = a if on and every > 2 else 0
-        forward = kept + max((b.inference if b.checkpointed is None else b.checkpointed) - a + own for b in blocks) * TD
+        # the running block's input is one of `kept` (`on`); with `cpu` it is the only one on the device in the
+        # forward (save_on_cpu moves each input to host memory as the checkpoint saves it)
+        running = kept if on else a * TD
+        forward = (
+            running + max((b.inference if b.checkpointed is None else b.checkpointed) - a + own for b in blocks) * TD
+        )
         backward = kept + max(max(b.backward, b.recompute - a + own) + ready for b in blocks) * TD
         if chunks > 1:  # after a block's recompute its input is gone from the device, unless kept there (`on`)
             after = max(b.after_recompute for b in blocks) + ready

@@ -137,16 +137,12 @@ class FluxArch:
 
         return self._cached(("flops", image, text), compute)
 
-    def mlp_flops(self, image: int, text: int) -> float:
-        """FLOPs of the per-token MLP regions (double blocks' ff / ff_context, single blocks' proj_mlp and
-        proj_out): what token-chunked feed-forward recomputes once more in a training step."""
-        total = 0.0
-        for l in self.linears:
-            if l.name.startswith("transformer_blocks.") and (".ff." in l.name or ".ff_context." in l.name):
-                total += 2.0 * l.numel * (text if "ff_context" in l.name else image)
-            elif l.name.startswith("single_transformer_blocks.") and (".proj_mlp" in l.name or ".proj_out" in l.name):
-                total += 2.0 * l.numel * (image + text)
-        return total
+    def token_flops(self, image: int, text: int) -> float:
+        """GEMM FLOPs of the blocks' per-token parts (every block linear but the adaLN modulation, which sees one
+        conditioning vector): what token chunking runs once more in a training step (token_chunking.py)."""
+        attention = 4.0 * (image + text) ** 2 * self.hidden * self.n_blocks
+        modulation = sum(2.0 * l.numel for l in self.linears if ".norm" in l.name)
+        return sum(self.block_flops(image, text).values()) - attention - modulation
 
     def targets_per_block(self, double: bool) -> int:
         prefix = "transformer_blocks.0." if double else "single_transformer_blocks.0."

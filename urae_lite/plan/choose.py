@@ -20,29 +20,6 @@ if TYPE_CHECKING:
 HOST_SHARE = 0.75  # of this machine's RAM, for offloaded weights, swapped blocks and checkpoints: the rest runs the OS
 
 
-def add_vram_options(parser, task: str) -> None:
-    """`--vram` and `--ram` of `generate` / `train`, naming the settings the planner fills as the command spells
-    them."""
-    from .recipe import RECIPE_KEYS
-
-    keys = {field: key for key, field in RECIPE_KEYS.items()}
-    names = [f"--{f.replace('_', '-')}" if task == "generate" else keys[f] for f in SEARCHED[task]]
-    parser.add_argument(
-        "--vram",
-        type=float,
-        metavar="GIB",
-        help=f"pick the fastest {', '.join(names)} that fit "
-        f"this many GiB (the `urae-lite plan` estimate); the ones you set stay",
-    )
-    parser.add_argument(
-        "--ram",
-        type=float,
-        metavar="GIB",
-        help="with --vram: host memory the plan may use for "
-        "offloaded weights, swapped blocks and checkpoints (default: 3/4 of this machine's)",
-    )
-
-
 def this_machine_ram_gib() -> float:
     """The host memory `--vram` may plan with when `--ram` is not given."""
     return psutil.virtual_memory().total * HOST_SHARE / C.GiB

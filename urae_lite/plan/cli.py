@@ -29,7 +29,7 @@ FIXABLE = (
     "optimizer",
     "steps",
     "blocks_to_swap",
-    "ff_chunks",
+    "token_chunks",
 )
 SHOWN = 5  # candidates listed with --vram
 
@@ -85,7 +85,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "weights from pinned host memory (default 0; generate: with offload model or none; train: with "
         "checkpointing)",
     )
-    p.add_argument("--ff-chunks", type=int, metavar="N", help="run the per-token MLPs in N token chunks (default 1)")
+    p.add_argument(
+        "--token-chunks",
+        type=int,
+        metavar="N",
+        help="run the blocks (all but the attention) over N token chunks (default 1)",
+    )
     p.add_argument(
         "--no-validation",
         dest="validation",

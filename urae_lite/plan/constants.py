@@ -87,4 +87,4 @@ QUANT_SLOWDOWN = {"bf16": 1.00, "fp8": 1.03, "nf4": 1.06}
 GROUP_OVERHEAD_PER_BLOCK = 2e-4  # one onload per block group, overlapped transfer on a side stream
 SEQUENTIAL_OVERHEAD_PER_LAYER = 4e-4  # blocking host->device copy + hook per leaf module
 SWAP_OVERHEAD_PER_BLOCK = 1e-4  # block swap: one hook, an event wait and a release per swapped block per pass
-FF_CHUNK_OVERHEAD = 2e-5  # token-chunked FF: per chunk per block and pass (launches, slicing, the output copy)
+TOKEN_CHUNK_OVERHEAD = 2e-5  # token-chunked blocks: per chunk per block and pass (launches, slicing, the output copy)

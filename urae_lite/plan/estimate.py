@@ -26,7 +26,7 @@ from .activations import (
     training_bytes,
 )
 from .arch import FluxArch, clip_params, flux_arch, image_tokens, t5_params, vae_params
-from .swap import SwapSplit, split, swapped_blocks
+from .swap import Placement, SwapLayout
 
 TASKS = ("generate", "train")
 CHECKPOINTING = ("on", "off", "cpu")  # urae_lite/train/config.py training.checkpointing
@@ -56,7 +56,7 @@ class PlanConfig:
     validation: bool = True  # train: the recipes sample validation images at the training size
     steps: int = 28  # generate: denoising steps (speed model only)
     blocks_to_swap: int = 0  # the last N blocks' frozen weights stream from pinned host memory (block_swap.py)
-    ff_chunks: int = 1  # per-token MLPs run in this many token chunks (ff_chunking.py)
+    token_chunks: int = 1  # per-token MLPs run in this many token chunks (token_chunking.py)
     checkpoint_every: int = 1  # train: only every k-th checkpointed block input is kept (train/checkpoint_segments.py)
     backend: str = "cuda"  # cpu: the PyTorch reference path, for checking the model against measurement
     transformer_config: dict | None = field(default=None, compare=False)  # default: FLUX.1 of `variant`
@@ -87,7 +87,7 @@ class PlanConfig:
     def summary(self) -> str:
         head = f"{self.task} {self.width}x{self.height}, FLUX.1-{self.variant}, {self.quant} base"
         memory = (f", {self.blocks_to_swap} blocks swapped" if self.blocks_to_swap else "") + (
-            f", FF in {self.ff_chunks} chunks" if self.ff_chunks > 1 else ""
+            f", {self.token_chunks} token chunks" if self.token_chunks > 1 else ""
         )
         if self.task == "generate":
             return (
@@ -206,8 +206,8 @@ def check(cfg: PlanConfig) -> None:
         raise UraeError(f"unknown adapter '{cfg.adapter}': use one of {', '.join(ADAPTERS)}")
     if cfg.rank is not None and cfg.rank < 1:
         raise UraeError(f"rank must be at least 1, got {cfg.rank}")
-    if cfg.ff_chunks < 1:
-        raise UraeError(f"ff_chunks must be at least 1 (1 = off), got {cfg.ff_chunks}")
+    if cfg.token_chunks < 1:
+        raise UraeError(f"token_chunks must be at least 1 (1 = off), got {cfg.token_chunks}")
     if cfg.checkpoint_every < 1:
         raise UraeError(f"checkpoint_every must be at least 1 (1 = keep every block input), got {cfg.checkpoint_every}")
     if cfg.checkpoint_every > 1 and cfg.task == "train" and cfg.checkpointing == "off":
@@ -222,14 +222,6 @@ def check(cfg: PlanConfig) -> None:
         )
     if cfg.blocks_to_swap and cfg.task == "train" and cfg.checkpointing == "off":
         raise UraeError("block swap in training needs gradient checkpointing: set checkpointing on or cpu")
-
-
-def swap_splits(cfg: PlanConfig, arch: FluxArch, frozen_rank: int) -> tuple[SwapSplit, SwapSplit]:
-    """(quantized block weights, frozen adapter factors in bf16) on the device and in host memory."""
-    swapped = swapped_blocks(arch, cfg.blocks_to_swap)
-    weights = split(arch.block_weight_bytes(cfg.quant), swapped)
-    adapter_bytes = {k: v * C.BF16 for k, v in arch.block_adapter_params(frozen_rank).items()}
-    return weights, split(adapter_bytes, swapped)
 
 
 # ---- shared pieces -----------------------------------------------------------------------------------------------
@@ -273,6 +265,7 @@ ROW_ORDER = (
     "gradients",
     "optimizer states",
     "dequantization buffer",
+    "training batch",
     "activations",
 )
 
@@ -327,20 +320,24 @@ def _generate(cfg: PlanConfig, vram_gib: float | None) -> Estimate:
     }[mode]  # one AdaptedLinear at a time
     share = {"none": 1.0, "model": 1.0, "group": 2 / arch.n_blocks, "sequential": 0.0}[mode]
     adapters = arch.adapter_params(cfg.adapter_rank) * C.BF16 * share
-    swapped_host = 0
-    if cfg.blocks_to_swap:  # the transformer is placed by the block swap, outside the model-offload hooks
-        w, a = swap_splits(cfg, arch, cfg.adapter_rank)
-        weights, adapters, swapped_host = arch.other_params * C.BF16 + w.device, a.device, w.host + a.host
     transformer = {f"transformer weights ({cfg.quant})": weights, f"adapters (rank {cfg.adapter_rank})": adapters}
+    prec = _precision(cfg, autocast=False)
+    denoise, idle, swapped_host = inference_bytes(arch, tok, cfg.quant, prec, cfg.token_chunks), transformer, 0
+    parked = arch.weight_bytes(cfg.quant)  # what the offload hooks keep in host memory between its turns
+    if cfg.blocks_to_swap:  # the window at the denoising peak; `idle`: what the last step leaves (plan/swap.py)
+        swap = SwapLayout.of(arch, cfg.quant, cfg.blocks_to_swap, cfg.adapter_rank)
+        ((windows, left),) = swap.rounds("inference")
+        peak = swap.peak(windows, lambda kind: inference_bytes(arch, tok, cfg.quant, prec, cfg.token_chunks, kind))
+        transformer, idle = (dict(zip(transformer, (p.weights, p.adapters))) for p in (peak, swap.held(left)))
+        denoise, swapped_host = peak.activations, swap.host
+        parked = swapped_host + swap.held(frozenset()).total  # the pinned copies + the resident part moved there
     text = {f"text encoders (T5-XXL {cfg.t5_quant} + CLIP)": _text_encoder_weights(mode, cfg.t5_quant)}
     vae = {"VAE": vae_params() * C.BF16}
-    # `none`: everything stays on the device; with block swap the transformer's resident part stays throughout
-    resident = {**transformer, **text} if mode == "none" else transformer if cfg.blocks_to_swap else {}
+    # `none`: everything stays on the device; `model` moves a block-swapped transformer off too (its window emptied)
+    resident = {**idle, **text} if mode == "none" else {}
     always = vae if mode in ("none", "group") else {}  # group offloading excludes the VAE: it stays on the device
     dequant = {"dequantization buffer": _dequant_buffer(cfg, arch)}  # allocated on the first step, then held
-    denoise = inference_bytes(arch, tok, cfg.quant, _precision(cfg, autocast=False), cfg.ff_chunks) + _denoise_io(
-        arch, tok
-    )
+    denoise += _denoise_io(arch, tok)
     phases = {
         "text encoding": {**resident, **text, **always, "activations": _t5_activations(tok.text)},
         "denoising": {**resident, **transformer, **always, **dequant, "activations": denoise},
@@ -352,8 +349,7 @@ def _generate(cfg: PlanConfig, vram_gib: float | None) -> Estimate:
     notes = [note] if note else []
     host = swapped_host
     if mode != "none":  # every component waits in host memory between its turns
-        transformer_host = swapped_host if cfg.blocks_to_swap else arch.weight_bytes(cfg.quant)
-        host = transformer_host + _text_encoder_weights("none", cfg.t5_quant) + vae_params() * C.BF16
+        host = parked + _text_encoder_weights("none", cfg.t5_quant) + vae_params() * C.BF16
         notes.append(
             f"offload {mode}: {host / C.GiB:.1f} GiB of weights wait in host memory"
             + (" (pinned)" if mode == "group" else "")
@@ -382,51 +378,62 @@ def _resolve_tiling(cfg: PlanConfig, other_phases: int, held: int, vram_gib: flo
 
 
 # ---- train -------------------------------------------------------------------------------------------------------
+def _training_batch(arch: FluxArch, tok: Tokens) -> int:
+    """One cached sample on the device (train/samples.py): fp32 noisy latents and target, the bf16 T5 and pooled
+    CLIP embeddings, fp32 position ids."""
+    ids = (tok.image + tok.text) * 3 * C.FP32
+    return tok.image * arch.in_channels * 2 * C.FP32 + (tok.text * arch.joint_dim + C.CLIP_WIDTH) * C.BF16 + ids
+
+
 def _train(cfg: PlanConfig) -> Estimate:
     arch, tok = cfg.arch(), cfg.tokens()
     r = cfg.adapter_rank
     trainable = arch.adapter_params(r)
     frozen_rank = BASE_ADAPTER_RANK + r if cfg.adapter_kind == "minor" else 0  # the 2K LoRA + the residual slice
-    # fp32 masters of the trained factors (urae_lite/train/model.py) + the frozen slices in bf16
-    adapters = trainable * C.FP32 + arch.adapter_params(frozen_rank) * C.BF16
     # each forward concatenates and casts every branch to bf16; autograd keeps the copies unless blocks recompute
     casts = arch.adapter_params(r + frozen_rank) * C.BF16 if cfg.checkpointing == "off" else 0
     states = trainable * C.PRODIGY_STATES * C.FP32 if cfg.optimizer == "prodigy" else int(trainable * C.ADAMW8BIT_BYTES)
-    acts = training_bytes(
-        arch,
-        tok,
-        cfg.quant,
-        _precision(cfg, autocast=True),
-        cfg.checkpointing,
-        r + frozen_rank,
-        cfg.ff_chunks,
-        cfg.checkpoint_every,
-    )
-    name = f"adapters ({cfg.adapter_kind} rank {r})"
-    weights, swapped_host = arch.weight_bytes(cfg.quant), 0
-    if cfg.blocks_to_swap:  # frozen weights and frozen slices stream; the trained fp32 masters stay
-        w, a = swap_splits(cfg, arch, frozen_rank)
-        weights, swapped_host = arch.other_params * C.BF16 + w.device, w.host + a.host
-        adapters = trainable * C.FP32 + a.device
-    held = {
-        f"transformer weights ({cfg.quant})": weights,
-        name: adapters,
-        f"optimizer states ({cfg.optimizer})": states,
-        "dequantization buffer": _dequant_buffer(cfg, arch),
+    prec = _precision(cfg, autocast=True)
+    # frozen weights and frozen slices stream through the window (none swapped: all resident); a validation's
+    # first step starts from what the backward left, later ones from what a step leaves
+    swap = SwapLayout.of(arch, cfg.quant, cfg.blocks_to_swap, frozen_rank)
+    rounds = swap.rounds("forward", "backward", *(("inference",) * 2 if cfg.validation else ()))
+    acts = {  # per block kind: the peaks while blocks of that kind run (the window differs)
+        kind: training_bytes(
+            arch, tok, cfg.quant, prec, cfg.checkpointing, r + frozen_rank, cfg.token_chunks, cfg.checkpoint_every, kind
+        )
+        for kind in swap.kinds
     }
+    name = f"adapters ({cfg.adapter_kind} rank {r})"
+
+    def held(p: Placement, extra: int = 0) -> dict[str, int]:
+        """The step's device parts beside the transformer's bytes `p` (`extra`: the adapter casts): fp32 masters
+        of the trained factors (urae_lite/train/model.py) beside the frozen slices in bf16, optimizer states, the
+        kernels' buffer."""
+        return {
+            f"transformer weights ({cfg.quant})": p.weights,
+            name: trainable * C.FP32 + p.adapters + extra,
+            f"optimizer states ({cfg.optimizer})": states,
+            "dequantization buffer": _dequant_buffer(cfg, arch),
+            "activations": p.activations,
+        }
+
+    batch = {"training batch": _training_batch(arch, tok)}
     grads = {"gradients (fp32)": trainable * C.FP32}
     phases = {
-        "forward": {**held, name: adapters + casts, "activations": acts.forward_peak},
-        "backward": {**held, name: adapters + casts, **grads, "activations": acts.backward_peak},
-        "optimizer step": {**held, **grads},
+        "forward": {**held(swap.peak(rounds[0][0], lambda kind: acts[kind].forward_peak), casts), **batch},
+        "backward": {**held(swap.peak(rounds[1][0], lambda kind: acts[kind].backward_peak), casts), **grads, **batch},
+        "optimizer step": {**held(swap.held(rounds[1][1])), **grads, **batch},
     }
     notes = []
     if cfg.validation:  # the recipes' validation images: the trained model samples in place, then a tiled decode
-        sample = inference_bytes(arch, tok, cfg.quant, _precision(cfg, autocast=True), cfg.ff_chunks) + _denoise_io(
-            arch, tok
-        )
-        phases["validation"] = {**held, "activations": sample}
-        phases["val. decode"] = {**held, "VAE": vae_params() * C.BF16, "activations": _vae_decode(cfg, tiled=True)}
+
+        def sample(kind: str) -> int:
+            return inference_bytes(arch, tok, cfg.quant, prec, cfg.token_chunks, kind) + _denoise_io(arch, tok)
+
+        phases["validation"] = held(max((swap.peak(w, sample) for w, _ in rounds[2:]), key=lambda p: p.total))
+        decode = swap.held(rounds[-1][1], _vae_decode(cfg, tiled=True))
+        phases["val. decode"] = {**held(decode), "VAE": vae_params() * C.BF16}
         notes.append(
             "validation samples at the training size under autocast: lower validation.size (or "
             "validation.every=0) when it sets the peak"
@@ -435,8 +442,8 @@ def _train(cfg: PlanConfig) -> Estimate:
     inputs_host = kept_inputs * tok.total * arch.hidden * C.BF16 if cfg.checkpointing == "cpu" else 0
     if inputs_host:
         notes.append(f"checkpointing cpu: {inputs_host / C.GiB:.1f} GiB of block inputs in pinned host memory")
-    if swapped_host:
+    if swap.host:
         notes.append(
-            f"block swap: {cfg.blocks_to_swap} blocks ({swapped_host / C.GiB:.1f} GiB) stream from pinned host memory"
+            f"block swap: {cfg.blocks_to_swap} blocks ({swap.host / C.GiB:.1f} GiB) stream from pinned host memory"
         )
-    return _build(cfg, phases, notes, inputs_host + swapped_host)
+    return _build(cfg, phases, notes, inputs_host + swap.host)

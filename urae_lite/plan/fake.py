@@ -207,7 +207,7 @@ TRAIN_RECIPES = {2048: "train_2k_lora.yaml", 4096: "train_4k_minor.yaml"}
 
 def train_recipe(size: int, quant: str, overrides: tuple[str, ...] = ()):
     """The recipe of `size` (2K LoRA below 4096², else 4K minor) with its checkpointing, at `quant`; `overrides`:
-    more `key=value` recipe overrides (training.ff_chunks=4, training.blocks_to_swap=40, ...)."""
+    more `key=value` recipe overrides (training.token_chunks=4, training.blocks_to_swap=40, ...)."""
     from pathlib import Path
 
     from ..train.config import load_recipe

@@ -15,6 +15,10 @@ harness wraps calls from the outside, only while it measures.
 * RMSNorm. On CUDA `torch.rms_norm` with matching input and weight dtypes is one fused kernel
   (`aten::_fused_rms_norm`: the output and a per-row rstd; backward keeps the input and rstd). On CPU the same
   call decomposes into pow / mean / rsqrt / mul with fp32 temporaries and other saved tensors.
+* Flash attention's backward. CUDA's flash-attention 2 backward accumulates dq in an fp32 buffer the size of q
+  (`dq_accum`), allocated when the output's gradient arrives and freed with the kernel; the CPU flash kernel has
+  none. While measuring, SDPA calls that will run a backward get that buffer from the moment the output's gradient
+  arrives until q's gradient is out (`_flash_dq_accumulator`).
 * Dequantization workspace. The kernels (urae_lite.kernels.autograd) keep one buffer per device, grown to the
   largest quantized layer and held from the first call on; traced calls (fake tensors) get a fresh buffer per
   call instead, so that a fake buffer never reaches a real call. While measuring, fake calls use the held buffer
@@ -107,6 +111,22 @@ def _native_promotion(op):
     return run
 
 
+def _flash_dq_accumulator(sdpa):
+    """`F.scaled_dot_product_attention` plus CUDA flash attention's fp32 dq accumulator during its backward. The
+    hooks capture q's shape only: a reference to q would keep it alive where checkpointing frees it."""
+
+    @functools.wraps(sdpa)
+    def run(query, key, value, *args, **kwargs):
+        out = sdpa(query, key, value, *args, **kwargs)
+        if torch.is_grad_enabled() and out.requires_grad and query.requires_grad:
+            shape, device, held = query.shape, query.device, []
+            out.register_hook(lambda grad: held.append(torch.empty(shape, dtype=torch.float32, device=device)))
+            query.register_hook(lambda grad: held.clear())
+        return out
+
+    return run
+
+
 class _FusedRMSNorm(torch.autograd.Function):
     """`aten::_fused_rms_norm` as its CUDA kernel allocates: the output and rstd (fp32, one per row); backward
     keeps the input, the weight and rstd, and returns the input and weight gradients."""
@@ -156,16 +176,18 @@ class _RefuseUnemulated(TorchFunctionMode):
 
 @contextlib.contextmanager
 def cuda_autocast_policy() -> Iterator[None]:
-    """The norms, cat and stack as CUDA runs them. The functions are replaced where the code looks them up per
-    call (torch.nn.functional's and torch's attributes), not in a TorchFunctionMode: torch runs a mode's calls
-    with the mode off, so `loss.backward()` would recompute checkpointed blocks without it."""
+    """The norms, cat, stack and SDPA's backward as CUDA runs them. The functions are replaced where the code looks
+    them up per call (torch.nn.functional's and torch's attributes), not in a TorchFunctionMode: torch runs a mode's
+    calls with the mode off, so `loss.backward()` would recompute checkpointed blocks without it."""
     real = {(F, name): getattr(F, name) for name in ("layer_norm", "group_norm", "rms_norm")}
     real |= {(torch, name): getattr(torch, name) for name in ("cat", "stack")}
+    real[F, "scaled_dot_product_attention"] = F.scaled_dot_product_attention
     F.layer_norm = _fp32_under_autocast(real[F, "layer_norm"])
     F.group_norm = _fp32_under_autocast(real[F, "group_norm"])
     F.rms_norm = _fused_rms_norm(real[F, "rms_norm"])
     torch.cat = _native_promotion(real[torch, "cat"])
     torch.stack = _native_promotion(real[torch, "stack"])
+    F.scaled_dot_product_attention = _flash_dq_accumulator(real[F, "scaled_dot_product_attention"])
     try:
         with _RefuseUnemulated():
             yield

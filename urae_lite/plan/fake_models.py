@@ -207,13 +207,13 @@ def fake_pipeline(
     quant: str,
     rank: int,
     config: dict | None = None,
-    ff_chunks: int = 1,
+    token_chunks: int = 1,
     blocks_to_swap: int = 0,
     t5_quant: str = "bf16",
 ):
     """`UraePipeline` around a fake full-size FLUX.1-dev (transformer, T5-XXL, CLIP-L, VAE); tokenizers and
     scheduler from the tiny offline model. `config`: another transformer config (fewer blocks, for fast checks).
-    `ff_chunks` and `blocks_to_swap` are applied with the real mechanisms, in `load_pipeline`'s order (the swapped
+    `token_chunks` and `blocks_to_swap` are applied with the real mechanisms, in `load_pipeline`'s order (the swapped
     blocks' host copies: `host_storages`); `t5_quant="nf4"`: T5's linears as `load_t5_nf4` makes them. Call inside
     `fake_mode()`."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
@@ -227,7 +227,7 @@ def fake_pipeline(
     tiny = tiny_flux_path()
     transformer = fake_transformer(config or flux_dev_config(), quant)
     fake_frozen_lora(transformer, "urae", rank)
-    apply_memory_options(transformer, ff_chunks, blocks_to_swap)
+    apply_memory_options(transformer, token_chunks, blocks_to_swap)
     clip_cfg, t5_cfg = text_encoder_configs()
     with unset_fake_temporarily():
         parts = {
@@ -256,7 +256,7 @@ def fake_pipeline(
 
 def fake_training_model(cfg, config: dict | None = None) -> nn.Module:
     """The model `build_model` makes for `cfg` (the minor recipe's SVD replaced by slices of the same shapes), its
-    FF chunking, checkpoint segments and block swap included. `config`: another transformer config."""
+    token chunking, checkpoint segments and block swap included. `config`: another transformer config."""
     from ..block_swap import enable_block_swap
     from ..flux_configs import flux_dev_config
     from ..train.model import prepare_for_training
@@ -270,14 +270,14 @@ def fake_training_model(cfg, config: dict | None = None) -> nn.Module:
     return model
 
 
-def apply_memory_options(transformer: nn.Module, ff_chunks: int, blocks_to_swap: int) -> None:
-    """FF chunking, then block swap, as `load_pipeline` applies them (fake CPU tensors stand for the device, so
+def apply_memory_options(transformer: nn.Module, token_chunks: int, blocks_to_swap: int) -> None:
+    """Token chunking, then block swap, as `load_pipeline` applies them (fake CPU tensors stand for the device, so
     the swap's "device" is the CPU; its host copies are told apart by `host_storages`)."""
     from ..block_swap import enable_block_swap
-    from ..ff_chunking import enable_ff_chunking
+    from ..token_chunking import enable_token_chunking
 
-    if ff_chunks > 1:
-        enable_ff_chunking(transformer, ff_chunks)
+    if token_chunks > 1:
+        enable_token_chunking(transformer, token_chunks)
     with _already_placed(transformer):
         enable_block_swap(transformer, blocks_to_swap, "cpu")
 

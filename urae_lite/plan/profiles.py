@@ -82,13 +82,19 @@ def profile_settings(task: str, pick: PlanConfig) -> dict:
     return dict(override.split("=", 1) for override in recipe_overrides(fields))
 
 
-def computed_profiles(job: Job) -> dict[int, dict | str]:
-    """Card GiB -> the settings the planner picks, or the one-line reason nothing fits."""
-    out: dict[int, dict | str] = {}
-    for card in CARDS_GIB:
-        result = job.plan(card)
-        out[card] = profile_settings(job.task, result.best.config) if result.best else result.impossible()
-    return out
+def card_plans(job: Job) -> dict[int, PlanResult]:
+    """Card GiB -> the planner's search for the job on that card: one search each, shared by the profile settings
+    and the peaks `render` comments them with."""
+    return {card: job.plan(card) for card in CARDS_GIB}
+
+
+def computed_profiles(job: Job, plans: dict[int, PlanResult] | None = None) -> dict[int, dict | str]:
+    """Card GiB -> the settings the planner picks, or the one-line reason nothing fits (`plans`: card_plans(job))."""
+    plans = card_plans(job) if plans is None else plans
+    return {
+        card: profile_settings(job.task, result.best.config) if result.best else result.impossible()
+        for card, result in plans.items()
+    }
 
 
 def shipped_profiles(job: Job) -> dict[int, dict]:
@@ -97,17 +103,18 @@ def shipped_profiles(job: Job) -> dict[int, dict]:
     return profiles(read_yaml(job.file, "profiles"), str(job.file))
 
 
-def render(job: Job, computed: dict[int, dict | str]) -> str:
-    """The `profiles:` section in YAML, with the planner's peak for each card as a comment."""
+def render(job: Job, plans: dict[int, PlanResult]) -> str:
+    """The `profiles:` section in YAML for `plans` (card_plans(job)), with the planner's peak for each card as a
+    comment."""
     lines = [
         f"{PROFILES_KEY}:  # --vram N: the planner's fastest plan for N GiB with {HOST_RAM_GIB} GiB of host "
         f"memory (python -m urae_lite.plan.profiles)"
     ]
-    for card, settings in computed.items():
+    for card, settings in computed_profiles(job, plans).items():
         if isinstance(settings, str):
             lines.append(f"  # {card}: none fits: {settings}")
             continue
-        best = job.plan(card).best
+        best = plans[card].best
         body = ", ".join(f"{k}: {_yaml_value(v)}" for k, v in settings.items())
         lines.append(
             f"  {card}: {{{body}}}  # peak {best.peak / 2**30:.1f} GiB, host {best.estimate.host / 2**30:.1f} GiB"
@@ -125,7 +132,7 @@ def write(job: Job) -> None:
 
     text = job.file.read_text()
     head = text.split(f"\n{PROFILES_KEY}:", 1)[0].rstrip("\n")
-    atomic_write_text(job.file, f"{head}\n\n{render(job, computed_profiles(job))}")
+    atomic_write_text(job.file, f"{head}\n\n{render(job, card_plans(job))}")
 
 
 def stale(job: Job) -> list[str]:

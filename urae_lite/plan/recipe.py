@@ -23,7 +23,7 @@ RECIPE_KEYS = {
     "adapter.rank": "rank",
     "training.checkpointing": "checkpointing",
     "training.blocks_to_swap": "blocks_to_swap",
-    "training.ff_chunks": "ff_chunks",
+    "training.token_chunks": "token_chunks",
     "training.checkpoint_every": "checkpoint_every",
     "optimizer._component_": "optimizer",
 }
@@ -51,7 +51,7 @@ def plan_fields(cfg: TrainConfig) -> dict:
         "rank": cfg.adapter.rank,
         "checkpointing": cfg.training.checkpointing,
         "blocks_to_swap": cfg.training.blocks_to_swap,
-        "ff_chunks": cfg.training.ff_chunks,
+        "token_chunks": cfg.training.token_chunks,
         "checkpoint_every": cfg.training.checkpoint_every,
         "optimizer": planner_optimizer(str(cfg.optimizer["_component_"])),
         "validation": bool(cfg.validation.every and cfg.validation.prompts),

@@ -40,8 +40,8 @@ def segment_waits(n_blocks: int, every: int) -> int:
 
 
 def _memory_options_seconds(cfg: PlanConfig, arch: FluxArch, block_seconds: dict[str, float]) -> float:
-    """What block swap and FF chunking add to a step: copies the compute does not hide, per-block hooks, and in
-    training the chunked MLPs' second recompute."""
+    """What block swap and token chunking add to a step: copies the compute does not hide, per-block hooks, and
+    in training the chunked passes' second recompute of the blocks' per-token parts."""
     train = cfg.task == "train"
     passes = (1.0, 3.0) if train else (1.0,)  # training: the checkpointed forward, then recompute + backward
     extra = 0.0
@@ -53,11 +53,11 @@ def _memory_options_seconds(cfg: PlanConfig, arch: FluxArch, block_seconds: dict
             arch, cfg.quant, frozen_rank, cfg.blocks_to_swap, C.REF_PCIE_PINNED, block_seconds, passes
         )
         extra += cfg.blocks_to_swap * len(passes) * C.SWAP_OVERHEAD_PER_BLOCK
-    if cfg.ff_chunks > 1:
+    if cfg.token_chunks > 1:
         tok = cfg.tokens()
         if train:
-            extra += arch.mlp_flops(tok.image, tok.text) / C.REF_FLOPS * C.QUANT_SLOWDOWN[cfg.quant]
-        extra += arch.n_blocks * cfg.ff_chunks * len(passes) * C.FF_CHUNK_OVERHEAD
+            extra += arch.token_flops(tok.image, tok.text) / C.REF_FLOPS * C.QUANT_SLOWDOWN[cfg.quant]
+        extra += arch.n_blocks * cfg.token_chunks * len(passes) * C.TOKEN_CHUNK_OVERHEAD
     return extra
 
 
@@ -147,10 +147,10 @@ class PlanResult:
 # The optimizer is not searched: switching it means editing the recipe's optimizer section (its arguments differ),
 # and its states are small next to activations (optim.py); `optimizer=` fixes it.
 SEARCHED = {
-    "generate": ("quant", "offload", "t5_quant", "blocks_to_swap", "ff_chunks"),
-    "train": ("quant", "checkpointing", "blocks_to_swap", "ff_chunks", "checkpoint_every"),
+    "generate": ("quant", "offload", "t5_quant", "blocks_to_swap", "token_chunks"),
+    "train": ("quant", "checkpointing", "blocks_to_swap", "token_chunks", "checkpoint_every"),
 }
-FF_CHUNKS = (1, 4, 16)  # tried by the search: off, and enough chunks to make the MLPs small next to attention
+TOKEN_CHUNKS = (1, 4, 16)  # tried by the search: off, and enough chunks to make the MLPs small next to attention
 CHECKPOINT_EVERY = (1, 2, 3)  # kept block inputs: all, every 2nd, every 3rd (more costs ~k/4 block forwards each)
 SWAP_STEP = 4  # blocks_to_swap tried in steps of this many blocks (and all of them)
 
@@ -167,7 +167,7 @@ def _space(base: PlanConfig) -> dict[str, tuple]:
         "checkpointing": CHECKPOINTING,
         "t5_quant": T5_QUANTS,
         "blocks_to_swap": swaps,
-        "ff_chunks": FF_CHUNKS,
+        "token_chunks": TOKEN_CHUNKS,
         "checkpoint_every": CHECKPOINT_EVERY,
     }
     return {k: valid[k] for k in SEARCHED[base.task]}
@@ -264,8 +264,8 @@ def generate_options(cfg: PlanConfig) -> list[str]:
     line = [f"--quant {cfg.quant}", f"--offload {cfg.offload}", f"--t5-quant {cfg.t5_quant}"]
     if cfg.blocks_to_swap:
         line.append(f"--blocks-to-swap {cfg.blocks_to_swap}")
-    if cfg.ff_chunks > 1:
-        line.append(f"--ff-chunks {cfg.ff_chunks}")
+    if cfg.token_chunks > 1:
+        line.append(f"--token-chunks {cfg.token_chunks}")
     return line
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..component_files import add_component_options
-from ..plan.choose import add_vram_options
 from ..vae_tiling import VAE_TILING_MODES
+from ..vram_options import add_vram_options
 
 
 def _cmd_cache(args: argparse.Namespace) -> None:

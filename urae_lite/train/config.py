@@ -57,7 +57,7 @@ class TrainingConfig:
     # keep only every k-th block's input (on the device / in host memory); backward recomputes the others from the
     # last kept one: k times fewer kept inputs for about (k/4) more block forwards per block (needs checkpointing)
     checkpoint_every: int = 1
-    ff_chunks: int = 1  # run the blocks' MLPs in this many token chunks (less memory, one more MLP forward)
+    token_chunks: int = 1  # blocks (all but attention) in this many token chunks: less memory, one more forward
     # keep the last N blocks' frozen weights in host memory, streamed through the GPU (0 = off; needs checkpointing)
     blocks_to_swap: int = 0
 
@@ -169,7 +169,7 @@ def check_config(cfg: TrainConfig, require_paths: bool = True) -> None:
         "adapter.rank": cfg.adapter.rank,
         "data.resolution": cfg.data.resolution,
         "checkpoint.keep": cfg.checkpoint.keep,
-        "training.ff_chunks": cfg.training.ff_chunks,
+        "training.token_chunks": cfg.training.token_chunks,
         "training.checkpoint_every": cfg.training.checkpoint_every,
     }
     for key, value in positive.items():

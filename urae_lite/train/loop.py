@@ -114,8 +114,8 @@ def oom_advice(cfg: TrainConfig, where: str, peak_gib: float | None = None, tota
         tips += [f"validation.size={max(512, (cfg.validation.size or cfg.data.resolution) // 2)}", "validation.every=0"]
     if t.checkpointing != "cpu":
         tips.append("training.checkpointing=cpu")
-    if t.ff_chunks < 4:
-        tips.append("training.ff_chunks=4")
+    if t.token_chunks < 4:
+        tips.append("training.token_chunks=4")
     if t.blocks_to_swap == 0:
         tips.append("training.blocks_to_swap=57 (or fewer: the last N blocks stream from host memory)")
     if cfg.quant != "nf4":

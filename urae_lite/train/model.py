@@ -16,11 +16,11 @@ from torch import nn
 from ..adapter_io import save_adapter
 from ..block_swap import enable_block_swap
 from ..export import export_adapter
-from ..ff_chunking import enable_ff_chunking
 from ..hires import set_ntk, set_proportional_attention
 from ..loader import LoadSpec, adapted_layers, add_lora, read_transformer
 from ..minor import MINOR_RESIDUAL_SLICE, MINOR_SLICE, MinorSpec
 from ..safetensors_io import atomic_save_file
+from ..token_chunking import enable_token_chunking
 from .checkpoint_segments import enable_checkpoint_segments
 from .config import TrainConfig
 
@@ -51,9 +51,9 @@ def build_model(
 
 
 def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """Add the LoRA (kind lora), make trainable factors fp32 masters, set NTK / proportional attention, chunk the
-    MLPs (`training.ff_chunks`) and turn on block checkpointing (its inputs go to host memory in the forward when
-    checkpointing=cpu; only every `training.checkpoint_every`-th block's input is kept)."""
+    """Add the LoRA (kind lora), make trainable factors fp32 masters, set NTK / proportional attention, run the
+    blocks in token chunks (`training.token_chunks`) and turn on block checkpointing (its inputs go to host memory
+    in the forward when checkpointing=cpu; only every `training.checkpoint_every`-th block's input is kept)."""
     a = cfg.adapter
     if a.kind == "lora":
         add_lora(model, LORA_SLICE, a.rank, a.alpha, a.targets, seed=cfg.seed)
@@ -64,8 +64,8 @@ def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
                 piece.B = nn.Parameter(piece.B.detach().float())
     set_ntk(model, cfg.hires.ntk)
     set_proportional_attention(model, cfg.hires.proportional_attention)
-    if cfg.training.ff_chunks > 1:  # before any hook that would keep the blocks' original forward
-        enable_ff_chunking(model, cfg.training.ff_chunks)
+    if cfg.training.token_chunks > 1:  # before any hook that would keep the blocks' original forward
+        enable_token_chunking(model, cfg.training.token_chunks)
     if cfg.training.checkpointing != "off":  # keeping every `checkpoint_every`-th block's input only
         enable_checkpoint_segments(model, cfg.training.checkpoint_every)
     model.train()

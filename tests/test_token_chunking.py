@@ -1,5 +1,6 @@
-"""Token-chunked feed-forward (urae_lite.ff_chunking) against the unchunked model: same outputs, same gradients,
-diffusers' own single-block forward, unchanged names, less live memory; and through load_pipeline and the Trainer."""
+"""Token-chunked blocks (urae_lite.token_chunking) against the unchunked model and diffusers' own block forwards: same
+outputs, gradients equal up to summation order, unchanged names, less live memory; and through load_pipeline and the
+Trainer."""
 
 from __future__ import annotations
 
@@ -8,17 +9,26 @@ import contextlib
 import numpy as np
 import pytest
 import torch
-from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+from diffusers.models.transformers.transformer_flux import (
+    FluxAttnProcessor,
+    FluxSingleTransformerBlock,
+    FluxTransformerBlock,
+)
 from torch.utils.checkpoint import checkpoint
 from train_utils import REPO, one_thread, recipe_overrides  # noqa: F401
 
 import urae_lite
-from urae_lite import ff_chunking
+from urae_lite import token_chunking
 from urae_lite.cli import main
 from urae_lite.errors import UraeError
-from urae_lite.ff_chunking import ChunkedFeedForward, ChunkedFluxSingleTransformerBlock, enable_ff_chunking
+from urae_lite.hires import ProportionalAttnProcessor
 from urae_lite.loader import adapted_layers, add_lora, load_transformer
 from urae_lite.plan.fake import LiveBytes
+from urae_lite.token_chunking import (
+    ChunkedFluxSingleTransformerBlock,
+    ChunkedFluxTransformerBlock,
+    enable_token_chunking,
+)
 from urae_lite.train.config import load_recipe
 from urae_lite.train.loop import Trainer
 from urae_lite.train.model import build_model, trainable_parameters
@@ -59,7 +69,7 @@ def test_no_grad_forward_is_identical(tiny_flux, tiny_config, make_inputs, dtype
     with torch.no_grad():
         reference = run(model, inputs)
         for chunks in CHUNKS:
-            enable_ff_chunking(model, chunks)
+            enable_token_chunking(model, chunks)
             out = run(model, inputs)
             assert out.dtype == reference.dtype, chunks
             if dtype is torch.bfloat16:
@@ -71,7 +81,7 @@ def test_no_grad_forward_is_identical(tiny_flux, tiny_config, make_inputs, dtype
                 # (measured at most 4.8e-7 on outputs of magnitude <= 1.9); the test below shows that everything
                 # else is exact. The bf16 GEMM here gives the same bits for any row count.
                 torch.testing.assert_close(out, reference, rtol=2e-6, atol=2e-6)
-        enable_ff_chunking(model, 1)
+        enable_token_chunking(model, 1)
         assert torch.equal(run(model, inputs), reference)
 
 
@@ -84,7 +94,7 @@ def test_no_grad_forward_is_exact_with_a_row_independent_matmul(tiny_flux, tiny_
     with torch.no_grad():
         reference = run(model, inputs)
         for chunks in CHUNKS:
-            enable_ff_chunking(model, chunks)
+            enable_token_chunking(model, chunks)
             assert torch.equal(run(model, inputs), reference), chunks
 
 
@@ -92,38 +102,37 @@ def test_enable_swaps_classes_keeps_names_and_restores(tiny_flux):
     model = adapted_model(tiny_flux, torch.float32)
     keys = list(model.state_dict())
     classes = {n: type(m) for n, m in model.named_modules()}
-    assert enable_ff_chunking(model, 4) == 2 * 2 + 2  # ff + ff_context in 2 double blocks, 2 single blocks
+    assert enable_token_chunking(model, 4) == 2 + 2  # 2 double blocks, 2 single blocks
     assert list(model.state_dict()) == keys
-    assert type(model.transformer_blocks[0].ff) is ChunkedFeedForward
-    assert type(model.transformer_blocks[1].ff_context) is ChunkedFeedForward
+    assert type(model.transformer_blocks[1]) is ChunkedFluxTransformerBlock
     assert type(model.single_transformer_blocks[1]) is ChunkedFluxSingleTransformerBlock
-    assert model.single_transformer_blocks[0].ff_chunks == 4
-    enable_ff_chunking(model, 2)  # re-enabling only changes the count
-    assert model.transformer_blocks[0].ff.ff_chunks == 2
-    enable_ff_chunking(model, 1)
+    assert model.single_transformer_blocks[0].token_chunks == 4
+    enable_token_chunking(model, 2)  # re-enabling only changes the count
+    assert model.transformer_blocks[0].token_chunks == 2
+    enable_token_chunking(model, 1)
     assert {n: type(m) for n, m in model.named_modules()} == classes
-    assert not any("ff_chunks" in vars(m) for m in model.modules())
+    assert not any("token_chunks" in vars(m) for m in model.modules())
     assert list(model.state_dict()) == keys
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
 def test_bad_chunk_counts_fail_with_one_line(tiny_flux, bad):
     model = adapted_model(tiny_flux, torch.float32, quant="bf16")
-    with pytest.raises(UraeError, match="ff_chunks must be a whole number of at least 1") as info:
-        enable_ff_chunking(model, bad)
+    with pytest.raises(UraeError, match="token_chunks must be a whole number of at least 1") as info:
+        enable_token_chunking(model, bad)
     assert "\n" not in str(info.value)
-    with pytest.raises(UraeError, match="no FLUX feed-forward"):
-        enable_ff_chunking(torch.nn.Linear(2, 2), 2)
+    with pytest.raises(UraeError, match="no FLUX blocks"):
+        enable_token_chunking(torch.nn.Linear(2, 2), 2)
 
 
 def test_hooked_modules_are_refused():
     """An offload hook keeps the forward it wrapped, which would silently bypass the chunking."""
     block = FluxSingleTransformerBlock(32, 2, 16)
     block.forward = block.forward  # what accelerate's and diffusers' hooks leave behind: an instance attribute
-    with pytest.raises(UraeError, match="enable ff chunking before offloading"):
-        enable_ff_chunking(block, 2)
+    with pytest.raises(UraeError, match="enable token chunking before offloading"):
+        enable_token_chunking(block, 2)
     assert type(block) is FluxSingleTransformerBlock
-    enable_ff_chunking(block, 1)  # nothing to change: fine
+    enable_token_chunking(block, 1)  # nothing to change: fine
 
 
 # ---- the single block against diffusers' own forward -------------------------------------------------------------
@@ -137,33 +146,101 @@ def single_block_inputs(dim: int, text: int, image: int, seed: int = 0, grad: bo
     return [t.requires_grad_(grad) for t in (hidden, context, temb)]
 
 
-@pytest.mark.parametrize("chunks", [1, 2])
-def test_single_block_matches_diffusers_forward(chunks, monkeypatch):
-    """The override repeats diffusers' FluxSingleTransformerBlock.forward: a change there shows up here."""
+BLOCKS = {"double": (FluxTransformerBlock, FluxTransformerBlock.forward), "single": (FluxSingleTransformerBlock, None)}
+PROCESSORS = {"diffusers": FluxAttnProcessor, "proportional": lambda: ProportionalAttnProcessor(base_tokens=7)}
+
+
+def block_grads(block, fn, hidden, context, temb, rope) -> list[torch.Tensor]:
+    """Both outputs, then the gradients of the inputs and every parameter, of an arbitrary scalar of the outputs."""
+    c, h = fn(hidden, context, temb, rope)
+    ((c.float() * 1.3).sum() + (h.float() ** 2).sum()).backward()
+    grads = [t.grad.clone() for t in (hidden, context, temb)] + [p.grad.clone() for p in block.parameters()]
+    for t in [hidden, context, temb, *block.parameters()]:
+        t.grad = None
+    return [c.detach(), h.detach(), *grads]
+
+
+@pytest.mark.parametrize("processor", list(PROCESSORS))
+@pytest.mark.parametrize("kind", list(BLOCKS))
+@pytest.mark.parametrize("chunks", [1, 2, 5])
+def test_blocks_match_diffusers_forward(kind, processor, chunks, monkeypatch):
+    """The chunked forwards repeat diffusers' block forwards (and FluxAttnProcessor / URAE's proportional
+    processor): a change in diffusers shows up here. fp32 with a row-independent matmul: exact outputs."""
     monkeypatch.setattr(torch.nn.functional, "linear", rowwise_linear)  # exact comparison (see above)
     torch.manual_seed(0)
-    block = FluxSingleTransformerBlock(32, 2, 16)
-    enable_ff_chunking(block, 2)
-    block.ff_chunks = chunks  # 1: the override without chunks (only the attention runs before the MLP)
+    cls = BLOCKS[kind][0]
+    block = cls(32, 2, 16)
+    block.attn.set_processor(PROCESSORS[processor]())
+    theirs = cls.forward.__get__(block)  # diffusers' own forward, on the same weights
+    enable_token_chunking(block, 2)
+    block.token_chunks = chunks  # 1: the two passes without chunks
     rope = (torch.randn(13, 16), torch.randn(13, 16))
     with torch.no_grad():
         args = (*single_block_inputs(32, 5, 8), rope)
-        theirs = FluxSingleTransformerBlock.forward(block, *args)
-        ours = block(*args)
-    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
-
-    hidden, context, temb = single_block_inputs(32, 5, 8, grad=True)
-    outs = {}
-    for name, fn in (("diffusers", lambda *a: FluxSingleTransformerBlock.forward(block, *a)), ("ours", block)):
-        c, h = fn(hidden, context, temb, rope)
-        ((c * 1.3).sum() + (h**2).sum()).backward()
-        outs[name] = [c.detach(), h.detach()] + [t.grad.clone() for t in (hidden, context, temb)]
-        outs[name] += [p.grad.clone() for p in block.parameters()]
-        for t in [hidden, context, temb, *block.parameters()]:
-            t.grad = None
-    assert torch.equal(outs["ours"][0], outs["diffusers"][0]) and torch.equal(outs["ours"][1], outs["diffusers"][1])
-    for a, b in zip(outs["ours"][2:], outs["diffusers"][2:]):  # weight gradients: summed per chunk
+        assert all(torch.equal(a, b) for a, b in zip(block(*args), theirs(*args)))
+    inputs = single_block_inputs(32, 5, 8, grad=True)
+    ours, reference = block_grads(block, block, *inputs, rope), block_grads(block, theirs, *inputs, rope)
+    assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1])
+    for a, b in zip(ours[2:], reference[2:]):  # input and weight gradients: summed per chunk
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_blocks_under_bf16_autocast_give_the_same_bits(kind):
+    """Under autocast the passes cast q, k, v and the normed tokens to bf16 where the linears and the attention
+    would, and skip diffusers' fp32 round trip of the attention output: the same bits (real GEMMs, bf16)."""
+    torch.manual_seed(1)
+    cls = BLOCKS[kind][0]
+    block = cls(32, 2, 16)
+    theirs = cls.forward.__get__(block)
+    enable_token_chunking(block, 3)
+    rope = (torch.randn(13, 16), torch.randn(13, 16))
+    inputs = single_block_inputs(32, 5, 8, grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, reference = block_grads(block, block, *inputs, rope), block_grads(block, theirs, *inputs, rope)
+    assert all(a.dtype == b.dtype for a, b in zip(ours, reference))
+    assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1])
+    for a, b in zip(ours[2:], reference[2:]):  # bf16 partial sums per chunk: a few bf16 ulps of the largest entry
+        assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max()
+
+
+def test_frozen_inputs_with_trainable_weights_get_gradients():
+    """The first block's inputs need no gradient (frozen embedders), yet its adapters do: the chunked passes must
+    still build a graph and give the weights the unchunked gradients."""
+    torch.manual_seed(2)
+    block = FluxSingleTransformerBlock(32, 2, 16)
+    for p in block.parameters():
+        p.requires_grad_(False)
+    block.proj_out.weight.requires_grad_(True)
+    block.attn.to_q.weight.requires_grad_(True)
+    hidden, context, temb = single_block_inputs(32, 5, 8)
+    rope = (torch.randn(13, 16), torch.randn(13, 16))
+    grads = {}
+    for chunks in (1, 3):
+        enable_token_chunking(block, chunks)
+        c, h = block(hidden, context, temb, rope)
+        assert h.requires_grad
+        (c.sum() + h.square().sum()).backward()
+        grads[chunks] = [block.proj_out.weight.grad.clone(), block.attn.to_q.weight.grad.clone()]
+        block.zero_grad(set_to_none=True)
+    for a, b in zip(grads[3], grads[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_other_attention_processors_run_diffusers_forward(monkeypatch):
+    """A processor the passes do not reproduce (here: extra joint_attention_kwargs) runs diffusers' unchunked
+    forward: same result, no chunked pass."""
+    torch.manual_seed(3)
+    block = FluxSingleTransformerBlock(32, 2, 16)
+    enable_token_chunking(block, 3)
+    calls = []
+    monkeypatch.setattr(token_chunking, "chunked_pass", lambda *a, **k: calls.append(a))
+    block.attn.set_processor(ProportionalAttnProcessor())
+    args = (*single_block_inputs(32, 5, 8), None)
+    with torch.no_grad():
+        out = block(*args, joint_attention_kwargs={"ip_adapter_masks": None})
+        reference = FluxSingleTransformerBlock.forward(block, *args, joint_attention_kwargs={"ip_adapter_masks": None})
+    assert calls == [] and all(torch.equal(a, b) for a, b in zip(out, reference))
 
 
 # ---- training: same loss, gradients equal up to summation order ---------------------------------------------------
@@ -185,17 +262,18 @@ def test_training_gradients_match(tiny_flux, tiny_config, make_inputs, mode, mon
     inputs = make_inputs(tiny_config, dtype=torch.float32)
     target = torch.randn(inputs["hidden_states"].shape, generator=torch.Generator().manual_seed(9))
     params = [p for _, p in trainable_parameters(model)]
-    checkpointed = []
+    recomputed = []  # token chunks run again in backward (one per chunk of every chunked pass)
+    real_backward = token_chunking._ChunkedPass.backward
 
-    def spy(fn, *args, **kwargs):
-        checkpointed.append(kwargs)
-        return checkpoint(fn, *args, **kwargs)
+    def counting_backward(ctx, *grads):
+        recomputed.append(len(token_chunking.chunk_bounds(ctx.tokens, ctx.chunks)))
+        return real_backward(ctx, *grads)
 
-    monkeypatch.setattr(ff_chunking, "checkpoint", spy)
+    monkeypatch.setattr(token_chunking._ChunkedPass, "backward", staticmethod(counting_backward))
 
     def step(chunks: int):
-        enable_ff_chunking(model, chunks)
-        checkpointed.clear()
+        enable_token_chunking(model, chunks)
+        recomputed.clear()
         x = {k: v.clone().requires_grad_(k in ("hidden_states", "encoder_hidden_states")) for k, v in inputs.items()}
         offload = torch.autograd.graph.save_on_cpu() if save_on_cpu else contextlib.nullcontext()
         with offload, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -203,17 +281,15 @@ def test_training_gradients_match(tiny_flux, tiny_config, make_inputs, mode, mon
         loss.backward()
         grads = [x["hidden_states"].grad, x["encoder_hidden_states"].grad] + [p.grad.clone() for p in params]
         model.zero_grad(set_to_none=True)
-        return loss.detach(), grads, len(checkpointed)
+        return loss.detach(), grads, sum(recomputed)
 
     loss, grads, calls = step(1)
     assert calls == 0 and len(grads) > 2 and all(g is not None for g in grads)
     for chunks in (3, 64):
         chunked_loss, chunked_grads, calls = step(chunks)
-        # every chunk of ff (24 tokens) and ff_context (7) in 2 double blocks and of 2 single blocks (31 tokens) is
-        # checkpointed; with block checkpointing, the blocks' recompute in backward checkpoints them again
-        per_forward = 2 * (min(chunks, 24) + min(chunks, 7)) + 2 * min(chunks, 31)
-        assert calls == (2 if block_checkpointing else 1) * per_forward
-        assert all(kw == {"use_reentrant": False} for kw in checkpointed)
+        # Each block's two passes are recomputed chunk by chunk in backward: double blocks' image passes (24
+        # tokens) in `chunks`, their text passes (7) whole, single blocks' passes (31 joint tokens) in `chunks`.
+        assert calls == 2 * 2 * (min(chunks, 24) + 1) + 2 * 2 * min(chunks, 31)
         # The forward differs at most by the CPU GEMM's row-count rounding (test_no_grad_forward_is_identical);
         # bf16 GEMMs give the same bits.
         if autocast:
@@ -244,7 +320,7 @@ def single_block_peaks(chunks: int) -> tuple[int, int]:
     """(no-grad forward peak, forward + backward peak under block checkpointing) of one single block."""
     torch.manual_seed(0)
     block = FluxSingleTransformerBlock(DIM, 4, DIM // 4)
-    enable_ff_chunking(block, chunks)
+    enable_token_chunking(block, chunks)
     hidden, context, temb = single_block_inputs(DIM, TEXT, IMAGE)
 
     def forward():
@@ -288,7 +364,7 @@ def test_generation_with_chunks_is_identical(tiny_flux, monkeypatch):
             width=64,
             height=64,
             steps=2,
-            ff_chunks=chunks,
+            token_chunks=chunks,
         )
         seen = []
         pipe.transformer.register_forward_hook(lambda m, a, out, seen=seen: seen.append(out[0].clone()))
@@ -300,11 +376,11 @@ def test_generation_with_chunks_is_identical(tiny_flux, monkeypatch):
     assert len(outputs[1][0]) == 2
     assert all(torch.equal(a, b) for a, b in zip(outputs[1][0], outputs[3][0]))
     assert np.array_equal(outputs[1][1], outputs[3][1])
-    with pytest.raises(UraeError, match="ff_chunks"):
-        urae_lite.load_pipeline(tiny_flux, quant="nf4", device="cpu", progress=False, ff_chunks=0)
+    with pytest.raises(UraeError, match="token_chunks"):
+        urae_lite.load_pipeline(tiny_flux, quant="nf4", device="cpu", progress=False, token_chunks=0)
 
 
-def test_generate_cli_passes_ff_chunks(tiny_flux, tmp_path, capsys, monkeypatch):
+def test_generate_cli_passes_token_chunks(tiny_flux, tmp_path, capsys, monkeypatch):
     seen = {}
 
     def stop(*args, **kwargs):
@@ -313,12 +389,12 @@ def test_generate_cli_passes_ff_chunks(tiny_flux, tmp_path, capsys, monkeypatch)
 
     argv = ["generate", "a cat", "--model", str(tiny_flux), "--device", "cpu", "--out", str(tmp_path / "cat.png")]
     monkeypatch.setattr(urae_lite.pipeline, "load_pipeline", stop)
-    assert main([*argv, "--ff-chunks", "3"]) == 2 and seen["ff_chunks"] == 3
+    assert main([*argv, "--token-chunks", "3"]) == 2 and seen["token_chunks"] == 3
     monkeypatch.undo()
     capsys.readouterr()
-    assert main([*argv, "--ff-chunks", "0"]) == 2
+    assert main([*argv, "--token-chunks", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "ff_chunks must be a whole number of at least 1" in err[0]
+    assert len(err) == 1 and "token_chunks must be a whole number of at least 1" in err[0]
 
 
 def fake_samples(tiny_config, n: int) -> list[TrainSample]:
@@ -350,12 +426,12 @@ def test_trainer_run_with_chunks_matches(tiny_flux, tiny_config, tmp_path):
         cfg = load_recipe(
             REPO / "recipes" / "train_2k_lora.yaml",
             recipe_overrides(
-                tiny_flux, tmp_path, tmp_path / "out", **{"training.precision": "fp32", "training.ff_chunks": chunks}
+                tiny_flux, tmp_path, tmp_path / "out", **{"training.precision": "fp32", "training.token_chunks": chunks}
             ),
         )
         assert cfg.training.checkpointing == "cpu"  # save_on_cpu around checkpointed blocks
         model = build_model(cfg, torch.device("cpu"), progress=False)
-        assert (type(model.transformer_blocks[0].ff) is ChunkedFeedForward) == (chunks > 1)
+        assert (type(model.transformer_blocks[0]) is ChunkedFluxTransformerBlock) == (chunks > 1)
         optimizer, scheduler = build_optimizer(cfg, (p for _, p in trainable_parameters(model)))
         trainer = Trainer(model, optimizer, scheduler, cfg, torch.device("cpu"))
         losses = []
@@ -367,8 +443,8 @@ def test_trainer_run_with_chunks_matches(tiny_flux, tiny_config, tmp_path):
     assert runs[2][0][1] == pytest.approx(runs[1][0][1], rel=1e-5)
     for a, b in zip(runs[2][1], runs[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    with pytest.raises(UraeError, match="training.ff_chunks must be at least 1"):
+    with pytest.raises(UraeError, match="training.token_chunks must be at least 1"):
         load_recipe(
             REPO / "recipes" / "train_2k_lora.yaml",
-            recipe_overrides(tiny_flux, tmp_path, tmp_path / "out", **{"training.ff_chunks": 0}),
+            recipe_overrides(tiny_flux, tmp_path, tmp_path / "out", **{"training.token_chunks": 0}),
         )
