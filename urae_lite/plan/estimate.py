@@ -56,7 +56,7 @@ class PlanConfig:
     validation: bool = True  # train: the recipes sample validation images at the training size
     steps: int = 28  # generate: denoising steps (speed model only)
     blocks_to_swap: int = 0  # the last N blocks' frozen weights stream from pinned host memory (block_swap.py)
-    token_chunks: int = 1  # per-token MLPs run in this many token chunks (token_chunking.py)
+    token_chunks: int = 1  # blocks (all but the attention) run in this many token chunks (token_chunking.py)
     checkpoint_every: int = 1  # train: only every k-th checkpointed block input is kept (train/checkpoint_segments.py)
     backend: str = "cuda"  # cpu: the PyTorch reference path, for checking the model against measurement
     transformer_config: dict | None = field(default=None, compare=False)  # default: FLUX.1 of `variant`

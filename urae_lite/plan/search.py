@@ -150,7 +150,7 @@ SEARCHED = {
     "generate": ("quant", "offload", "t5_quant", "blocks_to_swap", "token_chunks"),
     "train": ("quant", "checkpointing", "blocks_to_swap", "token_chunks", "checkpoint_every"),
 }
-TOKEN_CHUNKS = (1, 4, 16)  # tried by the search: off, and enough chunks to make the MLPs small next to attention
+TOKEN_CHUNKS = (1, 4, 16)  # tried by the search: off, and enough chunks that the attention sets the peak
 CHECKPOINT_EVERY = (1, 2, 3)  # kept block inputs: all, every 2nd, every 3rd (more costs ~k/4 block forwards each)
 SWAP_STEP = 4  # blocks_to_swap tried in steps of this many blocks (and all of them)
 
