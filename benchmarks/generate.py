@@ -35,48 +35,6 @@ from provenance import provenance, result_path
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 GOALS_GIB = {2048: 10.0, 4096: 14.0}  # the README's goals, NF4 base, whole generation
-T5_XXL = dict(
-    vocab_size=32128,
-    d_model=4096,
-    d_kv=64,
-    d_ff=10240,
-    num_layers=24,
-    num_heads=64,
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    feed_forward_proj="gated-gelu",
-    dense_act_fn="gelu_new",
-    is_gated_act=True,
-    layer_norm_epsilon=1e-6,
-    tie_word_embeddings=False,
-)
-CLIP_L = dict(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    projection_dim=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-)
-FLUX_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[128, 256, 512, 512],
-    layers_per_block=2,
-    latent_channels=16,
-    norm_num_groups=32,
-    sample_size=1024,
-    scaling_factor=0.3611,
-    shift_factor=0.1159,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    force_upcast=True,
-    mid_block_add_attention=True,
-)
 PROMPT = "a photo of a red fox in a snowy forest at golden hour, high resolution, detailed"
 
 
@@ -114,10 +72,13 @@ def random_text_encoders(t5_quant: str = "bf16"):
     """CLIP-L and T5-XXL with random weights, made on the GPU (fast) and parked on the CPU; T5 in NF4 through the
     library's loader (`t5_quant="nf4"`)."""
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
+    from urae_lite.plan.fake_models import text_encoder_configs  # FLUX.1's published architectures, one owner
+
+    clip, t5 = text_encoder_configs()
     out = []
-    for cls, cfg, seed in ((CLIPTextModel, CLIPTextConfig(**CLIP_L), 1), (T5EncoderModel, T5Config(**T5_XXL), 2)):
+    for cls, cfg, seed in ((CLIPTextModel, clip, 1), (T5EncoderModel, t5, 2)):
         with torch.device("meta"):
             model = cls(cfg).to(torch.bfloat16)
         model.to_empty(device="cuda")
@@ -161,7 +122,10 @@ def random_vae():
     import torch
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(**FLUX_VAE).to(torch.bfloat16).eval()
+    from urae_lite.plan.constants import FLUX_VAE_CONFIG
+    from urae_lite.plan.fake_models import VAE_FACTORS
+
+    return AutoencoderKL(**FLUX_VAE_CONFIG, **VAE_FACTORS).to(torch.bfloat16).eval()
 
 
 def random_transformer(quant: str):

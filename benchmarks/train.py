@@ -14,7 +14,7 @@ recipe (recipes/train_2k_lora.yaml or train_4k_minor.yaml) with its quant and ch
 * modes: `on` = block checkpointing, `cpu` = checkpointing with block inputs in pinned host memory, `off` = none.
 * `--set KEY=VALUE` (repeatable): recipe overrides after the config's, e.g. the memory options `urae-lite plan
   --vram N` prints (`quant=`, `training.blocks_to_swap=`, `training.token_chunks=`, `training.checkpoint_every=`);
-  token chunks, checkpoint segments and (after loading) block swap are set up as train/model.py sets them up.
+  token chunks, checkpoint segments and block swap are set up as train/model.py sets them up.
 
 Batches are synthetic (VAE posterior mean/std, T5 512x4096, pooled CLIP 768) with the real shapes, built by the
 training code's own `build_sample`; steps run through the training `Trainer` (bf16 autocast, fp32 loss, clipping,
@@ -153,14 +153,11 @@ def run_one(name: str, modes: list[str], steps: int, warmup: int, tiny: bool, ex
     t = cfg.training
 
     start = time.perf_counter()
-    # Loaded whole on the device, then the swapped blocks move to host memory (peaks are reset before the steps).
-    # Not `LoadSpec(park_blocks=)` as build_model: fill_transformer parks a layer when its weight arrives, and this
-    # stream (state_dict order) brings the weight before the bias.
-    model = fill_transformer(
-        empty_transformer(config),
-        iter_random_transformer_tensors(config, device=device),
-        LoadSpec(cfg.quant, device, adapters=cfg.adapter.base_adapters, minor=minor, progress=False),
+    # as build_model loads: the swapped blocks are parked in host memory as they arrive
+    spec = LoadSpec(
+        cfg.quant, device, adapters=cfg.adapter.base_adapters, minor=minor, progress=False, park_blocks=t.blocks_to_swap
     )
+    model = fill_transformer(empty_transformer(config), iter_random_transformer_tensors(config, device=device), spec)
     model = prepare_for_training(model, cfg)
     enable_block_swap(model, t.blocks_to_swap, device)  # after the fp32 masters exist; 0 = off
     if device.type == "cuda":

@@ -196,8 +196,9 @@ def _plain_attention(attn: nn.Module, joint_attention_kwargs: dict | None) -> bo
     return not joint_attention_kwargs and plain and not attn.fused_projections
 
 
-class ChunkedFluxTransformerBlock(FluxTransformerBlock):
-    """FluxTransformerBlock (double stream) in two token-chunked passes around the joint attention."""
+class _TwoPassBlock:
+    """The forward both chunked block classes share: diffusers' signature, and diffusers' own unchunked forward for
+    what the passes do not reproduce; `_passes` is the block kind's two passes around its attention."""
 
     token_chunks: int = 1
 
@@ -211,10 +212,27 @@ class ChunkedFluxTransformerBlock(FluxTransformerBlock):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not _plain_attention(self.attn, joint_attention_kwargs):
             return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
+        return self._passes(hidden_states, encoder_hidden_states, temb, tuple(image_rotary_emb or ()))
+
+
+def _stream_qkv(attn: nn.Module, norm: nn.Module, added: bool, x: torch.Tensor, *rest: torch.Tensor) -> Tensors:
+    """Pass 1 of one stream on a chunk: modulated LayerNorm, then q, k, v (`rest`: the RoPE chunks, shift, scale);
+    `added`: the double blocks' text stream (its own projections and RMSNorms)."""
+    *rope, shift, scale = rest
+    if added:
+        linears, norms = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj), (attn.norm_added_q, attn.norm_added_k)
+    else:
+        linears, norms = (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k)
+    return _heads(attn, _modulate(norm, x, shift, scale), linears, norms, rope)
+
+
+class ChunkedFluxTransformerBlock(_TwoPassBlock, FluxTransformerBlock):
+    """FluxTransformerBlock (double stream) in two token-chunked passes around the joint attention."""
+
+    def _passes(self, hidden_states, encoder_hidden_states, temb, rope: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
         text = encoder_hidden_states.shape[1]
         image_mods = self.norm1.linear(self.norm1.silu(temb)).chunk(6, dim=1)
         text_mods = self.norm1_context.linear(self.norm1_context.silu(temb)).chunk(6, dim=1)
-        rope = tuple(image_rotary_emb or ())
         text_rope, image_rope = tuple(t[:text] for t in rope), tuple(t[text:] for t in rope)
 
         text_qkv = list(chunked_pass(self, self._text_qkv, (encoder_hidden_states, *text_rope), text_mods[:2], 1))
@@ -240,17 +258,10 @@ class ChunkedFluxTransformerBlock(FluxTransformerBlock):
         return encoder_hidden_states, hidden_states
 
     def _image_qkv(self, x: torch.Tensor, *rest: torch.Tensor) -> Tensors:
-        *rope, shift, scale = rest
-        a = self.attn
-        return _heads(
-            a, _modulate(self.norm1.norm, x, shift, scale), (a.to_q, a.to_k, a.to_v), (a.norm_q, a.norm_k), rope
-        )
+        return _stream_qkv(self.attn, self.norm1.norm, False, x, *rest)
 
     def _text_qkv(self, x: torch.Tensor, *rest: torch.Tensor) -> Tensors:
-        *rope, shift, scale = rest
-        a = self.attn
-        linears, norms = (a.add_q_proj, a.add_k_proj, a.add_v_proj), (a.norm_added_q, a.norm_added_k)
-        return _heads(a, _modulate(self.norm1_context.norm, x, shift, scale), linears, norms, rope)
+        return _stream_qkv(self.attn, self.norm1_context.norm, True, x, *rest)
 
     def _image_out(self, x, attn, gate_msa, shift_mlp, scale_mlp, gate_mlp) -> Tensors:
         h = x + gate_msa.unsqueeze(1) * self.attn.to_out[1](self.attn.to_out[0](attn))
@@ -261,25 +272,13 @@ class ChunkedFluxTransformerBlock(FluxTransformerBlock):
         return (h + gate_mlp.unsqueeze(1) * self.ff_context(_modulate(self.norm2_context, h, shift_mlp, scale_mlp)),)
 
 
-class ChunkedFluxSingleTransformerBlock(FluxSingleTransformerBlock):
+class ChunkedFluxSingleTransformerBlock(_TwoPassBlock, FluxSingleTransformerBlock):
     """FluxSingleTransformerBlock in two token-chunked passes around the attention."""
 
-    token_chunks: int = 1
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        temb: torch.Tensor,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        joint_attention_kwargs: dict[str, Any] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not _plain_attention(self.attn, joint_attention_kwargs):
-            return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
+    def _passes(self, hidden_states, encoder_hidden_states, temb, rope: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
         text = encoder_hidden_states.shape[1]
         x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         shift, scale, gate = self.norm.linear(self.norm.silu(temb)).chunk(3, dim=1)
-        rope = tuple(image_rotary_emb or ())
 
         q, k, v, normed = chunked_pass(self, self._qkv, (x, *rope), (shift, scale), self.token_chunks)
         attn = _attention(self.attn, q, k, v)

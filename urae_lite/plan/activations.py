@@ -182,7 +182,6 @@ class _Block:
     forward: float
     backward: float
     recompute: float = 0.0  # checkpointing: the backward moment while the block's forward is recomputed
-    checkpointed: float | None = None  # the forward inside a block checkpoint (default: `inference`)
     after_recompute: float = 0.0  # token chunks: backward moments once the recompute is over (its input freed)
 
 
@@ -222,7 +221,7 @@ def _blocks(
             b = chunked.double(costs, m, chunks, text / T) if kind == "double" else chunked.single(costs, m, chunks)
             if checkpointed:
                 out[kind] = _Block(
-                    count, b.saved, b.inference, b.checkpointed, 0.0, b.recompute, b.checkpointed, b.after_recompute
+                    count, b.saved, b.inference, b.inference, 0.0, b.recompute, after_recompute=b.backward
                 )
             else:
                 out[kind] = _Block(count, b.saved, b.inference, b.forward, b.backward)
@@ -318,9 +317,7 @@ def training_bytes(
         # the running block's input is one of `kept` (`on`); with `cpu` it is the only one on the device in the
         # forward (save_on_cpu moves each input to host memory as the checkpoint saves it)
         running = kept if on else a * TD
-        forward = (
-            running + max((b.inference if b.checkpointed is None else b.checkpointed) - a + own for b in blocks) * TD
-        )
+        forward = running + max(b.inference - a + own for b in blocks) * TD
         backward = kept + max(max(b.backward, b.recompute - a + own) + ready for b in blocks) * TD
         if chunks > 1:  # after a block's recompute its input is gone from the device, unless kept there (`on`)
             after = max(b.after_recompute for b in blocks) + ready

@@ -35,15 +35,14 @@ class ChunkedCosts:
 
 @dataclass(frozen=True)
 class ChunkedBlock:
-    """The moments of one chunked block kind: the same fields as activations._Block."""
+    """The moments of one chunked block kind (activations._Block's fields): inside a block checkpoint the forward
+    is `inference` (nothing is saved) and the backward after the recompute is `backward`."""
 
     saved: float  # kept for backward without block checkpointing
     inference: float  # no grad
     forward: float  # with grad, no block checkpointing (its own saved tensors included)
-    backward: float  # its backward, no block checkpointing (its own saved tensors included)
-    checkpointed: float  # the forward inside a block checkpoint (nothing saved)
+    backward: float  # its backward (its own saved tensors included; the block input no longer needed)
     recompute: float  # the block checkpoint's recompute in backward, block input included
-    after_recompute: float  # the block's backward once recomputed (its input no longer needed)
 
 
 def _pass1(c: ChunkedCosts) -> tuple[float, float]:
@@ -81,9 +80,7 @@ def single(c: ChunkedCosts, m: float, chunks: int) -> ChunkedBlock:
         inference=inference,
         forward=forward,
         backward=after,
-        checkpointed=inference,
         recompute=max(a + pass1, a + attention, 9 * a + c.lse + w2),  # + g; pass 2 with the saved q, k, v
-        after_recompute=after,
     )
 
 
@@ -115,9 +112,7 @@ def double(c: ChunkedCosts, m: float, chunks: int, text_share: float) -> Chunked
         inference=inference,
         forward=forward,
         backward=after,
-        checkpointed=inference,
         recompute=max(a + pass1, a + joint, a + attention, 7 * a + c.lse + w2),
-        after_recompute=after,
     )
 
 
