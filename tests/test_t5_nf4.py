@@ -72,8 +72,17 @@ def test_t5_nf4_keeps_layers_too_narrow_for_nf4_in_bf16(tmp_path, caplog):
     assert all(kinds[n] is bnb.nn.Linear4bit for n in kinds if n.endswith((".q", ".k", ".v", ".wi_0", ".wi_1")))
     reasons = [r.getMessage() for r in caplog.records if "NF4 block" in r.getMessage()]
     assert len(reasons) == 1 and f"{len(narrow)} linear layers stay in bfloat16" in reasons[0]
+    # the same encoder with each NF4 layer's weight dequantized: what the 4-bit model must compute
+    dequantized = T5EncoderModel.from_pretrained(tmp_path / "text_encoder_2", dtype=torch.bfloat16).eval()
+    for name, layer in dequantized.named_modules():
+        if kinds.get(name) is bnb.nn.Linear4bit:
+            quantized = model.get_submodule(name).weight
+            weight = bnb.functional.dequantize_4bit(quantized.data, quantized.quant_state)
+            layer.weight.data = weight.to(torch.bfloat16).reshape(layer.weight.shape)
     ids = torch.randint(0, 128, (2, 9))
     with torch.no_grad():
-        got, want = model(ids).last_hidden_state.float(), reference(ids).last_hidden_state.float()
+        got, want, exact = (m(ids).last_hidden_state.float() for m in (model, reference, dequantized))
     assert got.shape == want.shape and torch.isfinite(got).all()
-    assert (got - want).norm() / want.norm() < 0.15  # 4-bit weights in 6 of 8 kinds of layer: a few % each
+    assert (got - exact).norm() / exact.norm() < 1e-2  # measured 0 over 25 seeds (bnb's CPU path dequantizes too)
+    # against the unquantized encoder: 4-bit weights in 6 of 8 kinds of layer (measured 0.12-0.15 over 25 seeds)
+    assert (got - want).norm() / want.norm() < 0.3
