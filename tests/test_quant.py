@@ -183,3 +183,55 @@ def test_without_triton_the_library_path_runs_and_says_so_once(monkeypatch, capl
         assert len(notes) == 1
     finally:
         quant.triton_available.cache_clear()
+
+
+# The 16 NF4 levels as published with QLoRA (Dettmers et al., 2023, appendix E): the normal-distribution quantiles
+# normalized to [-1, 1], with an exact zero. Written out here so the reference owes nothing to bitsandbytes.
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)  # fmt: skip
+
+
+def nf4_decode_float64(qw: QuantizedWeight) -> torch.Tensor:
+    """The NF4 layout decoded in float64 from its definition: byte j holds codes 2j (high nibble) and 2j+1, block
+    b = i // 64 of the row-major flattened weight has absmax nested_map[absmax_u8[b]] * nested_absmax[b // 256]
+    + offset, and w_i = NF4_LEVELS[code_i] * absmax_b."""
+    n = qw.out_features * qw.in_features
+    byte = qw.weight.reshape(-1).view(torch.uint8).long()
+    codes = torch.stack([byte >> 4, byte & 15], dim=1).reshape(-1)[:n]
+    block = torch.arange(n) // 64
+    nested = (
+        qw.nested_quant_map.double()[qw.absmax.long()]
+        * qw.nested_absmax.double()[torch.arange(qw.absmax.numel()) // 256]
+    )
+    absmax = nested + qw.offset.double()
+    return (torch.tensor(NF4_LEVELS, dtype=torch.float64)[codes] * absmax[block]).reshape(qw.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(300, 32), (171, 96), (260, 64), (83, 200), (7, 31)])
+def test_nf4_library_path_equals_float64_decode(shape, dtype, monkeypatch):
+    """The CPU library path (what the tests and a GPU-less user run) decodes every width as the layout defines.
+
+    Widths 32 and 96 put 64-value blocks across rows (bitsandbytes 0.50's native CPU kernel decodes those to garbage
+    on AVX-512 CPUs); 64 and 200 are its safe widths. Rows are chosen so that the block count is not a multiple of the
+    256-block nested groups. The library works in fp32 (two products and one add, each rounded once: ≤ 3 ulp of
+    fp32 from the float64 value) and rounds once to `dtype` (≤ half an ulp of it)."""
+    monkeypatch.setenv("URAE_LITE_KERNELS", "off")
+    g = torch.Generator().manual_seed(sum(shape))
+    w = torch.randn(shape, generator=g) * 0.05
+    qw = QuantizedWeight.quantize(w, "nf4", dtype=dtype)
+    assert qw.quant_map.tolist() == pytest.approx(NF4_LEVELS, abs=0)
+    expected = nf4_decode_float64(qw)
+    got = qw.dequantize()
+    assert got.dtype == dtype and got.shape == shape
+    ulp = 2.0**-23 if dtype == torch.float32 else 2.0**-7
+    bound = (3 * 2.0**-23 + ulp / 2) * expected.abs() + 1e-30
+    assert ((got.double() - expected).abs() <= bound).all(), (got.double() - expected).abs().max()
+    # and the decode is a quantization of w: each value within half the widest level gap of its block's absmax
+    err = (expected.float() - w).reshape(-1)
+    absmax = torch.nn.functional.pad(w.reshape(-1), (0, -w.numel() % 64)).reshape(-1, 64).abs().amax(1)
+    assert (err.abs() <= 0.16 * absmax.repeat_interleave(64)[: w.numel()]).all()

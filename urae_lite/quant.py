@@ -105,6 +105,27 @@ def nf4_quantize(w: torch.Tensor, chunk_elems: int = 2**18) -> tuple[torch.Tenso
     return torch.cat(packed).reshape(-1, 1), absmax_u8, code, nested.absmax, nested.code, offset
 
 
+def _nf4_dequantize_bnb(packed: torch.Tensor, state) -> torch.Tensor:
+    """bitsandbytes' `dequantize_4bit`, except where its native CPU kernel is wrong.
+
+    bitsandbytes 0.50's C++ CPU decode (`cdequantize_blockwise_cpu_nf4_*`) walks the weight row by row, so it
+    mis-reads every 64-value block that spans two rows: rows whose width is not a multiple of 64 decode to garbage
+    on some CPUs (AVX-512 ones; a scalar build may be right by luck). For those widths we run bitsandbytes' own
+    generic PyTorch decode, which reads the flat row-major block layout the quantizer wrote, on every CPU alike.
+    """
+    import bitsandbytes.functional as bnbf
+
+    width = state.shape[-1]
+    if packed.device.type != "cpu" or width % NF4_BLOCKSIZE == 0:
+        return bnbf.dequantize_4bit(packed, state, quant_type="nf4").to(state.dtype)
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    absmax = bnbf.dequantize_blockwise(state.absmax, state.state2)
+    absmax = (absmax + state.offset).float()  # as dequantize_4bit: a separate add, then fp32
+    codes = packed.reshape(-1).view(torch.uint8)
+    return _dequantize_4bit_compute(codes, absmax, state.code.float(), state.blocksize, state.shape, state.dtype)
+
+
 class QuantizedWeight(nn.Module):
     """A frozen (out_features, in_features) weight in one storage format; buffers only, never parameters."""
 
@@ -201,9 +222,7 @@ class QuantizedWeight(nn.Module):
     def dequantize_reference(self) -> torch.Tensor:
         """Dequantize with the owning library's code (bitsandbytes / quanto arithmetic)."""
         if self.format == "nf4":
-            import bitsandbytes.functional as bnbf
-
-            return bnbf.dequantize_4bit(self.weight, self.bnb_quant_state(), quant_type="nf4").to(self.dtype)
+            return _nf4_dequantize_bnb(self.weight, self.bnb_quant_state())
         if self.format == "fp8":
             return self.weight.to(self.scale.dtype).mul(self.scale).to(self.dtype)
         return self.weight.to(self.dtype)
