@@ -74,9 +74,9 @@ def random_text_encoders(t5_quant: str = "bf16"):
     import torch
     from transformers import CLIPTextModel, T5EncoderModel
 
-    from urae_lite.plan.fake_models import text_encoder_configs  # FLUX.1's published architectures, one owner
+    from urae_lite.flux_configs import clip_config, t5_config  # FLUX.1's published architectures, one owner
 
-    clip, t5 = text_encoder_configs()
+    clip, t5 = clip_config(), t5_config()
     out = []
     for cls, cfg, seed in ((CLIPTextModel, clip, 1), (T5EncoderModel, t5, 2)):
         with torch.device("meta"):
@@ -122,10 +122,9 @@ def random_vae():
     import torch
     from diffusers import AutoencoderKL
 
-    from urae_lite.plan.constants import FLUX_VAE_CONFIG
-    from urae_lite.plan.fake_models import VAE_FACTORS
+    from urae_lite.flux_configs import FLUX_VAE_CONFIG, FLUX_VAE_FACTORS
 
-    return AutoencoderKL(**FLUX_VAE_CONFIG, **VAE_FACTORS).to(torch.bfloat16).eval()
+    return AutoencoderKL(**FLUX_VAE_CONFIG, **FLUX_VAE_FACTORS).to(torch.bfloat16).eval()
 
 
 def random_transformer(quant: str):
@@ -202,9 +201,11 @@ def generation_row(pipe, quant: str, size: int, steps: int) -> dict:
     import torch
 
     from urae_lite.errors import UraeError
-    from urae_lite.presets import load_preset
+    from urae_lite.presets import load_preset, preset_memory
 
-    s = load_preset("4k" if size >= 4096 else "2k", "dev").replace(width=size, height=size, steps=steps)
+    preset = "4k" if size >= 4096 else "2k"
+    s = load_preset(preset, "dev").replace(width=size, height=size, steps=steps)
+    pipe.memory = pipe.memory.replace(vae_tiling=preset_memory(preset, "dev").vae_tiling)  # the preset's decode
     row: dict = {"quant": quant, "size": size, "steps": steps, "settings": s.as_dict(), "stages": {}}
     timer = StepTimer(pipe.transformer)
     try:
@@ -264,12 +265,12 @@ def main() -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTokenizer, T5TokenizerFast
 
-    from urae_lite.block_swap import enable_block_swap
+    from urae_lite import memory as memory_settings
+    from urae_lite.memory import MemorySettings
     from urae_lite.offload import apply_offload
     from urae_lite.pipeline import UraePipeline
     from urae_lite.presets import GenerationSettings
     from urae_lite.tiny import tiny_flux_path
-    from urae_lite.token_chunking import enable_token_chunking
 
     device = torch.cuda.get_device_name()
     tiny = tiny_flux_path()
@@ -295,22 +296,13 @@ def main() -> None:
         # block swap capture the tensors when applied, so there every size runs with the 4K rank (48) from the start
         grow = args.offload in ("none", "model") and not args.blocks_to_swap and min(args.sizes) < 4096
         add_adapter_rank(transformer, 16 if grow else 48, "urae_2k" if grow else "urae_2k_4k")
-        if args.token_chunks > 1:  # as load_pipeline: before any hook, then block swap, then the offload
-            enable_token_chunking(transformer, args.token_chunks)
-        enable_block_swap(transformer, args.blocks_to_swap, torch.device("cuda"))
+        settings = MemorySettings(quant=quant, offload=args.offload, **memory).check("generate", 57)
+        memory_settings.apply(transformer, settings, torch.device("cuda"))  # as load_pipeline, before the offload
         flux = FluxPipeline(transformer=transformer, **parts)
         apply_offload(flux, args.offload, torch.device("cuda"))
         torch.cuda.empty_cache()  # the loading's cached blocks must not count as the first row's reserved peak
         pipe = UraePipeline(
-            flux,
-            model="random FLUX.1-dev",
-            quant=quant,
-            adapters=[],
-            offload=args.offload,
-            defaults=GenerationSettings(),
-            blocks_to_swap=args.blocks_to_swap,
-            token_chunks=args.token_chunks,
-            progress=False,
+            flux, model="random FLUX.1-dev", adapters=[], defaults=GenerationSettings(), memory=settings, progress=False
         )
         for size in sorted(args.sizes):
             if grow and size >= 4096 and adapter_rank(transformer) < 48:

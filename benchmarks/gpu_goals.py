@@ -34,26 +34,24 @@ def goal_pick(task: str, size: int, vram_gib: float) -> Candidate:
     shipped recipe for the size fixes and the search leaves alone (adapter, rank, optimizer, validation), as the
     command does; generation plans the product's defaults. UraeError when nothing fits."""
     from urae_lite.errors import UraeError
-    from urae_lite.plan import best_config
-    from urae_lite.plan.search import SEARCHED
+    from urae_lite.plan import PlanConfig, best_config
 
-    fixed = {}
+    job = PlanConfig(task=task, width=size, height=size)
     if task == "train":
-        from urae_lite.plan.recipe import recipe_plan_fields, shipped_recipe
+        from urae_lite.plan.recipe import recipe_file_job, shipped_recipe
 
-        fields = recipe_plan_fields(shipped_recipe(size))
-        fixed = {k: v for k, v in fields.items() if k not in (*SEARCHED[task], "width", "height")}
-    result = best_config(task, size, size, vram_gib, GOAL_RAM_GIB, **fixed)
+        job = recipe_file_job(shipped_recipe(size))
+    result = best_config(job, vram_gib, GOAL_RAM_GIB)
     if result.best is None:
         raise UraeError(result.impossible())
     return result.best
 
 
 def memory_options(cfg: PlanConfig) -> dict:
-    """The options the planner searched, with the values of `cfg`."""
-    from urae_lite.plan.search import SEARCHED
+    """The settings the planner searched, with the values of `cfg`."""
+    from urae_lite.memory import searched
 
-    return {name: getattr(cfg, name) for name in SEARCHED[cfg.task]}
+    return {name: getattr(cfg.memory, name) for name in searched(cfg.task)}
 
 
 def goal_record(task: str, size: int, vram_gib: float) -> dict:
@@ -86,36 +84,31 @@ def tiny_plan(cfg: PlanConfig, tiny_blocks: int) -> tuple[PlanConfig, dict[str, 
     """The pick as the tiny model on the CPU runs it, and the reason for each option changed: the same share of its
     `tiny_blocks` blocks swapped (at least one when any), and no offload (the CPU is both sides)."""
     changes: dict[str, str] = {}
+    m = cfg.memory
     full = cfg.arch().n_blocks
-    swap = max(1, round(cfg.blocks_to_swap * tiny_blocks / full)) if cfg.blocks_to_swap else 0
-    if swap != cfg.blocks_to_swap:
+    swap = max(1, round(m.blocks_to_swap * tiny_blocks / full)) if m.blocks_to_swap else 0
+    if swap != m.blocks_to_swap:
         changes["blocks_to_swap"] = (
-            f"{cfg.blocks_to_swap} of {full} blocks -> {swap} of the tiny model's {tiny_blocks} (CPU as both sides)"
+            f"{m.blocks_to_swap} of {full} blocks -> {swap} of the tiny model's {tiny_blocks} (CPU as both sides)"
         )
-    offload = cfg.offload
-    if cfg.task == "generate" and cfg.offload != "none":
+    offload = m.offload
+    if cfg.task == "generate" and m.offload != "none":
         offload = "none"
-        changes["offload"] = f"{cfg.offload} -> none: on the CPU there is no device memory to offload from"
-    return cfg.replace(blocks_to_swap=swap, offload=offload), changes
+        changes["offload"] = f"{m.offload} -> none: on the CPU there is no device memory to offload from"
+    return cfg.with_memory(blocks_to_swap=swap, offload=offload), changes
 
 
 def generate_args(cfg: PlanConfig) -> list[str]:
     """benchmarks/generate.py's options for `cfg`'s memory settings (its quant goes in --quants)."""
-    return [
-        "--offload",
-        cfg.offload,
-        "--t5-quant",
-        cfg.t5_quant,
-        "--blocks-to-swap",
-        str(cfg.blocks_to_swap),
-        "--token-chunks",
-        str(cfg.token_chunks),
-    ]
+    from urae_lite.memory import searched
+
+    return cfg.memory.describe("generate", [n for n in searched("generate") if n != "quant"]).split()
 
 
 def train_args(cfg: PlanConfig) -> list[str]:
     """benchmarks/train.py's options for `cfg`'s memory settings: its checkpointing mode and the recipe overrides
     `urae-lite plan` prints."""
-    from urae_lite.plan import train_overrides
+    from urae_lite.memory import searched
 
-    return ["--modes", cfg.checkpointing, *(x for o in train_overrides(cfg) for x in ("--set", o))]
+    overrides = cfg.memory.describe("train", searched("train")).split()
+    return ["--modes", cfg.memory.checkpointing, *(x for o in overrides for x in ("--set", o))]

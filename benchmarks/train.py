@@ -1,7 +1,7 @@
 """Peak VRAM and seconds per step of URAE adapter training on full-size FLUX.1-dev (random weights, one GPU).
 
     python benchmarks/train.py [--configs 2k-nf4,2k-fp8,4k-nf4,4k-fp8] [--modes on,cpu] [--steps 3] [--warmup 1]
-                               [--set training.blocks_to_swap=56 --set quant=fp8 ...]
+                               [--set memory.blocks_to_swap=56 --set memory.quant=fp8 ...]
 
 Weights are streamed from `urae_lite.tiny.iter_random_transformer_tensors(flux_dev_config(), device="cuda")`
 into the loader's own skeleton (`empty_transformer` + `fill_transformer`): same shapes, quantization, adapters and
@@ -13,7 +13,7 @@ recipe (recipes/train_2k_lora.yaml or train_4k_minor.yaml) with its quant and ch
   base + a random rank-16 2K LoRA that stays frozen in the same branch; NTK 10, proportional attention, Prodigy.
 * modes: `on` = block checkpointing, `cpu` = checkpointing with block inputs in pinned host memory, `off` = none.
 * `--set KEY=VALUE` (repeatable): recipe overrides after the config's, e.g. the memory options `urae-lite plan
-  --vram N` prints (`quant=`, `training.blocks_to_swap=`, `training.token_chunks=`, `training.checkpoint_every=`);
+  --vram N` prints (`memory.quant=`, `memory.blocks_to_swap=`, `memory.token_chunks=`, `memory.checkpoint_every=`);
   token chunks, checkpoint segments and block swap are set up as train/model.py sets them up.
 
 Batches are synthetic (VAE posterior mean/std, T5 512x4096, pooled CLIP 768) with the real shapes, built by the
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="recipe override after the config's (repeatable), e.g. training.blocks_to_swap=56",
+        help="recipe override after the config's (repeatable), e.g. memory.blocks_to_swap=56",
     )
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config in this process, print its rows
     return p.parse_args(argv)
@@ -127,7 +127,6 @@ def run_one(name: str, modes: list[str], steps: int, warmup: int, tiny: bool, ex
     import torch
     from generate import outside_allocator_gib
 
-    from urae_lite.block_swap import enable_block_swap
     from urae_lite.flux_configs import flux_dev_config
     from urae_lite.loader import LoadSpec, empty_transformer, fill_transformer
     from urae_lite.minor import MinorSpec
@@ -144,33 +143,32 @@ def run_one(name: str, modes: list[str], steps: int, warmup: int, tiny: bool, ex
     size = TINY_RESOLUTION[resolution] if tiny else resolution
     text_tokens = 32 if tiny else 512
     tmp = Path(tempfile.mkdtemp(prefix="urae_bench_"))
-    overrides = [f"data.dir={tmp}", f"output_dir={tmp}", f"quant={quant}", f"data.resolution={size}"]
+    overrides = [f"data.dir={tmp}", f"output_dir={tmp}", f"memory.quant={quant}", f"data.resolution={size}"]
     minor = None
     if "minor" in recipe:
         overrides.append(f"adapter.base_adapters=[{_random_2k_adapter(config, tmp)}]")
         minor = MinorSpec(16, svd_device=str(device) if device.type == "cuda" else None)
     cfg = load_recipe(ROOT / "recipes" / recipe, overrides + list(extra))
-    t = cfg.training
+    m = cfg.memory
 
     start = time.perf_counter()
     # as build_model loads: the swapped blocks are parked in host memory as they arrive
     spec = LoadSpec(
-        cfg.quant, device, adapters=cfg.adapter.base_adapters, minor=minor, progress=False, park_blocks=t.blocks_to_swap
+        m.format, device, adapters=cfg.adapter.base_adapters, minor=minor, progress=False, park_blocks=m.blocks_to_swap
     )
     model = fill_transformer(empty_transformer(config), iter_random_transformer_tensors(config, device=device), spec)
-    model = prepare_for_training(model, cfg)
-    enable_block_swap(model, t.blocks_to_swap, device)  # after the fp32 masters exist; 0 = off
+    model = prepare_for_training(model, cfg, device)  # token chunks, checkpoint segments, block swap (urae_lite.memory)
     if device.type == "cuda":
         torch.cuda.synchronize()
     load_s = time.perf_counter() - start
     sample = _synthetic_sample(config, size, text_tokens, seed=1)
     rows = []
     for mode in modes:
-        cfg.training.checkpointing = mode
+        cfg.memory = cfg.memory.replace(checkpointing=mode)
         if mode == "off":
             model.disable_gradient_checkpointing()
         else:
-            enable_checkpoint_segments(model, t.checkpoint_every)
+            enable_checkpoint_segments(model, m.checkpoint_every)
         optimizer, scheduler = build_optimizer(cfg, (p for _, p in trainable_parameters(model)))
         trainer = Trainer(model, optimizer, scheduler, cfg, device)
         if device.type == "cuda":
@@ -180,11 +178,11 @@ def run_one(name: str, modes: list[str], steps: int, warmup: int, tiny: bool, ex
             "config": name,
             "mode": mode,
             "resolution": size,
-            "quant": cfg.quant,
+            "quant": m.quant,
             "kind": cfg.adapter.kind,
-            "blocks_to_swap": t.blocks_to_swap,
-            "token_chunks": t.token_chunks,
-            "checkpoint_every": t.checkpoint_every,
+            "blocks_to_swap": m.blocks_to_swap,
+            "token_chunks": m.token_chunks,
+            "checkpoint_every": m.checkpoint_every,
             "overrides": list(extra),
             "tokens": (size // 16) ** 2 + text_tokens,
             "load_s": round(load_s, 1),

@@ -11,27 +11,20 @@ implementation, so FakeTensorMode and torch.compile trace through the kernels; e
 GPU. Kernels are compiled for CUDA, or simulated on the CPU when TRITON_INTERPRET=1 is set before this import.
 """
 
-import importlib
-import sys
-from types import ModuleType
+if __name__ != "urae_lite.kernels":
+    # Imported under another name: a checkout root on sys.path makes this folder importable as the top-level
+    # `kernels`, the name of an unrelated PyPI package that libraries probe for. What the importer gets is an empty
+    # module without a file or version, which every probe reads as "not installed": transformers (it imports the
+    # package when no metadata names it, and counts a module without `__file__` as absent; an ImportError here
+    # would escape its probe and break `import transformers`), bitsandbytes (`from kernels import get_kernel` fails
+    # as without the package) and diffusers (metadata only). Nothing of urae_lite is registered a second time.
+    import sys as _sys
+    from importlib.machinery import ModuleSpec as _ModuleSpec
+    from types import ModuleType as _ModuleType
 
-
-def _canonical_package() -> ModuleType | None:
-    """urae_lite.kernels when this folder is being imported under another name, else None.
-
-    transformers probes for the PyPI package `kernels` by importing it, which finds this folder whenever a
-    checkout root is on sys.path; running it a second time would register every torch.ops.urae_lite op again
-    (silently taking them over) and duplicate every Triton kernel and autotune cache."""
-    if __name__ == "urae_lite.kernels":
-        return None
-    try:
-        return importlib.import_module("urae_lite.kernels")
-    except ImportError:  # nothing to defer to: this copy is the only one
-        return None
-
-
-if (_canonical := _canonical_package()) is not None:
-    sys.modules[__name__] = _canonical  # the importer receives the one real package
+    _absent = _ModuleType(__name__, "urae_lite's kernel folder, not the `kernels` package")
+    _absent.__spec__ = _ModuleSpec(__name__, None)  # importlib.util.find_spec reads it (None would raise)
+    _sys.modules[__name__] = _absent
 else:
     from .autograd import AdaptedLinearFunction, adapted_linear
     from .dequant import fp8_dequantize, nf4_dequantize

@@ -19,7 +19,7 @@ from .lowrank_gemm import lowrank_backward
 class DequantizableWeight(Protocol):
     """What `adapted_linear` needs from a frozen base (urae_lite.quant.QuantizedWeight provides it)."""
 
-    format: str  # "nf4" | "fp8" | "bf16"
+    dense: bool  # stored dense in the compute dtype: no workspace to dequantize into
     dtype: torch.dtype  # dtype `dequantize` produces
     weight: torch.Tensor  # storage buffer; gives the device
 
@@ -56,7 +56,7 @@ def _workspace(base: DequantizableWeight) -> torch.Tensor:
 
 def _dense_weight(base: DequantizableWeight, dtype: torch.dtype) -> torch.Tensor:
     """base as a dense (N, K) `dtype` weight; quantized bases dequantize into the shared workspace."""
-    if base.format == "bf16":
+    if base.dense:
         w = base.dequantize()
     else:
         w = base.dequantize(out=_workspace(base)[: base.shape.numel()].view(base.shape))

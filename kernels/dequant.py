@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .triton_utils import check_launchable, device_guard, interpreting, round_to
 
-NF4_BLOCK = 64  # elements per absmax (bitsandbytes blocksize; 256 absmax codes share a nested absmax)
+NF4_BLOCK = 64  # the kernel's tile: urae_lite.quant.nf4.NF4_BLOCKSIZE (the format owns it; the tests hold them equal)
 _NF4_ROWS = 16 if interpreting() else 64  # quant blocks per program: 64 x 64 elements = 8 KiB of bf16 out
 _FP8_TILE = (16, 32) if interpreting() else (32, 256)
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import QuantizedWeight, kernels_enabled
+from .kernel_switch import kernels_enabled
+from .quant import QuantizedWeight
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -48,34 +48,15 @@ def swapped_block_names(config: dict, blocks_to_swap: int) -> tuple[str, ...]:
     """The blocks `enable_block_swap(..., blocks_to_swap)` swaps in a transformer of this diffusers config: the last
     ones in execution order (the loader parks them in host memory while loading; the planner counts them)."""
     names = block_names(config["num_layers"], config["num_single_layers"])
-    check_blocks_to_swap(blocks_to_swap, len(names))
     return names[len(names) - blocks_to_swap :] if blocks_to_swap else ()
-
-
-def check_blocks_to_swap(blocks_to_swap: object, total: int) -> int:
-    """`blocks_to_swap` as a checked int: 0 (off) to `total` (every block)."""
-    if isinstance(blocks_to_swap, bool) or not isinstance(blocks_to_swap, int) or not 0 <= blocks_to_swap <= total:
-        raise UraeError(
-            f"blocks_to_swap must be a whole number from 0 (off) to {total} (every block of this "
-            f"transformer), got {blocks_to_swap!r}"
-        )
-    return blocks_to_swap
-
-
-def check_swap_offload(blocks_to_swap: int, offload: str) -> None:
-    """Block swap places the transformer itself; the `group`/`sequential` offloads would stream it a second way."""
-    if blocks_to_swap and offload in ("group", "sequential"):
-        raise UraeError(
-            f"--blocks-to-swap replaces {offload} offloading for the transformer: use it with --offload model or none"
-        )
 
 
 def enable_block_swap(transformer: nn.Module, blocks_to_swap: int, device: torch.device | str) -> BlockSwap | None:
     """Swap the last `blocks_to_swap` blocks through host memory and put the rest of `transformer` on `device`.
 
-    Returns the BlockSwap (`.remove()` puts everything back on the device), or None for 0 (off)."""
+    Returns the BlockSwap (`.remove()` puts everything back on the device), or None for 0 (off). `blocks_to_swap`
+    comes checked (urae_lite.memory.MemorySettings.check: 0 to the number of blocks)."""
     blocks = execution_blocks(transformer)
-    check_blocks_to_swap(blocks_to_swap, len(blocks))
     if blocks_to_swap == 0:
         return None
     if block_swap_of(transformer) is not None:
@@ -147,7 +128,7 @@ class BlockSwap:
     def _enter(self, pos: int) -> None:
         if torch.is_grad_enabled() and not getattr(self.transformer, "gradient_checkpointing", False):
             raise UraeError(
-                "block swap with gradients needs gradient checkpointing (set training.checkpointing=on "
+                "block swap with gradients needs gradient checkpointing (set memory.checkpointing=on "
                 "or cpu): autograd would otherwise read swapped weights after they left the device"
             )
         nxt = self._next(pos, backward=torch._C._current_graph_task_id() != -1)

@@ -10,6 +10,8 @@ from . import console
 from .errors import UraeError
 from .quant import QUANT_FORMATS
 
+QUANT_CHOICES = "{" + ",".join(QUANT_FORMATS) + "}"  # checked where it is used, with the same one-line error
+
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
@@ -53,7 +55,7 @@ def _cmd_tiny(args: argparse.Namespace) -> None:
 
 # Feature modules that add their own subcommands: each has `register(subparsers)` setting `func`.
 FEATURE_MODULES: tuple[str, ...] = (
-    "urae_lite.train.cli",
+    "urae_lite.train_cli",
     "urae_lite.generate",
     "urae_lite.plan.cli",
     "urae_lite.export",
@@ -73,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="urae_lite_demo.png")
     p.add_argument("--size", type=int, default=2048, help="image side in pixels (multiple of 16)")
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--quant", choices=QUANT_FORMATS, default="nf4")
+    p.add_argument("--quant", default="nf4", metavar=QUANT_CHOICES, help="frozen base format (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
@@ -86,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with a single file as --model: the diffusers FLUX folder or hub id it "
         "belongs to (only its transformer/config.json is read; default: FLUX.1 defaults)",
     )
-    p.add_argument("--quant", choices=QUANT_FORMATS, default="nf4")
+    p.add_argument("--quant", default="nf4", metavar=QUANT_CHOICES, help="frozen base format (default %(default)s)")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu", help="where to quantize (cuda is much faster)")
     p.set_defaults(func=_cmd_prepare)

@@ -33,7 +33,7 @@ def run_demo(
     report = RunReport()
     pipe = load_pipeline(
         "tiny",
-        quant=quant,
+        memory={"quant": quant, "vae_tiling": "on", "vae_strip_rows": 512},
         preset="2k",
         minor=MinorSpec(rank=4, trainable=False),
         progress=progress,
@@ -41,8 +41,6 @@ def run_demo(
         width=size,
         height=size,
         steps=steps,
-        vae_tiling="on",
-        vae_strip_rows=512,
         ntk=10.0,
         proportional_attention=True,
     )

@@ -7,16 +7,9 @@ import argparse
 
 from .component_files import add_component_options
 from .destinations import check_output_file, write_with_fallback
-from .offload import OFFLOAD_MODES
-from .presets import PRESETS, VAE_TILING_MODES
-from .quant import QUANT_FORMATS
-from .text_encoders import T5_QUANTS
+from .memory import MemorySettings
+from .presets import PRESETS
 from .vram_options import add_vram_options
-
-# memory options (PlanConfig fields, `--vram` fills the ones not given) and their defaults; offload's depends on the
-# device and is decided by load_pipeline
-MEMORY_OPTIONS = ("quant", "offload", "t5_quant", "blocks_to_swap", "token_chunks")
-MEMORY_DEFAULTS = {"quant": "nf4", "t5_quant": "bf16", "blocks_to_swap": 0, "token_chunks": 1}
 
 # CLI option -> GenerationSettings field, for the options that override the preset
 SETTING_OPTIONS = (
@@ -28,8 +21,6 @@ SETTING_OPTIONS = (
     "ntk",
     "proportional_attention",
     "max_sequence_length",
-    "vae_tiling",
-    "vae_strip_rows",
     "refine_from",
     "strength",
 )
@@ -73,9 +64,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--preset", default="2k", help=f"{' | '.join(PRESETS)} (authors' settings for the model family) or a YAML file"
     )
     p.add_argument(
-        "--quant", choices=QUANT_FORMATS, help="frozen base format (default: nf4, or the planner's pick with --vram)"
-    )
-    p.add_argument(
         "--adapter",
         action="append",
         default=[],
@@ -100,37 +88,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-sequence-length", type=int, help="T5 tokens (dev 512, schnell 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--offload",
-        choices=OFFLOAD_MODES,
-        help="none | model (staged, default on CUDA) | group (blocks streamed) | sequential (least memory)",
-    )
-    p.add_argument(
-        "--blocks-to-swap",
-        type=int,
-        metavar="N",
-        help="keep the last N transformer blocks in host memory and stream them through the GPU one at a "
-        "time (with --offload model or none): less GPU memory, same image, slower (default: 0, off)",
-    )
-    p.add_argument(
-        "--token-chunks",
-        type=int,
-        metavar="N",
-        help="run the blocks (all but attention) over N token chunks: less GPU memory at 4K, same image (default 1)",
-    )
-    p.add_argument("--vae-tiling", choices=VAE_TILING_MODES, help="exact strip-tiled VAE decode")
-    p.add_argument("--vae-strip-rows", type=int, help="rows per tiled-decode strip (fewer = less memory)")
-    p.add_argument(
         "--refine-from",
         type=int,
         metavar="SIDE",
         help="coarse-to-fine: base model at ~SIDE² first, upscale, re-noise, denoise at the target",
     )
     p.add_argument("--strength", type=float, help="refine: re-noising strength in (0, 1] (default 0.6)")
-    p.add_argument(
-        "--t5-quant",
-        choices=T5_QUANTS,
-        help="T5-XXL's linears: nf4 cuts text encoding from 8.9 to 3.9 GiB (default: bf16)",
-    )
+    MemorySettings.add_arguments(p, ["generate"])  # --quant, --offload, --blocks-to-swap, ... (the preset's memory:)
     add_vram_options(p, "generate")
     p.add_argument("--device", help="cuda (default when present) or cpu")
     p.add_argument("--svd-device", help="device for the one-time 4K adapter conversion (default: --device)")
@@ -145,8 +109,7 @@ def run(args: argparse.Namespace) -> None:
     from .errors import UraeError
     from .model_files import resolve_files
     from .pipeline import load_pipeline
-    from .plan.choose import apply_vram, model_fields
-    from .presets import load_preset
+    from .presets import load_preset, preset_memory
     from .report import RunReport
 
     check_output_file(args.out)
@@ -154,44 +117,33 @@ def run(args: argparse.Namespace) -> None:
     if settings.get("shift") == "model":
         settings["shift"] = None
     files = resolve_files(args.model, args.base_pipeline, component_files(args))  # once: a hub id is fetched here
+    given = MemorySettings.given(args)
+    memory = preset_memory(args.preset, files.variant, args.overrides).replace(**given)
     if args.vram is not None:
-        size = load_preset(args.preset, files.variant, args.overrides)
-        picked = apply_vram(
-            "generate",
-            args.width or size.width,
-            args.height or size.height,
-            args.vram,
-            args.ram,
-            vae_tiling=args.vae_tiling,
-            **model_fields(files),
-            **{k: getattr(args, k) for k in MEMORY_OPTIONS},
-        )
-        for name, value in picked.items():
-            setattr(args, name, value)
-    for name, default in MEMORY_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
+        from .memory import overridden
+        from .plan.choose import apply_vram, model_fields
+        from .plan.estimate import PlanConfig
+
+        size = load_preset(args.preset, files.variant, args.overrides).replace(**settings)
+        job = PlanConfig(task="generate", width=size.width, height=size.height, memory=memory, **model_fields(files))
+        memory = apply_vram(job, set(given) | overridden(args.overrides), args.vram, args.ram)
     report = RunReport()
     try:
         pipe = load_pipeline(
             files,
-            quant=args.quant,
+            memory=memory,
             adapters=args.adapter,
             preset=args.preset,
             preset_overrides=args.overrides,
             device=args.device,
-            offload=args.offload,
-            blocks_to_swap=args.blocks_to_swap,
-            token_chunks=args.token_chunks,
             svd_device=args.svd_device,
-            t5_quant=args.t5_quant,
             report=report,
             **settings,
         )
     except torch.cuda.OutOfMemoryError as e:
         raise UraeError(
-            f"CUDA out of memory while loading the model (quant {args.quant}, offload "
-            f"{args.offload or 'default'}); try --quant nf4 and --offload model"
+            f"CUDA out of memory while loading the model ({memory.describe('generate', ['quant', 'offload'])}); "
+            f"try --quant nf4 and --offload model"
         ) from e
     result = pipe(args.prompt, seed=args.seed, report=report)
     with report.stage("save png"):

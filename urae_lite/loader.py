@@ -21,22 +21,23 @@ from .adapted_linear import AdaptedLinear
 from .adapter_io import AdapterFile, attach_adapter, check_fits, read_adapter
 from .block_swap import swapped_block_names
 from .errors import UraeError
+from .memory import MemorySettings
 from .minor import MinorSpec, add_minor_slices, minor_components
 from .model_files import ModelFiles, as_model_files
-from .quant import QuantizedWeight, check_quant_format
+from .quant import QuantFormat, QuantizedWeight, get_format
 from .targets import block_linear_names, is_adapter_target
 
 
 # ---- what to build -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LoadSpec:
-    """How to build the transformer, checked once here: the base's quant format, the device it is quantized on and
-    the compute dtype, frozen adapters attached in order as `adapter0, adapter1, ...` (a URAE 4K file right after
-    its 2K LoRA), an optional minor-component adapter initialised from the (base + adapters) weights, and
-    `park_blocks`: the last N blocks' frozen tensors stay in host memory as they load, for `enable_block_swap`
-    with the same N."""
+    """How to build the transformer: the base's storage format (a QuantFormat, or its name), the device it is
+    quantized on and the compute dtype, frozen adapters attached in order as `adapter0, adapter1, ...` (a URAE 4K
+    file right after its 2K LoRA), an optional minor-component adapter initialised from the (base + adapters)
+    weights, and `park_blocks`: the last N blocks' frozen tensors stay in host memory as they load, for
+    `enable_block_swap` with the same N (checked by the caller's MemorySettings)."""
 
-    quant: str = "nf4"
+    quant: QuantFormat | str = "nf4"
     device: torch.device | str = "cpu"
     dtype: torch.dtype = torch.bfloat16
     adapters: Sequence[str | os.PathLike | AdapterFile] = ()
@@ -45,7 +46,7 @@ class LoadSpec:
     park_blocks: int = 0
 
     def __post_init__(self) -> None:
-        check_quant_format(self.quant)
+        object.__setattr__(self, "quant", get_format(self.quant))
         object.__setattr__(self, "device", torch.device(self.device))
         object.__setattr__(self, "adapters", tuple(self.adapters))
 
@@ -96,7 +97,7 @@ def fill_transformer(
     for _, f in plan:
         check_fits(modules, f)
     bar = tqdm(
-        tensors, total=total, desc=f"loading transformer ({spec.quant})", unit="tensor", disable=not spec.progress
+        tensors, total=total, desc=f"loading transformer ({spec.quant.name})", unit="tensor", disable=not spec.progress
     )
     for name, tensor in bar:
         module_name, _, leaf = name.rpartition(".")
@@ -202,10 +203,10 @@ def _read_prepared(files: ModelFiles, spec: LoadSpec) -> nn.Module:
     from accelerate.utils import set_module_tensor_to_device
 
     folder, marker = files.transformer, files.marker or {}
-    if marker.get("quant") != spec.quant:
+    if marker.get("quant") != spec.quant.name:
         raise UraeError(
-            f"{folder} was prepared as {marker.get('quant')}, not {spec.quant}: pass "
-            f"--quant {marker.get('quant')} or run `urae-lite prepare --quant {spec.quant}` again"
+            f"{folder} was prepared as {marker.get('quant')}, not {spec.quant.name}: pass "
+            f"--quant {marker.get('quant')} or run `urae-lite prepare --quant {spec.quant.name}` again"
         )
     missing = [s for s in marker.get("shards", []) if not (folder / s).is_file()]
     if missing:
@@ -224,7 +225,7 @@ def _read_prepared(files: ModelFiles, spec: LoadSpec) -> nn.Module:
     for key in reader.keys():  # noqa: SIM118 (the readers are not iterable)
         owner = next((m for m in _prefixes(key) if m in modules and hasattr(modules[m], "slices")), None)
         grouped.setdefault(owner or key, []).append(key)
-    for owner, keys in tqdm(grouped.items(), desc=f"loading prepared ({spec.quant})", disable=not spec.progress):
+    for owner, keys in tqdm(grouped.items(), desc=f"loading prepared ({spec.quant.name})", disable=not spec.progress):
         in_parked = _in_blocks(owner, parked)
         if owner in modules:  # an AdaptedLinear: its quantized weight (+ bias)
             layer = modules[owner]
@@ -279,10 +280,13 @@ def load_transformer(
 
     `model`: a diffusers folder, hub id, `tiny`, a folder written by `urae-lite prepare`, or a single transformer
     file (BFL or diffusers keys; `base_pipeline` gives its RoPE axes and checks its widths). The other arguments
-    are `LoadSpec`'s.
+    are `LoadSpec`'s, `quant` and `park_blocks` checked as MemorySettings (`quant`, `blocks_to_swap`).
     """
-    spec = LoadSpec(quant, device, dtype, adapters, minor, progress, park_blocks)
-    return read_transformer(as_model_files(model, base_pipeline), spec)
+    memory = MemorySettings(quant=quant, blocks_to_swap=park_blocks)
+    files = as_model_files(model, base_pipeline)
+    memory.check(None, files.config["num_layers"] + files.config["num_single_layers"])
+    spec = LoadSpec(memory.format, device, dtype, adapters, minor, progress, memory.blocks_to_swap)
+    return read_transformer(files, spec)
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLinear]]:

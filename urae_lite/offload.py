@@ -19,20 +19,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import UraeError
-
 OFFLOAD_MODES = ("none", "model", "group", "sequential")
 
 
-def check_offload(mode: str) -> str:
-    if mode not in OFFLOAD_MODES:
-        raise UraeError(f"unknown offload mode '{mode}': use one of {', '.join(OFFLOAD_MODES)}")
-    return mode
-
-
 def apply_offload(pipe, mode: str, device: torch.device) -> None:
-    """Place `pipe`'s components for `mode`; the pipeline's execution device becomes `device`."""
-    check_offload(mode)
+    """Place `pipe`'s components for `mode` (checked: urae_lite.memory); the pipeline's execution device becomes
+    `device`."""
     if mode == "none":
         pipe.to(device)
     elif mode == "model":

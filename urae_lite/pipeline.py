@@ -9,30 +9,31 @@ time, which is what keeps 2K under 10 GiB with an NF4 base (T5-XXL alone is 8.9 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import torch
 from PIL import Image
 
+from . import memory as memory_settings
 from .adapter_cache import resolve_adapters
-from .block_swap import check_blocks_to_swap, check_swap_offload, enable_block_swap, execution_blocks
+from .block_swap import execution_blocks
 from .component_files import ComponentFiles, check_fits, pipeline_components
 from .console import library_bars_off
 from .errors import UraeError
 from .hires import set_ntk, set_proportional_attention
 from .loader import LoadSpec, read_transformer
+from .memory import MemorySettings, spell
 from .minor import MinorSpec
 from .model_files import ModelFiles, as_model_files
-from .offload import apply_offload, check_offload
+from .offload import apply_offload
 from .output import GenerationResult
-from .presets import GenerationSettings, load_preset
+from .presets import GenerationSettings, load_preset, preset_memory
 from .refine import adapters_disabled, coarse_size, tiled_encode, upscale
 from .report import RunReport
 from .safetensors_io import file_digest
-from .text_encoders import check_t5_quant, load_t5_nf4
+from .text_encoders import load_t5_nf4
 from .timeshift import static_shift_scheduler
-from .token_chunking import check_token_chunks, enable_token_chunking
 from .vae_tiling import decode as vae_decode
 
 Embeds = tuple[torch.Tensor, torch.Tensor]  # T5 (1, L, 4096), pooled CLIP (1, 768) for FLUX.1
@@ -46,18 +47,14 @@ class UraePipeline:
         flux,
         *,
         model: str,
-        quant: str,
         adapters: list[dict[str, str]],
         defaults: GenerationSettings,
-        offload: str,
-        blocks_to_swap: int = 0,
-        token_chunks: int = 1,
+        memory: MemorySettings,
         progress: bool = True,
     ):
         self.flux = flux
-        self.model, self.quant, self.adapters = model, quant, adapters
-        self.defaults, self.offload = defaults, offload
-        self.blocks_to_swap, self.token_chunks = blocks_to_swap, token_chunks  # for the out-of-memory advice
+        self.model, self.adapters = model, adapters
+        self.defaults, self.memory = defaults, memory  # memory: as loaded (offload resolved), for the advice too
         self._own_scheduler = flux.scheduler  # the model's own (dynamic shifting for dev); shifted copies per call
         flux.set_progress_bar_config(disable=not progress, desc="denoising")
 
@@ -83,20 +80,11 @@ class UraePipeline:
                 image = self.decode(packed, s)
         except torch.cuda.OutOfMemoryError as e:
             torch.cuda.empty_cache()
-            raise UraeError(
-                oom_advice(
-                    s,
-                    self.offload,
-                    self.quant,
-                    report.stages[-1][0],
-                    self.blocks_to_swap,
-                    self.token_chunks,
-                    len(execution_blocks(self.transformer)),
-                )
-            ) from e
+            stage = report.stages[-1][0]
+            raise UraeError(oom_advice(s, self.memory, stage, len(execution_blocks(self.transformer)))) from e
         finally:
             self.flux.maybe_free_model_hooks()  # `model` offload: everything back to the CPU between calls
-        return GenerationResult(image, prompt, seed, s, self.model, self.quant, self.adapters, report)
+        return GenerationResult(image, prompt, seed, s, self.model, self.memory.quant, self.adapters, report)
 
     # ---- stages (public so benchmarks can measure each; `__call__` is the normal entry) ---------------------------
     @torch.no_grad()
@@ -143,7 +131,8 @@ class UraePipeline:
         vae = self.flux.vae
         latents = self.flux._unpack_latents(packed, s.height, s.width, self.flux.vae_scale_factor)  # (1, 16, H/8, W/8)
         latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        image = vae_decode(vae, latents.to(vae.dtype), mode=s.vae_tiling, strip_rows=s.vae_strip_rows)  # (1, 3, H, W)
+        m = self.memory
+        image = vae_decode(vae, latents.to(vae.dtype), mode=m.vae_tiling, strip_rows=m.vae_strip_rows)  # (1, 3, H, W)
         return self.flux.image_processor.postprocess(image, output_type="pil")[0]
 
 
@@ -162,32 +151,14 @@ def _sampling_arguments(embeds: Embeds, s: GenerationSettings, seed: int) -> dic
     )
 
 
-def oom_advice(
-    s: GenerationSettings,
-    offload: str,
-    quant: str,
-    stage: str,
-    blocks_to_swap: int = 0,
-    token_chunks: int = 1,
-    n_blocks: int = 57,
-) -> str:
+def oom_advice(s: GenerationSettings, memory: MemorySettings, stage: str, n_blocks: int = 57) -> str:
     """One line: where memory ran out and the settings that lower it, cheapest first."""
-    tips = []
-    lighter = {"none": "model", "model": "group", "group": "sequential"}.get(offload)
-    if lighter and not (blocks_to_swap and lighter in ("group", "sequential")):  # swap excludes group/sequential
-        tips.append(f"--offload {lighter}")
-    if stage in ("denoise", "refine", "coarse image") and offload in ("none", "model") and blocks_to_swap < n_blocks:
-        tips.append(f"--blocks-to-swap {n_blocks}")
-    if stage in ("denoise", "refine", "coarse image") and token_chunks < 4:
-        tips.append("--token-chunks 4")
-    if quant != "nf4":
-        tips.append("--quant nf4")
-    if stage == "vae decode":
-        tips.append("--vae-tiling on" if s.vae_tiling != "on" else f"--vae-strip-rows {max(1, s.vae_strip_rows // 4)}")
+    part = stage if stage in ("text encoders", "vae decode") else "transformer"
+    tips = [f"{spell(name, 'generate')} {value}" for name, value in memory.lighter("generate", n_blocks, part).items()]
     tips.append(f"a smaller --width/--height than {s.width}x{s.height}")
     return (
-        f"CUDA out of memory in stage '{stage}' at {s.width}x{s.height} (offload {offload}, quant {quant}); "
-        f"to use less memory try: {', '.join(tips)}"
+        f"CUDA out of memory in stage '{stage}' at {s.width}x{s.height} "
+        f"({memory.describe('generate', ['offload', 'quant'])}); to use less memory try: {', '.join(tips)}"
     )
 
 
@@ -198,18 +169,14 @@ def default_device() -> torch.device:
 def load_pipeline(
     model: str | os.PathLike | ModelFiles = "tiny",
     *,
-    quant: str = "nf4",
+    memory: MemorySettings | Mapping | None = None,
     adapters: Sequence[str | os.PathLike] = (),
     preset: str | os.PathLike = "2k",
     preset_overrides: Sequence[str] = (),
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-    offload: str | None = None,
-    blocks_to_swap: int = 0,
-    token_chunks: int = 1,
     minor: MinorSpec | None = None,
     svd_device: str | None = None,
-    t5_quant: str = "bf16",
     progress: bool = True,
     report: RunReport | None = None,
     base_pipeline: str | os.PathLike | None = None,
@@ -218,18 +185,14 @@ def load_pipeline(
 ) -> UraePipeline:
     """FLUX with an NF4/FP8/bf16 base carrying `adapters`, ready to generate at 2K/4K.
 
-    `adapters`: our or diffusers-format LoRA files, kohya-style FLUX LoRAs, the authors' 2K file, and the authors'
-    4K file right after its 2K one (converted once to an exact LoRA, cached beside it). `preset`: `2k`, `4k` or a
-    YAML file; `preset_overrides` (`key=value`, as recipes take them) and then `**settings` (GenerationSettings
-    fields) override it. `device` defaults to CUDA when present;
-    `dtype` to bf16 on CUDA and fp32 on CPU (CPU bf16 convolutions are ~30x slower); `offload` to `model`
-    (staged) on CUDA and `none` on CPU. `blocks_to_swap` keeps the last N transformer blocks in host memory and
-    streams them through the device one at a time (with offload `model` or `none`; urae_lite.block_swap).
-    `token_chunks` runs the blocks (all but the attention) in that many token chunks: the same image with less peak
-    memory at 4K (urae_lite.token_chunking).
-    `minor` attaches a minor-component adapter initialised from the base.
-    `t5_quant="nf4"` loads T5-XXL's linears in NF4 (bitsandbytes via transformers): 8.9 -> 3.9 GiB, the largest
-    weights on the GPU during text encoding, which otherwise set the 2K peak. `model` may be a single FLUX
+    `memory`: how it fits the card (urae_lite.memory.MemorySettings: base format, offload, block swap, token chunks,
+    T5 format, VAE tiling), or a mapping of those settings over the preset's `memory:` section (default: the
+    preset's). None of them changes the image. `adapters`: our or diffusers-format LoRA files, kohya-style FLUX LoRAs,
+    the authors' 2K file, and the authors' 4K file right after its 2K one (converted once to an exact LoRA, cached
+    beside it). `preset`: `2k`, `4k` or a YAML file; `preset_overrides` (`key=value`, as recipes take them) and then
+    `**settings` (GenerationSettings fields) override it. `device` defaults to CUDA when present; `dtype` to bf16 on
+    CUDA and fp32 on CPU (CPU bf16 convolutions are ~30x slower); offload to `model` (staged) on CUDA and `none` on
+    CPU. `minor` attaches a minor-component adapter initialised from the base. `model` may be a single FLUX
     transformer file (ComfyUI / Forge); the rest of the pipeline then comes from `base_pipeline`.
     `component_files`: single-file VAE / CLIP / T5 weights (ComfyUI's ae, clip_l, t5xxl) instead of the folder's.
     `model` may also be a `ModelFiles` from `urae_lite.model_files.resolve_files`, which already holds those two.
@@ -237,49 +200,40 @@ def load_pipeline(
     GenerationSettings().replace(**{k: v for k, v in settings.items() if k != "refine_from"})  # fail before loading
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    offload = check_offload(offload or ("model" if device.type == "cuda" else "none"))
-    check_swap_offload(blocks_to_swap, offload)
-    check_token_chunks(token_chunks)
-    # bf16 needs no quantization work, so an offloaded (or block-swapped) bf16 base is built on the CPU instead of
-    # passing the GPU
-    load_device = torch.device("cpu") if quant == "bf16" and (offload != "none" or blocks_to_swap) else device
-    spec = LoadSpec(quant, load_device, dtype, minor=minor, progress=progress, park_blocks=blocks_to_swap)
-    check_t5_quant(t5_quant)
     files = as_model_files(model, base_pipeline, component_files)  # a hub id is fetched once, here
+    if not isinstance(memory, MemorySettings):
+        memory = preset_memory(preset, files.variant, preset_overrides).replace(**(memory or {}))
+    config = files.config
+    memory = memory.replace(offload=memory.resolved_offload(device.type))
+    memory.check("generate", config["num_layers"] + config["num_single_layers"])  # before any weight is read
     root = files.pipeline_root()
     check_fits(files.component_files, root)  # headers only: a wrong file fails before the transformer loads
-    config = files.config
-    check_blocks_to_swap(blocks_to_swap, config["num_layers"] + config["num_single_layers"])
     defaults = load_preset(preset, files.variant, preset_overrides).replace(**settings)
+    # bf16 needs no quantization work, so an offloaded (or block-swapped) bf16 base is built on the CPU instead of
+    # passing the GPU
+    streamed = memory.offload != "none" or memory.blocks_to_swap
+    load_device = torch.device("cpu") if memory.format.dense and streamed else device
+    spec = LoadSpec(
+        memory.format, load_device, dtype, minor=minor, progress=progress, park_blocks=memory.blocks_to_swap
+    )
     report = report if report is not None else RunReport()
     with report.stage("adapters"):
         resolved = resolve_adapters(
             files, adapters, svd_device or (str(device) if device.type == "cuda" else None), progress
         )
-    with report.stage(f"load transformer ({quant})"):
+    with report.stage(f"load transformer ({memory.quant})"):
         transformer = read_transformer(files, replace(spec, adapters=resolved))
-        if token_chunks > 1:  # before any hook: offload hooks keep the forward they wrap
-            enable_token_chunking(transformer, token_chunks)
         # before the pipeline's `.to()` / offload hooks, which then move only the blocks that are not swapped
-        enable_block_swap(transformer, blocks_to_swap, device)
+        memory_settings.apply(transformer, memory, device)
     with report.stage("load text encoders + vae"), library_bars_off():
         from diffusers import FluxPipeline
 
+        t5_nf4 = memory.t5_quant == "nf4"
         # passed components: diffusers skips their weights
-        extra = pipeline_components(files.component_files, root, dtype, t5_nf4=t5_quant == "nf4")
-        if t5_quant == "nf4" and "text_encoder_2" not in extra:
+        extra = pipeline_components(files.component_files, root, dtype, t5_nf4=t5_nf4)
+        if t5_nf4 and "text_encoder_2" not in extra:
             extra["text_encoder_2"] = load_t5_nf4(root, dtype)
         flux = FluxPipeline.from_pretrained(root, transformer=transformer, dtype=dtype, **extra)
-        apply_offload(flux, offload, device)
+        apply_offload(flux, memory.offload, device)
     used = [{"path": str(a), "sha256": file_digest(a)} for a in adapters]
-    return UraePipeline(
-        flux,
-        model=files.model,
-        quant=quant,
-        adapters=used,
-        defaults=defaults,
-        offload=offload,
-        blocks_to_swap=blocks_to_swap,
-        token_chunks=token_chunks,
-        progress=progress,
-    )
+    return UraePipeline(flux, model=files.model, adapters=used, defaults=defaults, memory=memory, progress=progress)

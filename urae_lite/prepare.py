@@ -19,7 +19,7 @@ from .destinations import check_output_dir
 from .errors import UraeError
 from .loader import empty_transformer
 from .model_files import PREPARED_MARKER, ModelFiles, as_model_files
-from .quant import QuantizedWeight, check_quant_format
+from .quant import QuantizedWeight, get_format
 from .safetensors_io import atomic_save_file, write_json
 from .targets import block_linear_names
 
@@ -36,7 +36,7 @@ def prepare(
     base_pipeline: str | os.PathLike | None = None,
 ) -> Path:
     """Stream the checkpoint, quantize block linears on `device`, write shards; never holds the whole model."""
-    check_quant_format(quant)
+    fmt = get_format(quant)  # an unknown name fails before anything is read
     check_output_dir(out)
     src = as_model_files(model, base_pipeline)
     if src.format == "prepared":
@@ -58,22 +58,22 @@ def prepare(
     ):
         module, _, leaf = name.rpartition(".")
         if module in linears and leaf == "weight":
-            tensors = QuantizedWeight.quantize(t.to(device), quant).to_state_tensors(module)
+            tensors = QuantizedWeight.quantize(t.to(device), fmt).to_state_tensors(module)
         else:
             tensors = {name: t.to(torch.bfloat16) if t.is_floating_point() else t}
         for k, v in tensors.items():
             shard[k] = v.cpu()
             shard_size += v.numel() * v.element_size()
         if shard_size >= shard_bytes:
-            files.append(_flush(out, shard, len(files), quant))
+            files.append(_flush(out, shard, len(files), fmt.name))
             shard, shard_size = {}, 0
     if shard:
-        files.append(_flush(out, shard, len(files), quant))
+        files.append(_flush(out, shard, len(files), fmt.name))
     write_json(out / "config.json", config)
     write_json(
         out / PREPARED_MARKER,
         {
-            "quant": quant,
+            "quant": fmt.name,
             "source": str(src.transformer),
             "format_version": FORMAT_VERSION,
             "shards": [f.name for f in files],

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .config import PROFILES_KEY, apply_overrides, build, profiles, read_yaml
 from .errors import UraeError
-from .vae_tiling import VAE_TILING_MODES
+from .memory import SECTION as MEMORY_SECTION
+from .memory import MemorySettings
 
 RECIPES = Path(str(resources.files("urae_lite.recipes")))  # recipes/ in a checkout, installed in a wheel
 PRESETS = ("2k", "4k")
@@ -35,8 +36,6 @@ class GenerationSettings:
     ntk: float = 10.0  # RoPE base = 10000 * ntk
     proportional_attention: bool = True
     max_sequence_length: int = 512  # T5 tokens
-    vae_tiling: str = "auto"  # exact strip-tiled decode: auto (when the plain decode would not fit) | on | off
-    vae_strip_rows: int = 64  # rows per strip in the tiled decode: fewer = less memory, same image
     refine_from: int | None = None  # coarse-to-fine: first generate at about this many pixels a side
     strength: float = 0.6  # refine: how far the upscaled coarse image is re-noised (1 = pure noise)
 
@@ -50,10 +49,6 @@ class GenerationSettings:
             raise UraeError(f"ntk must be positive, got {self.ntk}")
         if not 1 <= self.max_sequence_length <= 512:
             raise UraeError(f"max_sequence_length must be in 1..512, got {self.max_sequence_length}")
-        if self.vae_tiling not in VAE_TILING_MODES:
-            raise UraeError(f"vae tiling '{self.vae_tiling}' is not one of {', '.join(VAE_TILING_MODES)}")
-        if self.vae_strip_rows < 1:
-            raise UraeError(f"vae_strip_rows must be at least 1, got {self.vae_strip_rows}")
         if not 0 < self.strength <= 1:
             raise UraeError(f"strength must be in (0, 1], got {self.strength}")
         if self.refine_from is not None:
@@ -102,16 +97,27 @@ def preset_path(preset: str | os.PathLike, variant: str) -> Path:
 
 
 def load_preset(preset: str | os.PathLike, variant: str, overrides: Sequence[str] = ()) -> GenerationSettings:
-    """Settings from a preset YAML (keys = GenerationSettings fields; `description` and `profiles` are not settings)
-    with `key=value` overrides, read by the config system the training recipes use (urae_lite/config.py)."""
-    path = preset_path(preset, variant)
-    tree = apply_overrides(read_yaml(path, "preset"), overrides)
-    for key in ("description", PROFILES_KEY):
+    """Settings from a preset YAML (keys = GenerationSettings fields; `description`, `memory` and `profiles` are
+    not image settings) with `key=value` overrides, read by the config system the training recipes use
+    (urae_lite/config.py)."""
+    tree = _preset_tree(preset, variant, overrides)
+    for key in ("description", MEMORY_SECTION, PROFILES_KEY):
         tree.pop(key, None)
     return build(GenerationSettings, tree)
 
 
+def preset_memory(preset: str | os.PathLike, variant: str, overrides: Sequence[str] = ()) -> MemorySettings:
+    """The preset's `memory:` section (e.g. the 4K presets' `vae_tiling: on`) with `memory.*` overrides."""
+    return build(
+        MemorySettings, _preset_tree(preset, variant, overrides).get(MEMORY_SECTION) or {}, f"{MEMORY_SECTION}."
+    )
+
+
+def _preset_tree(preset: str | os.PathLike, variant: str, overrides: Sequence[str]) -> dict:
+    return apply_overrides(read_yaml(preset_path(preset, variant), "preset"), overrides)
+
+
 def preset_profiles(preset: str | os.PathLike, variant: str) -> dict[int, dict]:
-    """The preset's memory profiles: card GiB -> `urae-lite generate` memory options (quant, offload, ...)."""
+    """The preset's memory profiles: card GiB -> memory settings (quant, offload, ...)."""
     path = preset_path(preset, variant)
     return profiles(read_yaml(path, "preset"), f"preset {path}")

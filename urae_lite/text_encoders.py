@@ -33,12 +33,6 @@ _DEFAULT_CLASSES = {
 }
 
 
-def check_t5_quant(t5_quant: str) -> str:
-    if t5_quant not in T5_QUANTS:
-        raise UraeError(f"unknown T5 quantization '{t5_quant}': use one of {', '.join(T5_QUANTS)}")
-    return t5_quant
-
-
 def declared_name(root: Path, name: str) -> tuple[str, str]:
     """(library, class name) that `model_index.json` declares for component `name` (FLUX's when it lacks one)."""
     index = root / "model_index.json"

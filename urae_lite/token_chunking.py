@@ -51,12 +51,6 @@ SEQ_DIM = 1  # FLUX hidden states are (batch, tokens, channels); RoPE tables are
 Tensors = tuple[torch.Tensor, ...]
 
 
-def check_token_chunks(chunks: object) -> int:
-    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
-        raise UraeError(f"token_chunks must be a whole number of at least 1 (1 = off), got {chunks!r}")
-    return chunks
-
-
 def chunk_bounds(tokens: int, chunks: int) -> list[tuple[int, int]]:
     """(start, length) of `chunks` near-equal token chunks (at most one per token), cut as `tensor_split` cuts."""
     n = max(1, min(chunks, tokens))
@@ -311,8 +305,7 @@ _PLAIN = {chunked: plain for plain, chunked in _CHUNKED.items()}
 def enable_token_chunking(transformer: nn.Module, chunks: int) -> int:
     """Run every FLUX block of `transformer` in `chunks` token chunks (1 restores the original classes). Apply it
     before offload hooks: accelerate's and diffusers' hooks keep the `forward` they found. Returns the number of
-    blocks it applies to."""
-    check_token_chunks(chunks)
+    blocks it applies to. `chunks` comes checked (urae_lite.memory.MemorySettings)."""
     found = [
         (name, m, _PLAIN.get(type(m), type(m)))
         for name, m in transformer.named_modules()

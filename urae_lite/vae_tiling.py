@@ -22,7 +22,7 @@ stored (one statistics pass, one output pass), and a resnet whose input and outp
 its output over its input (the few halo rows still needed are saved first). At 4096² in bf16 the largest home
 set is 6 GiB (a 256-channel 2048² map feeding a 128-channel 4096² output) against roughly 24 GiB for a plain
 ``vae.decode``; the accelerator holds the weights, a few strips and the latent-resolution attention. The byte
-counts of both decodes, and the fit checks `auto` uses, are urae_lite/plan/vae.py.
+counts of both decodes, and the fit checks `auto` uses, are urae_lite/vae_memory.py.
 
 The result equals ``vae.decode(latents).sample`` up to floating-point summation order (convolution algorithms
 picked for strip shapes, GroupNorm statistics summed per strip): ~1e-6 in fp32, bf16 rounding in bf16.
@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .vae_memory import VAE_TILING_MODES, should_tile, tiled_home_fits
 from .vae_strips import Cached, Conv3x3, Home, Source, StripContext, materialize, resnet, run_attention, stats_of
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -44,14 +45,12 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 __all__ = ["VAE_TILING_MODES", "decode", "decode_exact_tiled", "default_home_device"]
 
-#: `auto` tiles only when a plain decode would not fit; the one vocabulary of --vae-tiling, presets and the cache
-VAE_TILING_MODES: tuple[str, ...] = ("auto", "on", "off")
 
 _ELEMENTWISE_ACTS = (nn.SiLU, nn.Mish, nn.GELU, nn.ReLU)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Config access (the memory model of both decodes is urae_lite/plan/vae.py)
+# Config access (the memory model of both decodes is urae_lite/vae_memory.py)
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -190,8 +189,6 @@ def default_home_device(
     vae: Any, compute: torch.device, latents: torch.Tensor, dtype: torch.dtype, strip_rows: int
 ) -> torch.device:
     """Keep the stored maps on the accelerator when they and the working set fit with room to spare, else CPU."""
-    from .plan.vae import tiled_home_fits
-
     if compute.type == "cpu":
         return compute
     free = _free_device_bytes(compute)
@@ -282,8 +279,6 @@ def decode(
     if mode not in VAE_TILING_MODES:
         raise ValueError(f"unknown VAE tiling mode {mode!r}; valid modes: {', '.join(VAE_TILING_MODES)}")
     if mode == "auto":
-        from .plan.vae import should_tile
-
         if free_bytes is None:
             free_bytes = _free_device_bytes(_default_compute_device(vae))
         n_up = len(_config(vae)["block_out_channels"]) - 1

@@ -2,7 +2,7 @@
 fastest configuration that fits a card (`urae-lite plan`, `best_config`)."""
 
 from .estimate import Estimate, PlanConfig, estimate
-from .search import Candidate, PlanResult, best_config, expected_seconds, train_overrides
+from .search import Candidate, PlanResult, best_config, expected_seconds
 
 __all__ = [
     "Candidate",
@@ -12,5 +12,4 @@ __all__ = [
     "best_config",
     "estimate",
     "expected_seconds",
-    "train_overrides",
 ]

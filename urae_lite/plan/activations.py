@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..quant import get_format
 from . import chunked
 from .arch import FluxArch
 from .chunked import ChunkedCosts, lse_bytes
@@ -169,7 +170,7 @@ class Tokens:
 
 def _dense(quant: str, p: Precision, numel: int, T: int, D: int) -> float:
     """The reference path's dense W temporary of a `numel`-weight linear per T·D (none for bf16: no copy)."""
-    return numel * p.act / (T * D) if p.dequant_transient and quant != "bf16" else 0.0
+    return numel * p.act / (T * D) if p.dequant_transient and not get_format(quant).dense else 0.0
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
+from .. import flux_configs as F
+from ..quant import get_format
 from . import constants as C
 
 
@@ -30,16 +32,8 @@ class Linear:
         return self.out_features * self.in_features
 
     def weight_bytes(self, quant: str) -> int:
-        """Bytes of the frozen base as urae_lite.quant.QuantizedWeight stores it, plus the bf16 bias."""
-        n = self.numel
-        if quant == "nf4":
-            absmax = -(-n // C.NF4_BLOCK)
-            nested = -(-absmax // C.NF4_NESTED_BLOCK)
-            w = n // 2 + absmax + nested * C.FP32 + C.NF4_PER_LINEAR
-        elif quant == "fp8":
-            w = n + self.out_features * C.BF16
-        else:
-            w = n * C.BF16
+        """Bytes of the frozen base as its format stores it (urae_lite.quant's layout), plus the bf16 bias."""
+        w = get_format(quant).nbytes(self.out_features, self.in_features)
         return w + (self.out_features * C.BF16 if self.bias else 0)
 
 
@@ -158,7 +152,7 @@ def _block_of(linear_name: str) -> str:
 
 def image_tokens(width: int, height: int) -> int:
     """Transformer image tokens: 8x VAE downsampling, then 2x2 latent patches (1024² -> 4096)."""
-    side = C.VAE_DOWNSAMPLE * C.PATCH
+    side = F.VAE_DOWNSAMPLE * F.PATCH
     return (width // side) * (height // side)
 
 
@@ -203,15 +197,15 @@ def _flux_arch(config_json: str) -> FluxArch:
 
 def t5_params() -> int:
     """T5-v1.1-XXL encoder: embedding + 24 x (attention 4d² + gated FF 3·d·d_ff + 2 norms) + bias table + norm."""
-    d, f = C.T5_D_MODEL, C.T5_D_FF
-    return C.T5_VOCAB * d + C.T5_LAYERS * (4 * d * d + 3 * d * f + 2 * d) + 32 * C.T5_HEADS + d
+    d, f = F.T5_D_MODEL, F.T5_D_FF
+    return F.T5_VOCAB * d + F.T5_LAYERS * (4 * d * d + 3 * d * f + 2 * d) + 32 * F.T5_HEADS + d
 
 
 def clip_params() -> int:
     """CLIP-L text tower: token + position embeddings + 12 x (attention with biases, MLP with biases, 2 LayerNorms)."""
-    w, m = C.CLIP_WIDTH, C.CLIP_MLP
+    w, m = F.CLIP_WIDTH, F.CLIP_MLP
     layer = 4 * (w * w + w) + 2 * w * m + m + w + 4 * w
-    return (C.CLIP_VOCAB + C.CLIP_POSITIONS) * w + C.CLIP_LAYERS * layer + 2 * w
+    return (F.CLIP_VOCAB + F.CLIP_POSITIONS) * w + F.CLIP_LAYERS * layer + 2 * w
 
 
 @lru_cache(maxsize=1)
@@ -221,5 +215,5 @@ def vae_params() -> int:
     from diffusers import AutoencoderKL
 
     with torch.device("meta"):
-        vae = AutoencoderKL(**C.FLUX_VAE_CONFIG)
+        vae = AutoencoderKL(**F.FLUX_VAE_CONFIG)
     return sum(p.numel() for p in vae.parameters())

@@ -7,30 +7,16 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from ..quant import QUANT_FORMATS
-from ..text_encoders import T5_QUANTS
+from ..flux_configs import VARIANTS
+from ..memory import TASKS, MemorySettings, overridden, searched
 from . import constants as C
 from .choose import model_fields
-from .estimate import ADAPTERS, CHECKPOINTING, OFFLOAD_MODES, OPTIMIZERS, TASKS, VAE_TILING_MODES, VARIANTS, PlanConfig
+from .estimate import ADAPTERS, OPTIMIZERS, PlanConfig
 
 if TYPE_CHECKING:
     from .search import PlanResult
 
-# CLI option -> PlanConfig field, for the options a user can fix (None = not given: searched with --vram)
-FIXABLE = (
-    "quant",
-    "variant",
-    "rank",
-    "offload",
-    "vae_tiling",
-    "t5_quant",
-    "adapter",
-    "checkpointing",
-    "optimizer",
-    "steps",
-    "blocks_to_swap",
-    "token_chunks",
-)
+JOB_OPTIONS = ("variant", "rank", "adapter", "optimizer", "steps")  # PlanConfig fields a user may set (None: default)
 SHOWN = 5  # candidates listed with --vram
 
 
@@ -49,22 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         ".safetensors file (its widths and variant are read from it; no weights are loaded)",
     )
     p.add_argument("--base-pipeline", help="with a single-file --model: the diffusers folder or hub id it belongs to")
-    p.add_argument("--quant", choices=QUANT_FORMATS, help="frozen base format (default nf4)")
     p.add_argument(
         "--rank",
         type=int,
         help="generate: total adapter rank (default 16, 48 above 2048²); train: trainable rank (default 16)",
     )
-    p.add_argument("--offload", choices=OFFLOAD_MODES, help="generate (default model)")
-    p.add_argument("--vae-tiling", choices=VAE_TILING_MODES, help="generate (default auto)")
-    p.add_argument("--t5-quant", choices=T5_QUANTS, help="generate: T5-XXL's linears (default bf16)")
     p.add_argument("--steps", type=int, help="generate: denoising steps, for the speed ranking (default 28)")
     p.add_argument("--adapter", choices=ADAPTERS, help="train (default lora; minor from 4096²)")
-    p.add_argument(
-        "--checkpointing",
-        choices=CHECKPOINTING,
-        help="train: gradient checkpointing, cpu = checkpoints in pinned host memory (default: the recipe's)",
-    )
     p.add_argument(
         "--recipe",
         help="train: plan this recipe (default: the shipped 2K LoRA recipe, or the 4K "
@@ -74,23 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="train: recipe overrides, as `urae-lite train` takes them (e.g. training.checkpointing=on)",
+        help="train: recipe overrides, as `urae-lite train` takes them (e.g. memory.checkpointing=on)",
     )
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="train (default prodigy)")
-    p.add_argument(
-        "--blocks-to-swap",
-        type=int,
-        metavar="N",
-        help="stream the last N transformer blocks' frozen "
-        "weights from pinned host memory (default 0; generate: with offload model or none; train: with "
-        "checkpointing)",
-    )
-    p.add_argument(
-        "--token-chunks",
-        type=int,
-        metavar="N",
-        help="run the blocks (all but the attention) over N token chunks (default 1)",
-    )
     p.add_argument(
         "--no-validation",
         dest="validation",
@@ -111,50 +74,51 @@ def register(sub: argparse._SubParsersAction) -> None:
         "in GiB (plans that need more are left out)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    MemorySettings.add_arguments(p, TASKS)
     p.set_defaults(func=run)
 
 
-def _job(args: argparse.Namespace) -> tuple[int, int, dict, dict]:
-    """(width, height, options the user set, defaults from the recipe) for the job to plan."""
+def _job(args: argparse.Namespace) -> tuple[PlanConfig, set[str]]:
+    """The job to plan, and the memory settings the user set (the `--vram` search keeps them)."""
     from ..errors import UraeError
 
-    given = {k: getattr(args, k) for k in FIXABLE if getattr(args, k) is not None}
+    job = {k: getattr(args, k) for k in JOB_OPTIONS if getattr(args, k) is not None}
     if args.model is not None:
         from ..model_files import resolve_files
 
-        given.update(model_fields(resolve_files(args.model, args.base_pipeline)))
+        job.update(model_fields(resolve_files(args.model, args.base_pipeline)))
     if not args.validation:
-        given["validation"] = False
+        job["validation"] = False
+    given = MemorySettings.given(args)
     if args.task != "train":
         if args.recipe or args.overrides:
             raise UraeError("--recipe and key=value overrides plan training: add --task train")
         size = args.resolution or 2048
-        return args.width or size, args.height or size, given, {}
-    from .recipe import overridden_fields, recipe_plan_fields, shipped_recipe
+        width, height = args.width or size, args.height or size
+        return PlanConfig(task="generate", width=width, height=height, memory=MemorySettings(**given), **job), set(
+            given
+        )
+    from .recipe import recipe_file_job, shipped_recipe
 
     asked = args.resolution or max(args.width or 0, args.height or 0) or 2048
-    defaults = recipe_plan_fields(args.recipe or shipped_recipe(asked, args.adapter), args.overrides)
-    given.update({k: defaults[k] for k in overridden_fields(args.overrides)})  # key=value counts as set by the user
-    recipe_size = defaults.pop("width"), defaults.pop("height")
-    size = args.resolution or recipe_size[0]  # a --recipe plans at its own data.resolution
-    return args.width or size, args.height or size, given, defaults
+    recipe = recipe_file_job(args.recipe or shipped_recipe(asked, args.adapter), args.overrides)
+    size = args.resolution or recipe.width  # a --recipe plans at its own data.resolution
+    planned = recipe.replace(width=args.width or size, height=args.height or size, **job)
+    return planned.with_memory(**given), set(given) | overridden(args.overrides)
 
 
 def run(args: argparse.Namespace) -> None:
     from .estimate import estimate
-    from .search import SEARCHED, best_config
+    from .search import best_config
 
-    width, height, given, defaults = _job(args)
+    job, fixed = _job(args)
     if args.vram is None:
-        fixed = {**defaults, **given}
-        est = estimate(PlanConfig(task=args.task, width=width, height=height, **fixed))
+        est = estimate(job)
         print(json.dumps(est.as_dict(), indent=1) if args.json else est.table())
         return
     from ..errors import UraeError
 
-    # the search tries every value of its options (quant, checkpointing / offload) that the user did not set
-    fixed = {**{k: v for k, v in defaults.items() if k not in SEARCHED[args.task]}, **given}
-    result = best_config(args.task, width, height, args.vram, args.ram, **fixed)
+    result = best_config(job, args.vram, args.ram, fixed)
     if result.best is None:
         raise UraeError(result.impossible())
     if args.json:
@@ -173,7 +137,7 @@ def run(args: argparse.Namespace) -> None:
 
 def format_result(result: PlanResult) -> str:
     """Fitting configurations, fastest first, the best one's table and the command that runs it."""
-    from .search import options, train_overrides
+    from .search import options
 
     best = result.best
     cfg = best.config
@@ -193,5 +157,5 @@ def format_result(result: PlanResult) -> str:
         size = f"--width {cfg.width} --height {cfg.height}"
         lines.append(f'run: urae-lite generate "PROMPT" {size} {options(cfg)}')
     else:
-        lines.append(f"run: urae-lite train RECIPE {' '.join(train_overrides(cfg))}")
+        lines.append(f"run: urae-lite train RECIPE {cfg.memory.describe('train', searched('train'))}")
     return "\n".join(lines)

@@ -8,44 +8,8 @@ they describe; this module holds only the scalars they and the estimator use.
 from __future__ import annotations
 
 GiB = 2**30
-
-# ---- storage formats (urae_lite/quant.py) ------------------------------------------------------------------------
 BF16 = 2
 FP32 = 4
-NF4_BLOCK = 64  # bitsandbytes blocksize: one uint8 absmax code per 64 weights
-NF4_NESTED_BLOCK = 256  # double quantization: one fp32 absmax per 256 absmax codes
-NF4_PER_LINEAR = 16 * FP32 + 256 * FP32 + FP32  # quant_map (16 NF4 levels) + nested_quant_map + offset, per layer
-# fp8 (quanto qfloat8_e4m3fn, axis 0): 1 byte per weight + one compute-dtype (bf16) scale per output row
-
-# ---- text encoders and VAE of FLUX.1 (their configs are not available offline: published architectures) ----------
-# T5-v1.1-XXL encoder (google/t5-v1_1-xxl, FLUX's text_encoder_2): d_model 4096, d_ff 10240 (gated: wi_0, wi_1, wo),
-# 24 layers, 64 heads x 64, vocab 32128 -> 4.76 B parameters (usually quoted as "4.7 B").
-T5_D_MODEL, T5_D_FF, T5_LAYERS, T5_HEADS, T5_VOCAB = 4096, 10240, 24, 64, 32128
-# CLIP ViT-L/14 text tower (openai/clip-vit-large-patch14): width 768, mlp 3072, 12 layers, vocab 49408, 77 positions
-# -> 123 M parameters.
-CLIP_WIDTH, CLIP_MLP, CLIP_LAYERS, CLIP_VOCAB, CLIP_POSITIONS = 768, 3072, 12, 49408, 77
-# FLUX.1 AutoencoderKL (black-forest-labs/FLUX.1-dev vae/config.json; 83.8 M parameters when built from it).
-FLUX_VAE_CONFIG = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "act_fn": "silu",
-    "latent_channels": 16,
-    "norm_num_groups": 32,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-    "mid_block_add_attention": True,
-}
-VAE_DOWNSAMPLE = 8  # pixels per latent pixel
-PATCH = 2  # 2x2 latent pixels per transformer token (16 px per token side)
-VAE_STRIP_ROWS = 64  # GenerationSettings.vae_strip_rows default (urae_lite/presets.py)
-# What a VAE decode holds, plain or tiled, and the headroom `--vae-tiling auto` asks for: plan/vae.py.
-
-# ---- text tokens -------------------------------------------------------------------------------------------------
-TEXT_TOKENS = {"dev": 512, "schnell": 256}  # max_sequence_length defaults
 
 # ---- CUDA overheads ----------------------------------------------------------------------------------------------
 # CUDA context + cuBLAS/cuDNN handles, outside torch's allocator: ~0.5 GiB on Ampere/Hopper with torch 2.x (what
@@ -80,9 +44,8 @@ ADAMW8BIT_BYTES = 2 + 2 * FP32 / 256
 REF_FLOPS = 0.7 * 82.6e12
 REF_PCIE_PINNED = 22e9
 REF_PCIE_PAGEABLE = 10e9
-# Quantized bases run the same bf16 GEMM after dequantizing into a reused buffer: the kernels' goal is <= 1.10x bf16
-# for NF4 including the adapter (see README); fp8 dequantization is one multiply per weight, NF4 adds table lookups.
-QUANT_SLOWDOWN = {"bf16": 1.00, "fp8": 1.03, "nf4": 1.06}
+# Quantized bases run the same bf16 GEMM after dequantizing into a reused buffer: each format's `speed`
+# (urae_lite/quant/) is its slowdown against bf16; the kernels' goal is <= 1.10x bf16 for NF4 with the adapter.
 # Per-module hook and synchronisation costs of the offload mechanisms (accelerate / diffusers hooks), seconds.
 GROUP_OVERHEAD_PER_BLOCK = 2e-4  # one onload per block group, overlapped transfer on a side stream
 SEQUENTIAL_OVERHEAD_PER_LAYER = 4e-4  # blocking host->device copy + hook per leaf module

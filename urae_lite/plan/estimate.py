@@ -12,8 +12,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from ..offload import OFFLOAD_MODES
-from ..presets import VAE_TILING_MODES
+from .. import flux_configs as F
+from ..flux_configs import VARIANTS
+from ..memory import MemorySettings
+from ..quant import NF4_BLOCKSIZE
+from ..vae_memory import HEADROOM, estimate_untiled_decode_bytes, tiled_working_bytes
 from . import constants as C
 from .activations import (
     CPU,
@@ -29,40 +32,39 @@ from .arch import FluxArch, clip_params, flux_arch, image_tokens, t5_params, vae
 from .swap import Placement, SwapLayout
 
 TASKS = ("generate", "train")
-CHECKPOINTING = ("on", "off", "cpu")  # urae_lite/train/config.py training.checkpointing
 OPTIMIZERS = ("prodigy", "adamw8bit")
 ADAPTERS = ("lora", "minor")
-VARIANTS = ("dev", "schnell")
 BACKENDS = ("cuda", "cpu")
 BASE_ADAPTER_RANK = 16  # the 4K minor recipe trains over the authors' rank-16 2K LoRA (docs/training.md)
 
 
 @dataclass(frozen=True)
 class PlanConfig:
-    """One way to run a job; the defaults are the product's (CUDA, NF4, model offload, checkpointing on)."""
+    """One way to run a job: the job (task, size, model, adapter, optimizer) and how it fits the card (`memory`, the
+    settings `--vram` searches). The defaults are the product's (CUDA, NF4, model offload, checkpointing on)."""
 
     task: str = "generate"
     width: int = 2048
     height: int = 2048
-    quant: str = "nf4"
     variant: str = "dev"
     rank: int | None = None  # generate: total rank of the loaded adapters; train: trainable rank (16)
-    offload: str = "model"  # generate
-    vae_tiling: str = "auto"  # generate
-    t5_quant: str = "bf16"  # generate: T5-XXL's linears in bf16 or NF4
     adapter: str | None = None  # train: lora | minor (default: minor from 4096² up, as the 4K recipe)
-    checkpointing: str = "on"  # train
     optimizer: str = "prodigy"  # train
     validation: bool = True  # train: the recipes sample validation images at the training size
     steps: int = 28  # generate: denoising steps (speed model only)
-    blocks_to_swap: int = 0  # the last N blocks' frozen weights stream from pinned host memory (block_swap.py)
-    token_chunks: int = 1  # blocks (all but the attention) run in this many token chunks (token_chunking.py)
-    checkpoint_every: int = 1  # train: only every k-th checkpointed block input is kept (train/checkpoint_segments.py)
     backend: str = "cuda"  # cpu: the PyTorch reference path, for checking the model against measurement
+    memory: MemorySettings = MemorySettings()
     transformer_config: dict | None = field(default=None, compare=False)  # default: FLUX.1 of `variant`
+
+    def __post_init__(self) -> None:  # generation is planned for CUDA, where offload defaults to `model`
+        if self.task == "generate":
+            object.__setattr__(self, "memory", self.memory.replace(offload=self.memory.resolved_offload("cuda")))
 
     def replace(self, **changes) -> PlanConfig:
         return dataclasses.replace(self, **changes)
+
+    def with_memory(self, **changes) -> PlanConfig:
+        return dataclasses.replace(self, memory=self.memory.replace(**changes))
 
     @property
     def adapter_kind(self) -> str:
@@ -82,22 +84,34 @@ class PlanConfig:
         return flux_arch(self.transformer_config or flux_dev_config(self.variant))
 
     def tokens(self) -> Tokens:
-        return Tokens(image_tokens(self.width, self.height), C.TEXT_TOKENS[self.variant])
+        return Tokens(image_tokens(self.width, self.height), F.TEXT_TOKENS[self.variant])
+
+    def options(self) -> str:
+        """The job's memory settings as its command line spells them (generate options or recipe overrides)."""
+        return self.memory.describe(self.task)
 
     def summary(self) -> str:
-        head = f"{self.task} {self.width}x{self.height}, FLUX.1-{self.variant}, {self.quant} base"
-        memory = (f", {self.blocks_to_swap} blocks swapped" if self.blocks_to_swap else "") + (
-            f", {self.token_chunks} token chunks" if self.token_chunks > 1 else ""
+        m = self.memory
+        head = f"{self.task} {self.width}x{self.height}, FLUX.1-{self.variant}, {m.quant} base"
+        memory = (f", {m.blocks_to_swap} blocks swapped" if m.blocks_to_swap else "") + (
+            f", {m.token_chunks} token chunks" if m.token_chunks > 1 else ""
         )
         if self.task == "generate":
             return (
-                f"{head}, offload {self.offload}, T5 {self.t5_quant}, VAE tiling {self.vae_tiling}, adapters "
+                f"{head}, offload {m.offload}, T5 {m.t5_quant}, VAE tiling {m.vae_tiling}, adapters "
                 f"rank {self.adapter_rank}{memory}"
             )
         return (
-            f"{head}, {self.adapter_kind} rank {self.adapter_rank}, checkpointing {self.checkpointing}, "
+            f"{head}, {self.adapter_kind} rank {self.adapter_rank}, checkpointing {m.checkpointing}, "
             f"{self.optimizer}{memory}" + ("" if self.validation else ", no validation")
         )
+
+    def as_dict(self) -> dict:
+        """The job's fields and its memory settings in one flat mapping (`plan --json`)."""
+        job = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("memory", "transformer_config"):
+            job.pop(name)
+        return {**job, **self.memory.for_task(self.task)}
 
 
 @dataclass(frozen=True)
@@ -164,7 +178,7 @@ class Estimate:
 
     def as_dict(self) -> dict:
         return {
-            "config": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "transformer_config"},
+            "config": self.config.as_dict(),
             "phases": list(self.phases),
             "rows": {n: list(v) for n, v in self.rows},
             "allocated": list(self.allocated()),
@@ -185,18 +199,14 @@ def estimate(cfg: PlanConfig, vram_gib: float | None = None) -> Estimate:
 
 
 def check(cfg: PlanConfig) -> None:
-    """One UraeError line naming the valid values for anything a plan cannot be made for."""
+    """One UraeError line naming the valid values for anything a plan cannot be made for; the memory settings'
+    rules are theirs (MemorySettings.check)."""
     from ..errors import UraeError
     from ..presets import check_size
-    from ..quant import QUANT_FORMATS
 
     for name, valid in (
         ("task", TASKS),
-        ("quant", QUANT_FORMATS),
         ("variant", VARIANTS),
-        ("offload", OFFLOAD_MODES),
-        ("vae_tiling", VAE_TILING_MODES),
-        ("checkpointing", CHECKPOINTING),
         ("optimizer", OPTIMIZERS),
         ("backend", BACKENDS),
     ):
@@ -206,28 +216,14 @@ def check(cfg: PlanConfig) -> None:
         raise UraeError(f"unknown adapter '{cfg.adapter}': use one of {', '.join(ADAPTERS)}")
     if cfg.rank is not None and cfg.rank < 1:
         raise UraeError(f"rank must be at least 1, got {cfg.rank}")
-    if cfg.token_chunks < 1:
-        raise UraeError(f"token_chunks must be at least 1 (1 = off), got {cfg.token_chunks}")
-    if cfg.checkpoint_every < 1:
-        raise UraeError(f"checkpoint_every must be at least 1 (1 = keep every block input), got {cfg.checkpoint_every}")
-    if cfg.checkpoint_every > 1 and cfg.task == "train" and cfg.checkpointing == "off":
-        raise UraeError("checkpoint_every thins out checkpointed block inputs: set checkpointing on or cpu")
     check_size(cfg.width, cfg.height)
-    n_blocks = cfg.arch().n_blocks
-    if not 0 <= cfg.blocks_to_swap <= n_blocks:
-        raise UraeError(f"blocks_to_swap must be in 0..{n_blocks} (the transformer's blocks), got {cfg.blocks_to_swap}")
-    if cfg.blocks_to_swap and cfg.task == "generate" and cfg.offload in ("group", "sequential"):
-        raise UraeError(
-            f"block swap streams the transformer itself: use it with offload model or none, not {cfg.offload}"
-        )
-    if cfg.blocks_to_swap and cfg.task == "train" and cfg.checkpointing == "off":
-        raise UraeError("block swap in training needs gradient checkpointing: set checkpointing on or cpu")
+    cfg.memory.check(cfg.task, cfg.arch().n_blocks)
 
 
 # ---- shared pieces -----------------------------------------------------------------------------------------------
 def _dequant_buffer(cfg: PlanConfig, arch: FluxArch) -> int:
     """The kernels' reused bf16 buffer, the size of the largest quantized linear (kernels/autograd.py)."""
-    if cfg.backend != "cuda" or cfg.quant == "bf16":
+    if cfg.backend != "cuda" or cfg.memory.format.dense:
         return 0
     return arch.largest_linear().numel * C.BF16
 
@@ -242,13 +238,11 @@ def _vae_decode(cfg: PlanConfig, tiled: bool) -> int:
     maps in host memory (where the pipeline keeps them on a card sized to the plan: plan/vae.py)."""
     import torch
 
-    from .vae import estimate_untiled_decode_bytes, tiled_working_bytes
-
-    vae = C.FLUX_VAE_CONFIG
+    vae = F.FLUX_VAE_CONFIG
     if not tiled:
         return estimate_untiled_decode_bytes(vae, cfg.height, cfg.width, torch.bfloat16)
-    lh, lw = cfg.height // C.VAE_DOWNSAMPLE, cfg.width // C.VAE_DOWNSAMPLE
-    return tiled_working_bytes(vae, lh, lw, torch.bfloat16, 1, C.VAE_STRIP_ROWS)
+    lh, lw = cfg.height // F.VAE_DOWNSAMPLE, cfg.width // F.VAE_DOWNSAMPLE
+    return tiled_working_bytes(vae, lh, lw, torch.bfloat16, 1, cfg.memory.vae_strip_rows)
 
 
 def _precision(cfg: PlanConfig, autocast: bool) -> Precision:
@@ -283,10 +277,10 @@ def _build(cfg: PlanConfig, phases: dict[str, dict[str, int]], notes: list[str],
 # ---- generate ----------------------------------------------------------------------------------------------------
 def _t5_activations(tokens: int) -> int:
     """T5-XXL encoder at `tokens` (no grad): the position bias and its masked copy, then the larger of one
-    layer's attention and feed-forward (plan/constants.py; measured on the real encoder, plan/fake.py)."""
-    bias = C.T5_BIAS_TENSORS * C.T5_HEADS * tokens * tokens * C.BF16
-    attention = bias + tokens * C.T5_D_MODEL * C.T5_ATTENTION_HIDDEN * C.BF16
-    ff = bias // C.T5_BIAS_TENSORS + tokens * (C.T5_D_MODEL * C.T5_FF_HIDDEN + C.T5_D_FF * C.T5_FF_TENSORS) * C.BF16
+    layer's attention and feed-forward (plan/constants.py; measured on the real encoder, measure/fake.py)."""
+    bias = C.T5_BIAS_TENSORS * F.T5_HEADS * tokens * tokens * C.BF16
+    attention = bias + tokens * F.T5_D_MODEL * C.T5_ATTENTION_HIDDEN * C.BF16
+    ff = bias // C.T5_BIAS_TENSORS + tokens * (F.T5_D_MODEL * C.T5_FF_HIDDEN + F.T5_D_FF * C.T5_FF_TENSORS) * C.BF16
     return max(attention, ff)
 
 
@@ -294,13 +288,13 @@ def _text_encoder_weights(offload: str, t5_quant: str = "bf16") -> int:
     """Text-encoder bytes on the device while they run (bf16 as FluxPipeline loads them; T5's linears optionally
     NF4 through transformers' bitsandbytes integration: 4 bits + absmax; the embedding, norms and the FF output
     `wo` (T5's `_keep_in_fp32_modules`, which transformers never quantizes) stay bf16)."""
-    linear_numel = C.T5_LAYERS * (4 * C.T5_D_MODEL**2 + 3 * C.T5_D_MODEL * C.T5_D_FF)
-    quantized = C.T5_LAYERS * (4 * C.T5_D_MODEL**2 + 2 * C.T5_D_MODEL * C.T5_D_FF) if t5_quant == "nf4" else 0
-    linear_bytes = quantized * (0.5 + 1 / C.NF4_BLOCK) + (linear_numel - quantized) * C.BF16
+    linear_numel = F.T5_LAYERS * (4 * F.T5_D_MODEL**2 + 3 * F.T5_D_MODEL * F.T5_D_FF)
+    quantized = F.T5_LAYERS * (4 * F.T5_D_MODEL**2 + 2 * F.T5_D_MODEL * F.T5_D_FF) if t5_quant == "nf4" else 0
+    linear_bytes = quantized * (0.5 + 1 / NF4_BLOCKSIZE) + (linear_numel - quantized) * C.BF16
     t5 = int((t5_params() - linear_numel) * C.BF16 + linear_bytes)
     clip = clip_params() * C.BF16
-    t5_layer = int(linear_bytes / C.T5_LAYERS)
-    embedding = C.T5_VOCAB * C.T5_D_MODEL * C.BF16
+    t5_layer = int(linear_bytes / F.T5_LAYERS)
+    embedding = F.T5_VOCAB * F.T5_D_MODEL * C.BF16
     return {
         "none": t5 + clip,  # every component resident
         "model": t5,  # one component at a time: CLIP, then T5
@@ -311,27 +305,36 @@ def _text_encoder_weights(offload: str, t5_quant: str = "bf16") -> int:
 
 def _generate(cfg: PlanConfig, vram_gib: float | None) -> Estimate:
     arch, tok = cfg.arch(), cfg.tokens()
-    mode = cfg.offload
+    mode = cfg.memory.offload
     weights = {
-        "none": arch.weight_bytes(cfg.quant),
-        "model": arch.weight_bytes(cfg.quant),
-        "group": 2 * arch.block_bytes(cfg.quant) + arch.other_params * C.BF16,  # running + prefetched block
-        "sequential": arch.largest_linear().weight_bytes(cfg.quant),
+        "none": arch.weight_bytes(cfg.memory.quant),
+        "model": arch.weight_bytes(cfg.memory.quant),
+        "group": 2 * arch.block_bytes(cfg.memory.quant) + arch.other_params * C.BF16,  # running + prefetched block
+        "sequential": arch.largest_linear().weight_bytes(cfg.memory.quant),
     }[mode]  # one AdaptedLinear at a time
     share = {"none": 1.0, "model": 1.0, "group": 2 / arch.n_blocks, "sequential": 0.0}[mode]
     adapters = arch.adapter_params(cfg.adapter_rank) * C.BF16 * share
-    transformer = {f"transformer weights ({cfg.quant})": weights, f"adapters (rank {cfg.adapter_rank})": adapters}
+    transformer = {
+        f"transformer weights ({cfg.memory.quant})": weights,
+        f"adapters (rank {cfg.adapter_rank})": adapters,
+    }
     prec = _precision(cfg, autocast=False)
-    denoise, idle, swapped_host = inference_bytes(arch, tok, cfg.quant, prec, cfg.token_chunks), transformer, 0
-    parked = arch.weight_bytes(cfg.quant)  # what the offload hooks keep in host memory between its turns
-    if cfg.blocks_to_swap:  # the window at the denoising peak; `idle`: what the last step leaves (plan/swap.py)
-        swap = SwapLayout.of(arch, cfg.quant, cfg.blocks_to_swap, cfg.adapter_rank)
+    denoise, idle, swapped_host = (
+        inference_bytes(arch, tok, cfg.memory.quant, prec, cfg.memory.token_chunks),
+        transformer,
+        0,
+    )
+    parked = arch.weight_bytes(cfg.memory.quant)  # what the offload hooks keep in host memory between its turns
+    if cfg.memory.blocks_to_swap:  # the window at the denoising peak; `idle`: what the last step leaves (plan/swap.py)
+        swap = SwapLayout.of(arch, cfg.memory.quant, cfg.memory.blocks_to_swap, cfg.adapter_rank)
         ((windows, left),) = swap.rounds("inference")
-        peak = swap.peak(windows, lambda kind: inference_bytes(arch, tok, cfg.quant, prec, cfg.token_chunks, kind))
+        peak = swap.peak(
+            windows, lambda kind: inference_bytes(arch, tok, cfg.memory.quant, prec, cfg.memory.token_chunks, kind)
+        )
         transformer, idle = (dict(zip(transformer, (p.weights, p.adapters))) for p in (peak, swap.held(left)))
         denoise, swapped_host = peak.activations, swap.host
         parked = swapped_host + swap.held(frozenset()).total  # the pinned copies + the resident part moved there
-    text = {f"text encoders (T5-XXL {cfg.t5_quant} + CLIP)": _text_encoder_weights(mode, cfg.t5_quant)}
+    text = {f"text encoders (T5-XXL {cfg.memory.t5_quant} + CLIP)": _text_encoder_weights(mode, cfg.memory.t5_quant)}
     vae = {"VAE": vae_params() * C.BF16}
     # `none`: everything stays on the device; `model` moves a block-swapped transformer off too (its window emptied)
     resident = {**idle, **text} if mode == "none" else {}
@@ -349,14 +352,15 @@ def _generate(cfg: PlanConfig, vram_gib: float | None) -> Estimate:
     notes = [note] if note else []
     host = swapped_host
     if mode != "none":  # every component waits in host memory between its turns
-        host = parked + _text_encoder_weights("none", cfg.t5_quant) + vae_params() * C.BF16
+        host = parked + _text_encoder_weights("none", cfg.memory.t5_quant) + vae_params() * C.BF16
         notes.append(
             f"offload {mode}: {host / C.GiB:.1f} GiB of weights wait in host memory"
             + (" (pinned)" if mode == "group" else "")
         )
     if swapped_host:
         notes.append(
-            f"block swap: {cfg.blocks_to_swap} blocks ({swapped_host / C.GiB:.1f} GiB) stream from pinned host memory"
+            f"block swap: {cfg.memory.blocks_to_swap} blocks ({swapped_host / C.GiB:.1f} GiB) stream from pinned "
+            "host memory"
         )
     return _build(cfg, phases, notes, host)
 
@@ -364,10 +368,8 @@ def _generate(cfg: PlanConfig, vram_gib: float | None) -> Estimate:
 def _resolve_tiling(cfg: PlanConfig, other_phases: int, held: int, vram_gib: float | None) -> tuple[bool, str]:
     """`auto` tiles when the plain decode would not fit beside what the decode phase holds: in the card, or (card
     unknown) in a card just big enough for the other phases, which is what a plan that fits guarantees."""
-    if cfg.vae_tiling != "auto":
-        return cfg.vae_tiling == "on", ""
-    from .vae import HEADROOM
-
+    if cfg.memory.vae_tiling != "auto":
+        return cfg.memory.vae_tiling == "on", ""
     plain = _vae_decode(cfg, tiled=False)
     card = other_phases if vram_gib is None else (vram_gib * C.GiB - C.CUDA_CONTEXT) / (1 + C.ALLOCATOR_RESERVE)
     tiled = held + plain * HEADROOM > card  # vae_tiling's `auto` asks for the same headroom (plan/vae.should_tile)
@@ -382,7 +384,7 @@ def _training_batch(arch: FluxArch, tok: Tokens) -> int:
     """One cached sample on the device (train/samples.py): fp32 noisy latents and target, the bf16 T5 and pooled
     CLIP embeddings, fp32 position ids."""
     ids = (tok.image + tok.text) * 3 * C.FP32
-    return tok.image * arch.in_channels * 2 * C.FP32 + (tok.text * arch.joint_dim + C.CLIP_WIDTH) * C.BF16 + ids
+    return tok.image * arch.in_channels * 2 * C.FP32 + (tok.text * arch.joint_dim + F.CLIP_WIDTH) * C.BF16 + ids
 
 
 def _train(cfg: PlanConfig) -> Estimate:
@@ -391,16 +393,24 @@ def _train(cfg: PlanConfig) -> Estimate:
     trainable = arch.adapter_params(r)
     frozen_rank = BASE_ADAPTER_RANK + r if cfg.adapter_kind == "minor" else 0  # the 2K LoRA + the residual slice
     # each forward concatenates and casts every branch to bf16; autograd keeps the copies unless blocks recompute
-    casts = arch.adapter_params(r + frozen_rank) * C.BF16 if cfg.checkpointing == "off" else 0
+    casts = arch.adapter_params(r + frozen_rank) * C.BF16 if cfg.memory.checkpointing == "off" else 0
     states = trainable * C.PRODIGY_STATES * C.FP32 if cfg.optimizer == "prodigy" else int(trainable * C.ADAMW8BIT_BYTES)
     prec = _precision(cfg, autocast=True)
     # frozen weights and frozen slices stream through the window (none swapped: all resident); a validation's
     # first step starts from what the backward left, later ones from what a step leaves
-    swap = SwapLayout.of(arch, cfg.quant, cfg.blocks_to_swap, frozen_rank)
+    swap = SwapLayout.of(arch, cfg.memory.quant, cfg.memory.blocks_to_swap, frozen_rank)
     rounds = swap.rounds("forward", "backward", *(("inference",) * 2 if cfg.validation else ()))
     acts = {  # per block kind: the peaks while blocks of that kind run (the window differs)
         kind: training_bytes(
-            arch, tok, cfg.quant, prec, cfg.checkpointing, r + frozen_rank, cfg.token_chunks, cfg.checkpoint_every, kind
+            arch,
+            tok,
+            cfg.memory.quant,
+            prec,
+            cfg.memory.checkpointing,
+            r + frozen_rank,
+            cfg.memory.token_chunks,
+            cfg.memory.checkpoint_every,
+            kind,
         )
         for kind in swap.kinds
     }
@@ -411,7 +421,7 @@ def _train(cfg: PlanConfig) -> Estimate:
         of the trained factors (urae_lite/train/model.py) beside the frozen slices in bf16, optimizer states, the
         kernels' buffer."""
         return {
-            f"transformer weights ({cfg.quant})": p.weights,
+            f"transformer weights ({cfg.memory.quant})": p.weights,
             name: trainable * C.FP32 + p.adapters + extra,
             f"optimizer states ({cfg.optimizer})": states,
             "dequantization buffer": _dequant_buffer(cfg, arch),
@@ -429,7 +439,9 @@ def _train(cfg: PlanConfig) -> Estimate:
     if cfg.validation:  # the recipes' validation images: the trained model samples in place, then a tiled decode
 
         def sample(kind: str) -> int:
-            return inference_bytes(arch, tok, cfg.quant, prec, cfg.token_chunks, kind) + _denoise_io(arch, tok)
+            return inference_bytes(arch, tok, cfg.memory.quant, prec, cfg.memory.token_chunks, kind) + _denoise_io(
+                arch, tok
+            )
 
         phases["validation"] = held(max((swap.peak(w, sample) for w, _ in rounds[2:]), key=lambda p: p.total))
         decode = swap.held(rounds[-1][1], _vae_decode(cfg, tiled=True))
@@ -438,12 +450,13 @@ def _train(cfg: PlanConfig) -> Estimate:
             "validation samples at the training size under autocast: lower validation.size (or "
             "validation.every=0) when it sets the peak"
         )
-    kept_inputs = kept_block_inputs(arch.n_blocks, cfg.checkpoint_every)  # all of them at the end of the forward
-    inputs_host = kept_inputs * tok.total * arch.hidden * C.BF16 if cfg.checkpointing == "cpu" else 0
+    kept_inputs = kept_block_inputs(arch.n_blocks, cfg.memory.checkpoint_every)  # all of them at the end of the forward
+    inputs_host = kept_inputs * tok.total * arch.hidden * C.BF16 if cfg.memory.checkpointing == "cpu" else 0
     if inputs_host:
         notes.append(f"checkpointing cpu: {inputs_host / C.GiB:.1f} GiB of block inputs in pinned host memory")
     if swap.host:
         notes.append(
-            f"block swap: {cfg.blocks_to_swap} blocks ({swap.host / C.GiB:.1f} GiB) stream from pinned host memory"
+            f"block swap: {cfg.memory.blocks_to_swap} blocks ({swap.host / C.GiB:.1f} GiB) stream from pinned "
+            "host memory"
         )
     return _build(cfg, phases, notes, inputs_host + swap.host)

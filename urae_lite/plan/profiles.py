@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import PROFILES_KEY, read_yaml
-from ..presets import RECIPES, load_preset
+from ..memory import searched
+from ..presets import RECIPES, load_preset, preset_memory
 from .estimate import PlanConfig
-from .recipe import plan_fields, recipe_overrides
-from .search import SEARCHED, PlanResult, best_config
+from .recipe import recipe_file_job
+from .search import PlanResult, best_config
 
 CARDS_GIB = (8, 12, 16, 24)
 HOST_RAM_GIB = 24  # a 32 GB desktop: what is left for offloaded weights, swapped blocks and checkpoints
@@ -37,49 +38,42 @@ TRAIN_RECIPES = ("train_2k_lora.yaml", "train_4k_minor.yaml")
 
 @dataclass(frozen=True)
 class Job:
-    """A shipped preset or recipe as the planner sees it: the task, the size and the options it fixes."""
+    """A shipped preset or recipe as the planner sees it: the job it runs, its memory settings the search may change."""
 
     file: Path
-    task: str
-    width: int
-    height: int
-    fixed: dict
+    config: PlanConfig
+
+    @property
+    def task(self) -> str:
+        return self.config.task
 
     def plan(self, vram_gib: float) -> PlanResult:
-        return best_config(self.task, self.width, self.height, vram_gib, HOST_RAM_GIB, **self.fixed)
+        return best_config(self.config, vram_gib, HOST_RAM_GIB)
 
 
 def shipped_jobs() -> list[Job]:
     """Every preset and recipe that ships with profiles."""
-    from ..train.config import load_recipe
-
     jobs = []
     for name in GENERATE_PRESETS:
         variant = "schnell" if "schnell" in name else "dev"
         s = load_preset(RECIPES / name, variant)
-        jobs.append(
-            Job(
-                RECIPES / name,
-                "generate",
-                s.width,
-                s.height,
-                {"variant": variant, "steps": s.steps, "vae_tiling": s.vae_tiling},
-            )
+        job = PlanConfig(
+            task="generate",
+            width=s.width,
+            height=s.height,
+            variant=variant,
+            steps=s.steps,
+            memory=preset_memory(RECIPES / name, variant),
         )
+        jobs.append(Job(RECIPES / name, job))
     for name in TRAIN_RECIPES:
-        fields = plan_fields(load_recipe(RECIPES / name, require_paths=False))
-        width, height = fields.pop("width"), fields.pop("height")
-        fixed = {k: v for k, v in fields.items() if k not in SEARCHED["train"]}
-        jobs.append(Job(RECIPES / name, "train", width, height, fixed))
+        jobs.append(Job(RECIPES / name, recipe_file_job(RECIPES / name)))
     return jobs
 
 
 def profile_settings(task: str, pick: PlanConfig) -> dict:
-    """The searched options of a plan as the preset (generate option names) or recipe (dotted keys) spells them."""
-    fields = {name: getattr(pick, name) for name in SEARCHED[task]}
-    if task == "generate":
-        return fields
-    return dict(override.split("=", 1) for override in recipe_overrides(fields))
+    """The searched memory settings of a plan, by name (a preset's and a recipe's `profiles:` alike)."""
+    return {name: getattr(pick.memory, name) for name in searched(task)}
 
 
 def card_plans(job: Job) -> dict[int, PlanResult]:

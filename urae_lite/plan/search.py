@@ -10,14 +10,15 @@ when a 4K step's compute hides the transfer but dominates at 1024².
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ..memory import MemorySettings, searched
 from . import constants as C
 from .activations import kept_block_inputs
 from .arch import FluxArch, t5_params, vae_params
-from .estimate import BASE_ADAPTER_RANK, CHECKPOINTING, OFFLOAD_MODES, Estimate, PlanConfig, estimate
+from .estimate import BASE_ADAPTER_RANK, Estimate, PlanConfig, estimate
 from .swap import transfer_seconds
 
 
@@ -45,37 +46,37 @@ def _memory_options_seconds(cfg: PlanConfig, arch: FluxArch, block_seconds: dict
     train = cfg.task == "train"
     passes = (1.0, 3.0) if train else (1.0,)  # training: the checkpointed forward, then recompute + backward
     extra = 0.0
-    if cfg.blocks_to_swap:
+    if cfg.memory.blocks_to_swap:
         frozen_rank = (
             (BASE_ADAPTER_RANK + cfg.adapter_rank if cfg.adapter_kind == "minor" else 0) if train else cfg.adapter_rank
         )
         extra += transfer_seconds(
-            arch, cfg.quant, frozen_rank, cfg.blocks_to_swap, C.REF_PCIE_PINNED, block_seconds, passes
+            arch, cfg.memory.quant, frozen_rank, cfg.memory.blocks_to_swap, C.REF_PCIE_PINNED, block_seconds, passes
         )
-        extra += cfg.blocks_to_swap * len(passes) * C.SWAP_OVERHEAD_PER_BLOCK
-    if cfg.token_chunks > 1:
+        extra += cfg.memory.blocks_to_swap * len(passes) * C.SWAP_OVERHEAD_PER_BLOCK
+    if cfg.memory.token_chunks > 1:
         tok = cfg.tokens()
         if train:
-            extra += arch.token_flops(tok.image, tok.text) / C.REF_FLOPS * C.QUANT_SLOWDOWN[cfg.quant]
-        extra += arch.n_blocks * cfg.token_chunks * len(passes) * C.TOKEN_CHUNK_OVERHEAD
+            extra += arch.token_flops(tok.image, tok.text) / C.REF_FLOPS * cfg.memory.format.speed
+        extra += arch.n_blocks * cfg.memory.token_chunks * len(passes) * C.TOKEN_CHUNK_OVERHEAD
     return extra
 
 
 def expected_seconds(cfg: PlanConfig) -> float:
     """Seconds per image (generate) or per optimizer step (train) on the reference card; for ranking only."""
     arch, tok = cfg.arch(), cfg.tokens()
-    slowdown = C.QUANT_SLOWDOWN[cfg.quant] / C.REF_FLOPS
+    slowdown = cfg.memory.format.speed / C.REF_FLOPS
     block_seconds = {k: v * slowdown for k, v in arch.block_flops(tok.image, tok.text).items()}
     compute = sum(block_seconds.values())
     memory = _memory_options_seconds(cfg, arch, block_seconds)
-    weights = arch.weight_bytes(cfg.quant)
+    weights = arch.weight_bytes(cfg.memory.quant)
     if cfg.task == "train":
-        passes = 3 + (cfg.checkpointing != "off")  # forward + backward (2x) + the recompute
-        moved = kept_block_inputs(arch.n_blocks, cfg.checkpoint_every) + segment_waits(
-            arch.n_blocks, cfg.checkpoint_every
+        passes = 3 + (cfg.memory.checkpointing != "off")  # forward + backward (2x) + the recompute
+        moved = kept_block_inputs(arch.n_blocks, cfg.memory.checkpoint_every) + segment_waits(
+            arch.n_blocks, cfg.memory.checkpoint_every
         )
-        traffic = 2 * moved * tok.total * arch.hidden * C.BF16 if cfg.checkpointing == "cpu" else 0
-        segments = compute * segment_forwards(arch.n_blocks, cfg.checkpoint_every) / arch.n_blocks
+        traffic = 2 * moved * tok.total * arch.hidden * C.BF16 if cfg.memory.checkpointing == "cpu" else 0
+        segments = compute * segment_forwards(arch.n_blocks, cfg.memory.checkpoint_every) / arch.n_blocks
         return compute * passes + segments + traffic / C.REF_PCIE_PINNED + memory  # save_on_cpu copies synchronously
     compute += memory
     step = {
@@ -83,8 +84,10 @@ def expected_seconds(cfg: PlanConfig) -> float:
         "model": compute,
         "group": max(compute, weights / C.REF_PCIE_PINNED) + arch.n_blocks * C.GROUP_OVERHEAD_PER_BLOCK,
         "sequential": (compute + weights / C.REF_PCIE_PAGEABLE + len(arch.linears) * C.SEQUENTIAL_OVERHEAD_PER_LAYER),
-    }[cfg.offload]
-    once = (weights + (t5_params() + vae_params()) * C.BF16) / C.REF_PCIE_PAGEABLE if cfg.offload != "none" else 0
+    }[cfg.memory.offload]
+    once = (
+        (weights + (t5_params() + vae_params()) * C.BF16) / C.REF_PCIE_PAGEABLE if cfg.memory.offload != "none" else 0
+    )
     return cfg.steps * step + once
 
 
@@ -144,52 +147,20 @@ class PlanResult:
         return line
 
 
-# The optimizer is not searched: switching it means editing the recipe's optimizer section (its arguments differ),
-# and its states are small next to activations (optim.py); `optimizer=` fixes it.
-SEARCHED = {
-    "generate": ("quant", "offload", "t5_quant", "blocks_to_swap", "token_chunks"),
-    "train": ("quant", "checkpointing", "blocks_to_swap", "token_chunks", "checkpoint_every"),
-}
-TOKEN_CHUNKS = (1, 4, 16)  # tried by the search: off, and enough chunks that the attention sets the peak
-CHECKPOINT_EVERY = (1, 2, 3)  # kept block inputs: all, every 2nd, every 3rd (more costs ~k/4 block forwards each)
-SWAP_STEP = 4  # blocks_to_swap tried in steps of this many blocks (and all of them)
-
-
-def _space(base: PlanConfig) -> dict[str, tuple]:
-    from ..quant import QUANT_FORMATS
-    from ..text_encoders import T5_QUANTS
-
-    n_blocks = base.arch().n_blocks
-    swaps = tuple(sorted({*range(0, n_blocks, SWAP_STEP), n_blocks}))
-    valid = {
-        "quant": QUANT_FORMATS,
-        "offload": OFFLOAD_MODES,
-        "checkpointing": CHECKPOINTING,
-        "t5_quant": T5_QUANTS,
-        "blocks_to_swap": swaps,
-        "token_chunks": TOKEN_CHUNKS,
-        "checkpoint_every": CHECKPOINT_EVERY,
-    }
-    return {k: valid[k] for k in SEARCHED[base.task]}
-
-
-def _valid(cfg: PlanConfig) -> bool:
-    """Block swap streams the transformer itself (not with group/sequential offload) and needs checkpointing, as
-    keeping fewer checkpointed block inputs does."""
-    if cfg.checkpoint_every > 1 and cfg.checkpointing == "off":
-        return False
-    if not cfg.blocks_to_swap:
-        return True
-    return cfg.offload in ("none", "model") if cfg.task == "generate" else cfg.checkpointing != "off"
-
-
 def candidates(base: PlanConfig, fixed: set[str], vram_gib: float | None = None) -> list[Candidate]:
-    """Every valid combination of the searched options not in `fixed`, estimated and timed."""
-    space = {k: (getattr(base, k),) if k in fixed else v for k, v in _space(base).items()}
+    """Every valid combination of the memory settings `--vram` searches for the task (MemorySettings.search_space)
+    and `fixed` does not name, estimated and timed. The optimizer is not searched: switching it means editing the
+    recipe's optimizer section (its arguments differ), and its states are small next to activations."""
+    n_blocks = base.arch().n_blocks
+    space = {
+        name: (getattr(base.memory, name),) if name in fixed else values
+        for name, values in MemorySettings.search_space(base.task, n_blocks).items()
+    }
     out = []
     for values in itertools.product(*space.values()):
-        cfg = base.replace(**dict(zip(space, values)))
-        if _valid(cfg):
+        memory = base.memory.replace(**dict(zip(space, values)))
+        if memory.valid(base.task, n_blocks):
+            cfg = base.replace(memory=memory)
             out.append(Candidate(cfg, estimate(cfg, vram_gib), expected_seconds(cfg)))
     return out
 
@@ -199,26 +170,24 @@ def _rank(c: Candidate) -> tuple[float, int]:
 
 
 def best_config(
-    task: str, width: int, height: int, vram_gib: float, ram_gib: float | None = None, **fixed
+    job: PlanConfig, vram_gib: float, ram_gib: float | None = None, fixed: Iterable[str] = ()
 ) -> PlanResult:
-    """The fastest configuration of `task` at `width`x`height` whose peak fits `vram_gib` GiB, and the next best.
+    """The fastest way to run `job` whose peak fits `vram_gib` GiB, and the next best.
 
-    `ram_gib`: host memory available for offloaded weights or checkpoints (None: not a constraint).
-    `fixed`: PlanConfig fields the caller has chosen (e.g. quant="nf4", rank=16); the searched options
-    (quant and offload for generate; quant and checkpointing for train) not fixed are tried in all values.
+    `ram_gib`: host memory available for offloaded weights, swapped blocks or checkpoints (None: not a constraint).
+    `fixed`: the memory settings the user chose (they keep `job.memory`'s value); the other searched settings are
+    tried in all their values.
     """
     from ..errors import UraeError
 
-    names = {f.name for f in dataclasses.fields(PlanConfig)} - {"task", "width", "height"}
-    unknown = set(fixed) - names
-    if unknown:
-        raise UraeError(f"unknown plan option(s) {', '.join(sorted(unknown))}: use {', '.join(sorted(names))}")
     if vram_gib <= 0:
         raise UraeError(f"--vram must be a positive number of GiB, got {vram_gib:g}")
-    base = PlanConfig(task=task, width=width, height=height, **fixed)
     if ram_gib is not None and ram_gib <= 0:
         raise UraeError(f"--ram must be a positive number of GiB, got {ram_gib:g}")
-    everything = candidates(base, set(fixed), vram_gib)
+    from .estimate import check
+
+    check(job)  # a wrong job fails with its own message, not as "nothing fits"
+    everything = candidates(job, set(fixed), vram_gib)
     limit = vram_gib * C.GiB
     card = sorted((c for c in everything if c.peak <= limit), key=_rank)
     fitting = tuple(c for c in card if _fits_ram(c, ram_gib))
@@ -253,24 +222,5 @@ def _largest_fitting(cfg: PlanConfig, limit: float, vram_gib: float) -> tuple[in
 
 
 def options(cfg: PlanConfig) -> str:
-    """The searched options of `cfg` as the job's own command line spells them."""
-    if cfg.task == "generate":
-        return " ".join(generate_options(cfg))
-    return " ".join(train_overrides(cfg))
-
-
-def generate_options(cfg: PlanConfig) -> list[str]:
-    """`urae-lite generate` options that select `cfg`'s searched memory settings (defaults left out)."""
-    line = [f"--quant {cfg.quant}", f"--offload {cfg.offload}", f"--t5-quant {cfg.t5_quant}"]
-    if cfg.blocks_to_swap:
-        line.append(f"--blocks-to-swap {cfg.blocks_to_swap}")
-    if cfg.token_chunks > 1:
-        line.append(f"--token-chunks {cfg.token_chunks}")
-    return line
-
-
-def train_overrides(cfg: PlanConfig) -> list[str]:
-    """`urae-lite train RECIPE key=value ...` overrides that select `cfg`'s searched memory settings."""
-    from .recipe import recipe_overrides
-
-    return recipe_overrides({name: getattr(cfg, name) for name in SEARCHED["train"]})
+    """The searched memory settings of `cfg` as the job's own command line spells them."""
+    return cfg.memory.describe(cfg.task, searched(cfg.task))

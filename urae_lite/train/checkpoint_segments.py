@@ -1,4 +1,4 @@
-"""Block checkpointing that keeps only every k-th block's input (`training.checkpoint_every: k`).
+"""Block checkpointing that keeps only every k-th block's input (`memory.checkpoint_every: k`).
 
 Why: with block checkpointing autograd still keeps every block's input until backward: 57 x tokens x 3072 x 2 B,
 21.5 GiB at 4096², in host memory with checkpointing=cpu, which with block swap's host copies of the weights is more
@@ -53,18 +53,13 @@ def _surrounding_hooks() -> Hooks | None | bool:
     return hooks
 
 
-def check_checkpoint_every(every: object) -> int:
-    """`every` as a checked int (1 = every block input kept, torch's plain block checkpointing)."""
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise UraeError(
-            f"checkpoint_every must be a whole number of at least 1 (1 = keep every block's input), got {every!r}"
-        )
+def check_torch_supports(every: int) -> None:
+    """`every` > 1 rests on a private torch hook: one clear line where this torch lacks it."""
     if every > 1 and not hasattr(torch._C._autograd, "_top_saved_tensors_default_hooks"):
         raise UraeError(
             f"checkpoint_every > 1 needs a newer torch than {torch.__version__} (tested with 2.14): "
-            f"set training.checkpoint_every=1 or upgrade torch"
+            f"set memory.checkpoint_every=1 or upgrade torch"
         )
-    return every
 
 
 class _Kept:
@@ -205,7 +200,8 @@ class SegmentCheckpointing:
     every `every`-th block only. Install with `enable_checkpoint_segments`."""
 
     def __init__(self, every: int):
-        self.every = check_checkpoint_every(every)
+        check_torch_supports(every)
+        self.every = every
         self._tail: tuple[weakref.ref, int, weakref.ref, weakref.ref] | None = None  # last call's segment and outputs
 
     def __call__(self, block: nn.Module, *args: Any) -> Any:
@@ -259,6 +255,7 @@ class SegmentCheckpointing:
 
 
 def enable_checkpoint_segments(transformer: nn.Module, every: int) -> None:
-    """Block checkpointing on `transformer` (diffusers ModelMixin) keeping every `every`-th block's input."""
-    check_checkpoint_every(every)
+    """Block checkpointing on `transformer` (diffusers ModelMixin) keeping every `every`-th block's input (checked:
+    urae_lite.memory.MemorySettings)."""
+    check_torch_supports(every)
     transformer.enable_gradient_checkpointing(SegmentCheckpointing(every) if every > 1 else None)

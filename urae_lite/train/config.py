@@ -16,6 +16,7 @@ from typing import Any
 
 from ..config import PROFILES_KEY, REQUIRED, apply_overrides, build, instantiate, missing, read_yaml
 from ..errors import UraeError
+from ..memory import MemorySettings
 
 __all__ = ["REQUIRED", "TrainConfig", "check_config", "instantiate", "load_recipe"]
 
@@ -53,13 +54,6 @@ class TrainingConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     precision: str = "bf16"  # bf16: bf16 weights + autocast | fp32: full precision (CPU tests; big and slow on GPUs)
-    checkpointing: str = "on"  # on: recompute blocks in backward | cpu: and keep their inputs in host memory | off
-    # keep only every k-th block's input (on the device / in host memory); backward recomputes the others from the
-    # last kept one: k times fewer kept inputs for about (k/4) more block forwards per block (needs checkpointing)
-    checkpoint_every: int = 1
-    token_chunks: int = 1  # blocks (all but attention) in this many token chunks: less memory, one more forward
-    # keep the last N blocks' frozen weights in host memory, streamed through the GPU (0 = off; needs checkpointing)
-    blocks_to_swap: int = 0
 
 
 @dataclass
@@ -88,7 +82,6 @@ class TrainConfig:
     vae: str | None = None  # single-file VAE / CLIP-L / T5 (ComfyUI's ae, clip_l, t5xxl) instead of the folder's;
     clip: str | None = None  # as given to `urae-lite cache` (the cache is made with them)
     t5: str | None = None
-    quant: str = "nf4"
     output_format: str = "diffusers"  # diffusers | kohya: also write adapter_kohya.safetensors (ComfyUI / Forge)
     device: str | None = None  # cpu forces the CPU; default: accelerate's pick (this process's GPU when present)
     seed: int = 0
@@ -97,6 +90,7 @@ class TrainConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     hires: HiresConfig = field(default_factory=HiresConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    memory: MemorySettings = field(default_factory=MemorySettings)  # quant, checkpointing, token chunks, block swap
     optimizer: dict[str, Any] = field(
         default_factory=lambda: {
             "_component_": "prodigyopt.Prodigy",
@@ -145,19 +139,17 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), require_path
 
 
 def check_config(cfg: TrainConfig, require_paths: bool = True) -> None:
-    """Reject values that would fail later, with the accepted choices."""
+    """Reject values that would fail later, with the accepted choices. The memory settings check themselves
+    (urae_lite.memory); their rules that need the model's block count run when `train` has resolved the model."""
     from ..export import FORMATS as EXPORT_FORMATS
-    from ..quant import QUANT_FORMATS
     from ..targets import TARGET_CHOICES
 
     choices = {
-        "quant": (cfg.quant, QUANT_FORMATS),
         "output_format": (cfg.output_format, EXPORT_FORMATS),
         "adapter.kind": (cfg.adapter.kind, ("lora", "minor")),
         "adapter.targets": (cfg.adapter.targets, TARGET_CHOICES),
         "training.timesteps": (cfg.training.timesteps, ("uniform", "logit_normal")),
         "training.precision": (cfg.training.precision, ("bf16", "fp32")),
-        "training.checkpointing": (cfg.training.checkpointing, ("on", "off", "cpu")),
         "device": (cfg.device, (None, "cpu", "cuda")),
     }
     for key, (value, allowed) in choices.items():
@@ -169,26 +161,12 @@ def check_config(cfg: TrainConfig, require_paths: bool = True) -> None:
         "adapter.rank": cfg.adapter.rank,
         "data.resolution": cfg.data.resolution,
         "checkpoint.keep": cfg.checkpoint.keep,
-        "training.token_chunks": cfg.training.token_chunks,
-        "training.checkpoint_every": cfg.training.checkpoint_every,
     }
     for key, value in positive.items():
         if value < 1:
             raise UraeError(f"{key} must be at least 1, got {value}")
     if cfg.data.resolution % 16:
         raise UraeError(f"data.resolution must be a multiple of 16, got {cfg.data.resolution}")
-    if cfg.training.blocks_to_swap < 0:  # the upper bound (the model's block count) is checked when it loads
-        raise UraeError(f"training.blocks_to_swap must be 0 (off) or more, got {cfg.training.blocks_to_swap}")
-    if cfg.training.blocks_to_swap and cfg.training.checkpointing == "off":
-        raise UraeError(
-            "training.blocks_to_swap needs gradient checkpointing (backward must fetch the swapped "
-            "blocks again): set training.checkpointing=on"
-        )
-    if cfg.training.checkpoint_every > 1 and cfg.training.checkpointing == "off":
-        raise UraeError(
-            f"training.checkpoint_every={cfg.training.checkpoint_every} thins out checkpointed block "
-            f"inputs: set training.checkpointing=on or cpu, or training.checkpoint_every=1"
-        )
     from .data import CAPTION_COLUMNS
 
     unknown = sorted(set(cfg.data.caption_mix) - set(CAPTION_COLUMNS))

@@ -67,7 +67,7 @@ class Trainer:
         # checkpoint's inputs through saved-tensor hooks), so this keeps them in host memory instead of the GPU.
         offload = (
             torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
-            if t.checkpointing == "cpu"
+            if self.cfg.memory.checkpointing == "cpu"
             else contextlib.nullcontext()
         )
         guidance = None if self.guidance is None else torch.full((1,), self.guidance, device=self.device)
@@ -106,26 +106,23 @@ class Trainer:
         return float(norm)
 
 
-def oom_advice(cfg: TrainConfig, where: str, peak_gib: float | None = None, total_gib: float | None = None) -> str:
+def oom_advice(
+    cfg: TrainConfig, where: str, peak_gib: float | None = None, total_gib: float | None = None, n_blocks: int = 57
+) -> str:
     """The out-of-memory message: what ran, what peaked, and which settings use less memory (biggest first)."""
-    t = cfg.training
+    from ..memory import spell
+
+    m = cfg.memory
     tips = []
     if where == "validation":
         tips += [f"validation.size={max(512, (cfg.validation.size or cfg.data.resolution) // 2)}", "validation.every=0"]
-    if t.checkpointing != "cpu":
-        tips.append("training.checkpointing=cpu")
-    if t.token_chunks < 4:
-        tips.append("training.token_chunks=4")
-    if t.blocks_to_swap == 0:
-        tips.append("training.blocks_to_swap=57 (or fewer: the last N blocks stream from host memory)")
-    if cfg.quant != "nf4":
-        tips.append("quant=nf4")
+    tips += [f"{spell(name, 'train')}={value}" for name, value in m.lighter("train", n_blocks).items()]
     if "8bit" not in str(cfg.optimizer.get("_component_", "")).lower():
         tips.append("optimizer._component_=bitsandbytes.optim.AdamW8bit optimizer.lr=1e-4")
     peak = f"peak {peak_gib:.1f} of {total_gib:.1f} GiB; " if peak_gib is not None and total_gib is not None else ""
     head = (
-        f"CUDA out of memory during {where} ({peak}resolution {cfg.data.resolution}, quant={cfg.quant}, "
-        f"checkpointing={t.checkpointing}, optimizer {cfg.optimizer.get('_component_')})"
+        f"CUDA out of memory during {where} ({peak}resolution {cfg.data.resolution}, "
+        f"{m.describe('train', ['quant', 'checkpointing'])}, optimizer {cfg.optimizer.get('_component_')})"
     )
     if tips:
         return f"{head}. These settings use less memory, most effective first: {' '.join(tips)}"
@@ -224,6 +221,7 @@ def train(
     use it to kill a run mid-way). `files`: the recipe's model files if already resolved (`cfg.model_files()`)."""
     check_output_dir(cfg.output_dir, "output_dir")
     files = files if files is not None else cfg.model_files()  # once per run: cache, model and validation share it
+    cfg.memory.check("train", files.config["num_layers"] + files.config["num_single_layers"])
     accelerator = _make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process

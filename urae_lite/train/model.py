@@ -13,15 +13,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .. import memory
 from ..adapter_io import save_adapter
-from ..block_swap import enable_block_swap
 from ..export import export_adapter
 from ..hires import set_ntk, set_proportional_attention
 from ..loader import LoadSpec, adapted_layers, add_lora, read_transformer
 from ..minor import MINOR_RESIDUAL_SLICE, MINOR_SLICE, MinorSpec
 from ..safetensors_io import atomic_save_file
-from ..token_chunking import enable_token_chunking
-from .checkpoint_segments import enable_checkpoint_segments
 from .config import TrainConfig
 
 if TYPE_CHECKING:
@@ -34,7 +32,7 @@ def build_model(
     cfg: TrainConfig, device: torch.device, progress: bool = True, files: ModelFiles | None = None
 ) -> nn.Module:
     """Load base + `adapter.base_adapters` (frozen), with minor components initialised from them if asked; with
-    `training.blocks_to_swap` the last blocks' frozen weights then move to host memory (urae_lite.block_swap).
+    `memory.blocks_to_swap` the last blocks' frozen weights stay in host memory (urae_lite.block_swap).
     `files`: the run's resolved model files (default: resolved from the recipe here)."""
     a = cfg.adapter
     minor = None
@@ -42,18 +40,16 @@ def build_model(
         minor = MinorSpec(a.rank, a.targets, trainable=True, svd_device=str(device) if device.type == "cuda" else None)
     dtype = torch.float32 if cfg.training.precision == "fp32" else torch.bfloat16
     spec = LoadSpec(
-        cfg.quant, device, dtype, a.base_adapters, minor, progress, park_blocks=cfg.training.blocks_to_swap
+        cfg.memory.format, device, dtype, a.base_adapters, minor, progress, park_blocks=cfg.memory.blocks_to_swap
     )  # swapped blocks never sit on the device
     model = read_transformer(files if files is not None else cfg.model_files(), spec)
-    model = prepare_for_training(model, cfg)
-    enable_block_swap(model, cfg.training.blocks_to_swap, device)  # after the fp32 masters exist; 0 = off
-    return model
+    return prepare_for_training(model, cfg, device)
 
 
-def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """Add the LoRA (kind lora), make trainable factors fp32 masters, set NTK / proportional attention, run the
-    blocks in token chunks (`training.token_chunks`) and turn on block checkpointing (its inputs go to host memory
-    in the forward when checkpointing=cpu; only every `training.checkpoint_every`-th block's input is kept)."""
+def prepare_for_training(model: nn.Module, cfg: TrainConfig, device: torch.device | str) -> nn.Module:
+    """Add the LoRA (kind lora), make trainable factors fp32 masters, set NTK / proportional attention, then the
+    memory mechanisms (`memory.apply`: token chunks, block checkpointing keeping every `checkpoint_every`-th block
+    input, on the device or in host memory for checkpointing=cpu, and block swap, which needs the fp32 masters)."""
     a = cfg.adapter
     if a.kind == "lora":
         add_lora(model, LORA_SLICE, a.rank, a.alpha, a.targets, seed=cfg.seed)
@@ -64,10 +60,7 @@ def prepare_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
                 piece.B = nn.Parameter(piece.B.detach().float())
     set_ntk(model, cfg.hires.ntk)
     set_proportional_attention(model, cfg.hires.proportional_attention)
-    if cfg.training.token_chunks > 1:  # before any hook that would keep the blocks' original forward
-        enable_token_chunking(model, cfg.training.token_chunks)
-    if cfg.training.checkpointing != "off":  # keeping every `checkpoint_every`-th block's input only
-        enable_checkpoint_segments(model, cfg.training.checkpoint_every)
+    memory.apply(model, cfg.memory, device, training=True)
     model.train()
     return model
 

@@ -1,18 +1,21 @@
-"""`urae-lite cache` and `urae-lite train`, registered into the main CLI through FEATURE_MODULES."""
+"""`urae-lite cache` and `urae-lite train`, registered into the main CLI through FEATURE_MODULES.
+
+A command module beside the `train` package, not in it: `--vram` asks the planner, and the planner reads recipes
+(urae_lite.train.config), so the training library itself never imports the planner."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..component_files import add_component_options
-from ..vae_tiling import VAE_TILING_MODES
-from ..vram_options import add_vram_options
+from .component_files import add_component_options
+from .vae_memory import VAE_TILING_MODES
+from .vram_options import add_vram_options
 
 
 def _cmd_cache(args: argparse.Namespace) -> None:
-    from ..component_files import component_files
-    from ..report import RunReport
-    from .cache import build_cache
+    from .component_files import component_files
+    from .report import RunReport
+    from .train.cache import build_cache
 
     report = RunReport()
     with report.stage("cache"):
@@ -34,8 +37,8 @@ def _cmd_cache(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from .config import load_recipe
-    from .loop import train
+    from .train.config import load_recipe
+    from .train.loop import train
 
     overrides = [*args.overrides, f"output_format={args.format}"] if args.format else args.overrides
     cfg = load_recipe(args.recipe, overrides)
@@ -49,18 +52,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def vram_overrides(
     cfg, user_overrides: list[str], vram_gib: float, ram_gib: float | None = None, files=None
 ) -> list[str]:
-    """--vram: recipe overrides for the memory settings the planner picks for `cfg`; the ones `user_overrides` set
-    stay as the user set them. `files`: `cfg.model_files()` when already resolved."""
-    from ..plan.choose import apply_vram, model_fields
-    from ..plan.recipe import overridden_fields, plan_fields, recipe_overrides
-    from ..plan.search import SEARCHED
+    """--vram: `memory.*` recipe overrides for the settings the planner picks for `cfg`; the ones `user_overrides`
+    set stay as the user set them. `files`: `cfg.model_files()` when already resolved."""
+    from .memory import overridden, recipe_overrides, searched
+    from .plan.choose import apply_vram, model_fields
+    from .plan.recipe import recipe_job
 
-    fields = plan_fields(cfg)
-    width, height = fields.pop("width"), fields.pop("height")
-    user_set = overridden_fields(user_overrides)
-    fixed = {k: v for k, v in fields.items() if k not in SEARCHED["train"] or k in user_set}
-    model = model_fields(files if files is not None else cfg.model_files())
-    return recipe_overrides(apply_vram("train", width, height, vram_gib, ram_gib, **model, **fixed))
+    job = recipe_job(cfg, **model_fields(files if files is not None else cfg.model_files()))
+    picked = apply_vram(job, overridden(user_overrides), vram_gib, ram_gib)
+    return recipe_overrides({name: getattr(picked, name) for name in searched("train")})
 
 
 def register(subparsers) -> None:

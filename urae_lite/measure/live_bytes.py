@@ -1,4 +1,4 @@
-"""Live device bytes of real code, counted op by op: the measuring half of the fake-tensor harness (plan/fake.py).
+"""Live device bytes of real code, counted op by op: the measuring half of the fake-tensor harness (measure/fake.py).
 
 `LiveBytes`, a TorchDispatchMode, adds the untyped storage bytes of every op output once and subtracts them when
 the storage dies (weakref.finalize), and keeps the peak. It works on real and fake tensors alike; tensors on the

@@ -1,6 +1,6 @@
 """What a GPU run allocates that the same code on fake CPU tensors would not, reproduced in the measuring harness.
 
-The memory planner models the CUDA path; fake CUDA tensors fail in backward, so the fake runs (plan/fake.py) use
+The memory planner models the CUDA path; fake CUDA tensors fail in backward, so the fake runs (measure/fake.py) use
 fake CPU tensors and this module makes them allocate what CUDA would. Nothing here changes library code: the
 harness wraps calls from the outside, only while it measures.
 

@@ -2,10 +2,10 @@
 checks `--vae-tiling auto` and the tiled decode's storage choice rest on.
 
 The byte counts are the tensors alive at each moment, read from diffusers' Decoder and from vae_tiling.py and
-checked against a live-tensor count of the real code at full FLUX size (plan/fake.py); they leave out what no
+checked against a live-tensor count of the real code at full FLUX size (urae_lite/measure/); they leave out what no
 tensor count sees: convolution workspaces (cuDNN's, the CPU im2col buffer) and allocator fragmentation. The fit
-checks therefore ask for HEADROOM times the counted bytes. No urae_lite imports: vae_tiling imports this module
-from inside its functions, and the planner at import time.
+checks therefore ask for HEADROOM times the counted bytes. A runtime module with no urae_lite imports: vae_tiling
+and the memory settings read it, and so does the planner.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+#: `auto` tiles only when a plain decode would not fit; the one vocabulary of --vae-tiling, presets and the cache
+VAE_TILING_MODES: tuple[str, ...] = ("auto", "on", "off")
 # Counted bytes x HEADROOM must fit before a plain decode is chosen, or the tiled decode's full-size maps are kept
 # on the accelerator: room for convolution workspaces and fragmentation (a plain 4K decode is ~24 GiB of tensors).
 HEADROOM = 1.25

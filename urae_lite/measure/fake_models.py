@@ -1,4 +1,4 @@
-"""Full-size FLUX.1-dev, its text encoders and VAE, and the training model, on fake tensors (plan/fake.py).
+"""Full-size FLUX.1-dev, its text encoders and VAE, and the training model, on fake tensors (measure/fake.py).
 
 Modules are built on the `meta` device from their configs (the transformer through the loader's own skeleton,
 its quantized bases in urae_lite.quant's buffer layout) and given fake storage of the loader's dtypes, so the
@@ -16,7 +16,6 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 
 BF16 = torch.bfloat16
-VAE_FACTORS = {"scaling_factor": 0.3611, "shift_factor": 0.1159}  # FLUX.1 vae/config.json
 
 
 @contextlib.contextmanager
@@ -26,28 +25,12 @@ def fake_mode() -> Iterator[FakeTensorMode]:
         yield mode
 
 
-def fake_quantized_weight(fmt: str, out_features: int, in_features: int, dtype: torch.dtype = BF16):
-    """A QuantizedWeight with urae_lite.quant's buffer layout, no quantizer run (they need real data)."""
-    from ..quant import NF4_BLOCKSIZE, NF4_NESTED_BLOCKSIZE, QuantizedWeight
+def fake_quantized_weight(quant: str, out_features: int, in_features: int, dtype: torch.dtype = BF16):
+    """A QuantizedWeight with its format's buffer layout (QuantFormat.empty), no quantizer run (they need data)."""
+    from ..quant import QuantizedWeight, get_format
 
-    qw = QuantizedWeight(fmt, out_features, in_features, dtype)
-    n = out_features * in_features
-    if fmt == "nf4":
-        blocks = -(-n // NF4_BLOCKSIZE)
-        qw._set_nf4(
-            torch.empty(n // 2, 1, dtype=torch.uint8),
-            torch.empty(blocks, dtype=torch.uint8),
-            torch.empty(16),
-            torch.empty(-(-blocks // NF4_NESTED_BLOCKSIZE)),
-            torch.empty(256),
-            torch.empty(()),
-        )
-    elif fmt == "fp8":
-        qw.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn))
-        qw.register_buffer("scale", torch.empty(out_features, 1, dtype=dtype))
-    else:
-        qw.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype))
-    return qw
+    fmt = get_format(quant)
+    return QuantizedWeight(fmt, out_features, in_features, dtype, fmt.empty(out_features, in_features, dtype))
 
 
 def _materialize_meta(module: nn.Module, dtype: torch.dtype) -> None:
@@ -117,46 +100,19 @@ def fake_from_config(cls: type, config) -> nn.Module:
 
 
 def fake_vae() -> nn.Module:
-    """FLUX.1's AutoencoderKL (plan.constants' config with its latent scaling and shift)."""
+    """FLUX.1's AutoencoderKL (flux_configs' config with its latent scaling and shift)."""
     from diffusers import AutoencoderKL
 
-    from . import constants as C
+    from ..flux_configs import FLUX_VAE_CONFIG, FLUX_VAE_FACTORS
 
-    return fake_from_config(AutoencoderKL, {**C.FLUX_VAE_CONFIG, **VAE_FACTORS})
+    return fake_from_config(AutoencoderKL, {**FLUX_VAE_CONFIG, **FLUX_VAE_FACTORS})
 
 
 def text_encoder_configs():
-    """(CLIP-L, T5-XXL) configs of FLUX.1's text encoders (the published architectures in plan.constants)."""
-    from transformers import CLIPTextConfig, T5Config
+    """(CLIP-L, T5-XXL) configs of FLUX.1's text encoders (the published architectures in flux_configs)."""
+    from ..flux_configs import clip_config, t5_config
 
-    from . import constants as C
-
-    clip = CLIPTextConfig(
-        vocab_size=C.CLIP_VOCAB,
-        hidden_size=C.CLIP_WIDTH,
-        intermediate_size=C.CLIP_MLP,
-        projection_dim=C.CLIP_WIDTH,
-        num_hidden_layers=C.CLIP_LAYERS,
-        num_attention_heads=12,
-        max_position_embeddings=C.CLIP_POSITIONS,
-        hidden_act="quick_gelu",
-    )
-    t5 = T5Config(
-        vocab_size=C.T5_VOCAB,
-        d_model=C.T5_D_MODEL,
-        d_kv=64,
-        d_ff=C.T5_D_FF,
-        num_layers=C.T5_LAYERS,
-        num_heads=C.T5_HEADS,
-        relative_attention_num_buckets=32,
-        relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu",
-        dense_act_fn="gelu_new",
-        is_gated_act=True,
-        layer_norm_epsilon=1e-6,
-        tie_word_embeddings=False,
-    )
-    return clip, t5
+    return clip_config(), t5_config()
 
 
 def fake_t5_nf4(config) -> nn.Module:
@@ -203,19 +159,12 @@ def fake_t5_nf4(config) -> nn.Module:
     return model.eval()
 
 
-def fake_pipeline(
-    quant: str,
-    rank: int,
-    config: dict | None = None,
-    token_chunks: int = 1,
-    blocks_to_swap: int = 0,
-    t5_quant: str = "bf16",
-):
-    """`UraePipeline` around a fake full-size FLUX.1-dev (transformer, T5-XXL, CLIP-L, VAE); tokenizers and
-    scheduler from the tiny offline model. `config`: another transformer config (fewer blocks, for fast checks).
-    `token_chunks` and `blocks_to_swap` are applied with the real mechanisms, in `load_pipeline`'s order (the swapped
-    blocks' host copies: `host_storages`); `t5_quant="nf4"`: T5's linears as `load_t5_nf4` makes them. Call inside
-    `fake_mode()`."""
+def fake_pipeline(memory, rank: int, config: dict | None = None):
+    """`UraePipeline` around a fake full-size FLUX.1-dev (transformer, T5-XXL, CLIP-L, VAE) built as `memory`
+    (a MemorySettings) says; tokenizers and scheduler from the tiny offline model. `config`: another transformer
+    config (fewer blocks, for fast checks). Token chunks and block swap are applied with the real mechanisms, as
+    `load_pipeline` applies them (the swapped blocks' host copies: `host_storages`); `t5_quant="nf4"`: T5's linears
+    as `load_t5_nf4` makes them. Call inside `fake_mode()`."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -225,9 +174,9 @@ def fake_pipeline(
     from ..tiny import tiny_flux_path
 
     tiny = tiny_flux_path()
-    transformer = fake_transformer(config or flux_dev_config(), quant)
+    transformer = fake_transformer(config or flux_dev_config(), memory.quant)
     fake_frozen_lora(transformer, "urae", rank)
-    apply_memory_options(transformer, token_chunks, blocks_to_swap)
+    apply_memory_options(transformer, memory)
     clip_cfg, t5_cfg = text_encoder_configs()
     with unset_fake_temporarily():
         parts = {
@@ -235,7 +184,7 @@ def fake_pipeline(
             "tokenizer": CLIPTokenizer.from_pretrained(tiny, subfolder="tokenizer"),
             "tokenizer_2": T5TokenizerFast.from_pretrained(tiny, subfolder="tokenizer_2"),
         }
-    t5 = fake_t5_nf4(t5_cfg) if t5_quant == "nf4" else fake_from_config(T5EncoderModel, t5_cfg)
+    t5 = fake_t5_nf4(t5_cfg) if memory.t5_quant == "nf4" else fake_from_config(T5EncoderModel, t5_cfg)
     flux = FluxPipeline(
         transformer=transformer,
         text_encoder=fake_from_config(CLIPTextModel, clip_cfg),
@@ -246,10 +195,9 @@ def fake_pipeline(
     return UraePipeline(
         flux,
         model="fake FLUX.1-dev",
-        quant=quant,
         adapters=[],
         defaults=GenerationSettings(),
-        offload="model",
+        memory=memory.replace(offload=memory.resolved_offload("cuda")),
         progress=False,
     )
 
@@ -257,29 +205,23 @@ def fake_pipeline(
 def fake_training_model(cfg, config: dict | None = None) -> nn.Module:
     """The model `build_model` makes for `cfg` (the minor recipe's SVD replaced by slices of the same shapes), its
     token chunking, checkpoint segments and block swap included. `config`: another transformer config."""
-    from ..block_swap import enable_block_swap
     from ..flux_configs import flux_dev_config
     from ..train.model import prepare_for_training
 
-    model = fake_transformer(config or flux_dev_config(), cfg.quant)
+    model = fake_transformer(config or flux_dev_config(), cfg.memory.quant)
     if cfg.adapter.kind == "minor":
         fake_minor(model, cfg.adapter.rank)
-    model = prepare_for_training(model, cfg)
-    with _already_placed(model):  # as build_model, after the fp32 masters exist
-        enable_block_swap(model, cfg.training.blocks_to_swap, "cpu")
-    return model
+    with _already_placed(model):  # as build_model; block swap comes after the fp32 masters exist
+        return prepare_for_training(model, cfg, "cpu")
 
 
-def apply_memory_options(transformer: nn.Module, token_chunks: int, blocks_to_swap: int) -> None:
-    """Token chunking, then block swap, as `load_pipeline` applies them (fake CPU tensors stand for the device, so
+def apply_memory_options(transformer: nn.Module, memory) -> None:
+    """`memory`'s transformer mechanisms as `load_pipeline` applies them (fake CPU tensors stand for the device, so
     the swap's "device" is the CPU; its host copies are told apart by `host_storages`)."""
-    from ..block_swap import enable_block_swap
-    from ..token_chunking import enable_token_chunking
+    from .. import memory as memory_settings
 
-    if token_chunks > 1:
-        enable_token_chunking(transformer, token_chunks)
     with _already_placed(transformer):
-        enable_block_swap(transformer, blocks_to_swap, "cpu")
+        memory_settings.apply(transformer, memory, "cpu")
 
 
 @contextlib.contextmanager

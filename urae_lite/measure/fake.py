@@ -1,10 +1,10 @@
 """GPU memory truth without a GPU: the real generation and training code at full FLUX.1-dev size on fake tensors.
 
 `torch._subclasses.fake_tensor.FakeTensorMode` gives every tensor its shape, dtype and autograd but no data, so a
-full-size forward and backward run in seconds on a CPU; `LiveBytes` (plan/live_bytes.py) counts the live device
-bytes of every phase and keeps its peak. The models are built in plan/fake_models.py.
+full-size forward and backward run in seconds on a CPU; `LiveBytes` (measure/live_bytes.py) counts the live device
+bytes of every phase and keeps its peak. The models are built in measure/fake_models.py.
 
-Device vs host: fake CPU tensors stand for the GPU (fake CUDA tensors fail in backward), and plan/fake_cuda.py makes
+Device vs host: fake CPU tensors stand for the GPU (fake CUDA tensors fail in backward), and measure/fake_cuda.py makes
 them allocate what CUDA would: CUDA autocast's fp32 norms, the fused RMSNorm, the kernels' held dequantization
 buffer. What the real code puts in *host* memory is put on the `meta` device instead (`HOST`), which the counter
 skips: `save_on_cpu`'s copies of checkpointed block inputs and the exact tiled VAE decode's full-size maps. Modules
@@ -92,25 +92,27 @@ def generate_rank(size: int) -> int:
     return 48 if size >= 4096 else 16
 
 
-def generate_settings(size: int, vae_tiling: str):
-    """The preset of `size` (2k, or 4k from 4096²) at size², one denoising step, the resolved VAE tiling."""
+def generate_settings(size: int):
+    """The preset of `size` (2k, or 4k from 4096²) at size², one denoising step."""
     from ..presets import load_preset
 
-    return load_preset("4k" if size >= 4096 else "2k", "dev").replace(
-        width=size, height=size, steps=1, vae_tiling=vae_tiling
-    )
+    return load_preset("4k" if size >= 4096 else "2k", "dev").replace(width=size, height=size, steps=1)
 
 
 MEASURED_OFFLOADS = ("model", "none")
 
 
-def measure_generate(pipe, size: int, vae_tiling: str, offload: str = "model") -> list[Phase]:
+def measure_generate(pipe, size: int) -> list[Phase]:
     """Peak device bytes of the three stages, each phase holding what the previous ones left on the device (the
-    prompt embeddings; the kernels' buffer). `model` offload: one component on the device at a time (a block-swapped
-    transformer's resident part too: the offload hooks move it, block_swap.py); `none`: every component always."""
+    prompt embeddings; the kernels' buffer), with the pipeline's memory settings (`pipe.memory`: a resolved VAE
+    tiling, on or off). `model` offload: one component on the device at a time (a block-swapped transformer's
+    resident part too: the offload hooks move it, block_swap.py); `none`: every component always."""
+    offload = pipe.memory.offload
+    if pipe.memory.vae_tiling == "auto":
+        raise ValueError("measure a resolved VAE tiling (on or off): `auto` depends on the card")
     if offload not in MEASURED_OFFLOADS:
         raise NotImplementedError(f"the fake harness measures offload {' and '.join(MEASURED_OFFLOADS)}, not {offload}")
-    s = generate_settings(size, vae_tiling)
+    s = generate_settings(size)
     flux = pipe.flux
     encoders = [flux.text_encoder, flux.text_encoder_2]
     resident = (
@@ -139,7 +141,7 @@ def measure_generate(pipe, size: int, vae_tiling: str, offload: str = "model") -
         else:
             tracker.hold(device_tensors(pipe.transformer))  # the window the last step left
         with tracker:
-            decode, _ = measure(tracker, "VAE decode", lambda: decode_latents(flux, packed, s))
+            decode, _ = measure(tracker, "VAE decode", lambda: decode_latents(pipe, packed, s))
     return [text, denoise, decode]
 
 
@@ -188,16 +190,17 @@ def real_schedulers() -> Iterator[None]:
         pipeline.static_shift_scheduler = original
 
 
-def decode_latents(flux, packed: torch.Tensor, s) -> torch.Tensor:
+def decode_latents(pipe, packed: torch.Tensor, s) -> torch.Tensor:
     """`UraePipeline.decode` up to the image tensor (PIL conversion needs data); an exact tiled decode keeps its
     full-size maps in host memory, as on a card where they do not fit beside the working set."""
     from ..vae_tiling import decode
 
+    flux, m = pipe.flux, pipe.memory
     vae = flux.vae
     latents = flux._unpack_latents(packed, s.height, s.width, flux.vae_scale_factor)
     latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-    home = HOST if s.vae_tiling == "on" else None
-    return decode(vae, latents.to(vae.dtype), mode=s.vae_tiling, strip_rows=s.vae_strip_rows, home_device=home)
+    home = HOST if m.vae_tiling == "on" else None
+    return decode(vae, latents.to(vae.dtype), mode=m.vae_tiling, strip_rows=m.vae_strip_rows, home_device=home)
 
 
 # ---- training ------------------------------------------------------------------------------------------------------
@@ -207,13 +210,12 @@ TRAIN_RECIPES = {2048: "train_2k_lora.yaml", 4096: "train_4k_minor.yaml"}
 
 def train_recipe(size: int, quant: str, overrides: tuple[str, ...] = ()):
     """The recipe of `size` (2K LoRA below 4096², else 4K minor) with its checkpointing, at `quant`; `overrides`:
-    more `key=value` recipe overrides (training.token_chunks=4, training.blocks_to_swap=40, ...)."""
-    from pathlib import Path
-
+    more `key=value` recipe overrides (memory.token_chunks=4, memory.blocks_to_swap=40, ...)."""
+    from ..presets import RECIPES
     from ..train.config import load_recipe
 
-    recipe = Path(__file__).resolve().parents[2] / "recipes" / TRAIN_RECIPES[4096 if size >= 4096 else 2048]
-    return load_recipe(recipe, [f"quant={quant}", f"data.resolution={size}", *overrides], require_paths=False)
+    recipe = RECIPES / TRAIN_RECIPES[4096 if size >= 4096 else 2048]
+    return load_recipe(recipe, [f"memory.quant={quant}", f"data.resolution={size}", *overrides], require_paths=False)
 
 
 def prodigy_state_bytes(model: nn.Module, cfg) -> int:
