@@ -89,3 +89,35 @@ def test_urae_lite_has_no_import_cycle():
         "urae_lite.model_files"
     ]
     assert cycles(graph) == []
+
+
+# The layers: the command modules (the `urae-lite` subcommands) may ask the planner; the library that generates and
+# trains never does, and the fake-tensor harness (urae_lite.measure) is for tests and benchmarks only.
+COMMANDS = {"urae_lite.cli", "urae_lite.generate", "urae_lite.train_cli"}
+
+
+def _urae_graph() -> dict[str, set[str]]:
+    modules = module_names(Path(urae_lite.__file__).parent, "urae_lite")
+    modules |= module_names(REPO / "kernels", "urae_lite.kernels")
+    return import_graph(modules)
+
+
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def test_no_runtime_module_imports_the_planner_or_the_harness():
+    graph = _urae_graph()
+    planner = {m for m in graph if _in(m, "urae_lite.plan")}
+    harness = {m for m in graph if _in(m, "urae_lite.measure")}
+    runtime = set(graph) - planner - harness - COMMANDS
+    assert runtime, "no runtime modules found"
+    offenders = {m: sorted(graph[m] & (planner | harness)) for m in runtime if graph[m] & (planner | harness)}
+    assert offenders == {}
+    assert not any(graph[m] & harness for m in planner), "the planner estimates; measuring is the harness's"
+
+
+def test_the_training_package_does_not_import_the_planner():
+    graph = _urae_graph()
+    train = [m for m in graph if _in(m, "urae_lite.train")]
+    assert train and not [m for m in train if any(_in(t, "urae_lite.plan") for t in graph[m])]

@@ -6,10 +6,11 @@ from .component_files import ComponentFiles
 from .convert import convert_urae_4k
 from .errors import UraeError
 from .loader import LoadSpec, add_lora, load_transformer, read_transformer
+from .memory import MemorySettings
 from .minor import MinorSpec
 from .model_files import ModelFiles, resolve_files
 from .prepare import prepare
-from .quant import QUANT_FORMATS, QuantizedWeight
+from .quant import FORMATS, QUANT_FORMATS, QuantFormat, QuantizedWeight
 from .version import __version__ as __version__
 
 __all__ = [
@@ -31,7 +32,10 @@ __all__ = [
     "resolve_files",
     "load_pipeline",
     "ComponentFiles",
+    "FORMATS",
+    "MemorySettings",
     "QUANT_FORMATS",
+    "QuantFormat",
     "QuantizedWeight",
 ]
 

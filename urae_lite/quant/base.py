@@ -5,18 +5,16 @@ fake-tensor harness use, so that a format is one class (gpt-fast's one-handler-p
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from .weight import QuantizedWeight
+from torch import nn
 
 Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 class QuantFormat:
-    """One storage format of an (out_features, in_features) frozen weight.
+    """One storage format of an (out_features, in_features) frozen weight. The methods that take `qw` read its
+    buffers and `dtype` / `shape` (a urae_lite.quant.QuantizedWeight, which delegates here).
 
     A subclass names its buffers once in `layout`; the planner's bytes per weight and the harness's fake buffers are
     read from it, so they cannot drift from what `quantize` makes."""
@@ -51,16 +49,16 @@ class QuantFormat:
         """The buffers of `weight` (already in `dtype`), made by the library that owns the format."""
         raise NotImplementedError
 
-    def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
+    def dequantize(self, qw: nn.Module) -> torch.Tensor:
         """The dense weight in `qw.dtype` through the owning library's code (the CPU path, the kernels' reference)."""
         raise NotImplementedError
 
-    def dequantize_kernel(self, qw: QuantizedWeight, out: torch.Tensor | None) -> torch.Tensor:
+    def dequantize_kernel(self, qw: nn.Module, out: torch.Tensor | None) -> torch.Tensor:
         """The dense weight through the fused Triton kernel (into `out` when given)."""
         raise NotImplementedError
 
     # ---- serialization (the key layout diffusers / transformers use for the library's layers) -----------------------
-    def state_tensors(self, qw: QuantizedWeight, prefix: str) -> dict[str, torch.Tensor]:
+    def state_tensors(self, qw: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def from_state_tensors(
