@@ -1,7 +1,7 @@
 """Peak GPU memory and seconds per step of `urae-lite generate` on the full-size FLUX.1-dev architecture.
 
     python benchmarks/generate.py [--quants nf4 fp8 bf16] [--sizes 1024 2048 4096] [--steps 4] [--offload model]
-                                  [--t5-quant nf4] [--blocks-to-swap N] [--token-chunks N]
+                                  [--t5-quant nf4] [--blocks-to-swap N] [--token-chunks N] [--vae-tiling on]
 
 No weights are downloaded (weight values change neither memory nor speed). The transformer is streamed tensor
 by tensor from `urae_lite.tiny.iter_random_transformer_tensors(flux_dev_config(), device="cuda")` into
@@ -9,9 +9,11 @@ by tensor from `urae_lite.tiny.iter_random_transformer_tensors(flux_dev_config()
 from their real configs with random weights; tokenizers and scheduler come from the tiny offline model. The
 transformer carries URAE-sized adapters: a rank-16 LoRA on the authors' 190 targets for 1024²/2048² (the 2K
 adapter) and rank 48 for 4096² (the 2K + 4K adapters converted to one exact LoRA). The memory options of
-`urae-lite generate` are set up in the order `load_pipeline` sets them up: `--token-chunks` and `--blocks-to-swap` on
-the transformer (with its adapters) before the offload hooks; `--t5-quant nf4` saves the random T5-XXL to a temporary
-folder and loads it back through `load_t5_nf4`, the library's bitsandbytes path.
+`urae-lite generate` (urae_lite.MemorySettings' own options; `--quant` alone measures that format) are set up in the
+order `load_pipeline` sets them up: `--token-chunks` and `--blocks-to-swap` on the transformer (with its adapters)
+before the offload hooks; `--t5-quant nf4` saves the random T5-XXL to a temporary folder and loads it back through
+`load_t5_nf4`, the library's bitsandbytes path. The VAE decode tiles as each size's preset says unless
+`--vae-tiling` is given.
 
 Per (quant, size) row: time and peak CUDA memory (allocated and reserved) of each stage of one generation with
 the preset's settings (text encoders, denoise, VAE decode) and seconds per denoising step (median interval
@@ -32,24 +34,27 @@ from pathlib import Path
 
 from provenance import provenance, result_path
 
-ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
 GOALS_GIB = {2048: 10.0, 4096: 14.0}  # the README's goals, NF4 base, whole generation
 PROMPT = "a photo of a red fox in a snowy forest at golden hour, high resolution, detailed"
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from urae_lite import QUANT_FORMATS, MemorySettings
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quants", nargs="+", default=["nf4", "fp8", "bf16"], choices=["nf4", "fp8", "bf16"])
+    p.add_argument("--quants", nargs="+", choices=QUANT_FORMATS, help="base formats (default: --quant, else all)")
     p.add_argument("--sizes", nargs="+", type=int, default=[1024, 2048, 4096], help="square image sides")
     p.add_argument("--steps", type=int, default=4, help="denoising steps per generation (>= 2 to time a step)")
-    p.add_argument("--offload", default="model", choices=["none", "model", "group", "sequential"])
-    p.add_argument("--t5-quant", default="bf16", choices=["bf16", "nf4"], help="T5-XXL's linears")
-    p.add_argument("--blocks-to-swap", type=int, default=0, metavar="N", help="stream the last N blocks from host")
-    p.add_argument("--token-chunks", type=int, default=1, metavar="N", help="run the blocks over N token chunks")
+    MemorySettings.add_arguments(p, ["generate"])
     p.add_argument("--skip-vae", action="store_true", help="skip the separate 4096² tiled-vs-plain VAE decode")
     p.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/generate_<device>.json)")
-    return p.parse_args()
+    args = p.parse_args(argv)
+    given = MemorySettings.given(args)
+    args.quants = args.quants or ([given["quant"]] if "quant" in given else list(QUANT_FORMATS))
+    args.memory = MemorySettings(**{k: v for k, v in given.items() if k != "quant"})  # checked in main
+    args.preset_tiling = "vae_tiling" not in given  # each size decodes as its preset says
+    return args
 
 
 # ---- random full-size components ---------------------------------------------------------------------------------
@@ -132,8 +137,9 @@ def random_transformer(quant: str):
     import torch
     from diffusers import FluxTransformer2DModel
 
+    from urae_lite import LoadSpec
     from urae_lite.flux_configs import flux_dev_config
-    from urae_lite.loader import LoadSpec, empty_transformer, fill_transformer
+    from urae_lite.loader import empty_transformer, fill_transformer  # streaming from an iterator: no public entry
     from urae_lite.tiny import iter_random_transformer_tensors
 
     config = flux_dev_config()
@@ -150,7 +156,7 @@ def random_transformer(quant: str):
 
 def add_adapter_rank(transformer, rank: int, name: str) -> None:
     """A frozen LoRA slice of `rank` on the authors' targets (B = 0: same cost as a trained one)."""
-    from urae_lite.loader import add_lora
+    from urae_lite import add_lora
 
     add_lora(transformer, name, rank)
     transformer.requires_grad_(False)
@@ -197,16 +203,19 @@ def measure(fn):
     )
 
 
-def generation_row(pipe, quant: str, size: int, steps: int) -> dict:
+def generation_row(pipe, quant: str, size: int, steps: int, preset_tiling: bool = True) -> dict:
+    """One generation with the size's preset (and its VAE tiling unless `preset_tiling` is off)."""
     import torch
 
-    from urae_lite.errors import UraeError
-    from urae_lite.presets import load_preset, preset_memory
+    from urae_lite import UraeError
+    from urae_lite.presets import load_preset, preset_memory  # the preset files: read by load_pipeline alone
 
     preset = "4k" if size >= 4096 else "2k"
     s = load_preset(preset, "dev").replace(width=size, height=size, steps=steps)
-    pipe.memory = pipe.memory.replace(vae_tiling=preset_memory(preset, "dev").vae_tiling)  # the preset's decode
+    if preset_tiling:
+        pipe.memory = pipe.memory.replace(vae_tiling=preset_memory(preset, "dev").vae_tiling)
     row: dict = {"quant": quant, "size": size, "steps": steps, "settings": s.as_dict(), "stages": {}}
+    row["vae_tiling"] = pipe.memory.vae_tiling
     timer = StepTimer(pipe.transformer)
     try:
         embeds, *m = measure(lambda: pipe.encode(PROMPT, s))
@@ -260,21 +269,23 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         sys.exit("benchmarks/generate.py needs a CUDA GPU")
-    sys.path.insert(0, str(ROOT))
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     from urae_lite import memory as memory_settings
-    from urae_lite.memory import MemorySettings
-    from urae_lite.offload import apply_offload
+    from urae_lite.flux_configs import flux_dev_config
+    from urae_lite.offload import apply_offload  # what load_pipeline does after memory.apply: no public entry
     from urae_lite.pipeline import UraePipeline
     from urae_lite.presets import GenerationSettings
     from urae_lite.tiny import tiny_flux_path
 
     device = torch.cuda.get_device_name()
     tiny = tiny_flux_path()
-    clip, t5 = random_text_encoders(args.t5_quant)
+    config = flux_dev_config()
+    n_blocks = config["num_layers"] + config["num_single_layers"]
+    base = args.memory.replace(offload=args.memory.resolved_offload("cuda")).check("generate", n_blocks)
+    clip, t5 = random_text_encoders(base.t5_quant)
     vae = random_vae()
     parts = dict(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(tiny, subfolder="scheduler"),
@@ -285,21 +296,22 @@ def main() -> None:
         vae=vae,
     )
     rows: list[dict] = []
-    memory = {"t5_quant": args.t5_quant, "blocks_to_swap": args.blocks_to_swap, "token_chunks": args.token_chunks}
+    memory = {k: getattr(base, k) for k in ("t5_quant", "blocks_to_swap", "token_chunks")}
+    shown = [n for n in base.for_task("generate") if n != "quant" and not (n == "vae_tiling" and args.preset_tiling)]
     print(
-        f"{device} | torch {torch.__version__} | diffusers {diffusers.__version__} | offload {args.offload} | {memory}"
+        f"{device} | torch {torch.__version__} | diffusers {diffusers.__version__} | {base.describe('generate', shown)}"
     )
     print(f"{'quant':5} {'size':>5} {'s/step':>7} {'TE GiB':>7} {'denoise GiB':>11} {'VAE GiB':>8} {'peak GiB':>9}")
     for quant in args.quants:
         transformer = random_transformer(quant)
         # `none`/`model` move whole modules, so the 4K rank can be added later; group/sequential offload hooks and
         # block swap capture the tensors when applied, so there every size runs with the 4K rank (48) from the start
-        grow = args.offload in ("none", "model") and not args.blocks_to_swap and min(args.sizes) < 4096
+        grow = base.offload in ("none", "model") and not base.blocks_to_swap and min(args.sizes) < 4096
         add_adapter_rank(transformer, 16 if grow else 48, "urae_2k" if grow else "urae_2k_4k")
-        settings = MemorySettings(quant=quant, offload=args.offload, **memory).check("generate", 57)
+        settings = base.replace(quant=quant)
         memory_settings.apply(transformer, settings, torch.device("cuda"))  # as load_pipeline, before the offload
         flux = FluxPipeline(transformer=transformer, **parts)
-        apply_offload(flux, args.offload, torch.device("cuda"))
+        apply_offload(flux, settings.offload, torch.device("cuda"))
         torch.cuda.empty_cache()  # the loading's cached blocks must not count as the first row's reserved peak
         pipe = UraePipeline(
             flux, model="random FLUX.1-dev", adapters=[], defaults=GenerationSettings(), memory=settings, progress=False
@@ -307,7 +319,7 @@ def main() -> None:
         for size in sorted(args.sizes):
             if grow and size >= 4096 and adapter_rank(transformer) < 48:
                 add_adapter_rank(transformer, 32, "urae_4k")  # 16 + 32 = the converted 2K + 4K rank
-            row = generation_row(pipe, quant, size, args.steps)
+            row = generation_row(pipe, quant, size, args.steps, args.preset_tiling)
             row["adapter_rank"] = adapter_rank(transformer)
             row["outside_allocator_gib"] = outside_allocator_gib()
             row.update(memory)
@@ -353,7 +365,7 @@ def main() -> None:
             {
                 "device": device,
                 **provenance(),
-                "offload": args.offload,
+                "offload": base.offload,
                 **memory,
                 "rows": rows,
                 "vae_4096": vae_result,

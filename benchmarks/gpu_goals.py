@@ -33,11 +33,11 @@ def goal_pick(task: str, size: int, vram_gib: float) -> Candidate:
     """What `urae-lite plan [--task train] --resolution SIZE --vram VRAM --ram 24` picks. Training keeps what the
     shipped recipe for the size fixes and the search leaves alone (adapter, rank, optimizer, validation), as the
     command does; generation plans the product's defaults. UraeError when nothing fits."""
-    from urae_lite.errors import UraeError
+    from urae_lite import UraeError
     from urae_lite.plan import PlanConfig, best_config
 
     job = PlanConfig(task=task, width=size, height=size)
-    if task == "train":
+    if task == "train":  # the recipe as `urae-lite plan --task train` reads it (no public entry)
         from urae_lite.plan.recipe import recipe_file_job, shipped_recipe
 
         job = recipe_file_job(shipped_recipe(size))
@@ -55,14 +55,15 @@ def memory_options(cfg: PlanConfig) -> dict:
 
 
 def goal_record(task: str, size: int, vram_gib: float) -> dict:
-    """The row's `goal` before anything runs: the card, the pick and the planner's card total for it."""
-    from urae_lite.plan.search import options
+    """The row's `goal` before anything runs: the card, the pick (as `urae-lite plan` prints it) and the planner's
+    card total for it."""
+    from urae_lite.memory import searched
 
     pick = goal_pick(task, size, vram_gib)
     return {
         "vram_gib": vram_gib,
         "ram_gib": GOAL_RAM_GIB,
-        "plan": options(pick.config),
+        "plan": pick.config.memory.describe(task, searched(task)),
         "config": memory_options(pick.config),
         "planned_card_gib": round(pick.peak / GiB, 3),
         "planned_host_gib": round(pick.estimate.host / GiB, 3),

@@ -31,7 +31,6 @@ each 4K config in its own, e.g. `--configs 4k-nf4 --steps 2`: the results file a
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -74,20 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _load_kernel_bench():
-    """benchmarks/kernels.py, for its `import_kernels` (works without an install)."""
-    spec = importlib.util.spec_from_file_location("urae_bench_kernels", ROOT / "benchmarks" / "kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
-
-
 def _random_2k_adapter(config: dict, folder: Path, rank: int = 16) -> Path:
     """A rank-16 LoRA on the authors' targets with non-zero B, standing in for a trained 2K adapter."""
     import torch
 
-    from urae_lite.adapter_io import LoraFactors, save_adapter
+    from urae_lite import save_adapter
+    from urae_lite.adapter_io import LoraFactors  # save_adapter's input as factors: no public name
     from urae_lite.loader import empty_transformer
     from urae_lite.targets import adapter_target_names
 
@@ -127,9 +118,9 @@ def run_one(name: str, modes: list[str], steps: int, warmup: int, tiny: bool, ex
     import torch
     from generate import outside_allocator_gib
 
+    from urae_lite import LoadSpec, MinorSpec
     from urae_lite.flux_configs import flux_dev_config
-    from urae_lite.loader import LoadSpec, empty_transformer, fill_transformer
-    from urae_lite.minor import MinorSpec
+    from urae_lite.loader import empty_transformer, fill_transformer  # streaming from an iterator: no public entry
     from urae_lite.tiny import iter_random_transformer_tensors, tiny_transformer_config
     from urae_lite.train.checkpoint_segments import enable_checkpoint_segments
     from urae_lite.train.config import load_recipe
@@ -222,14 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in CONFIGS] + [m for m in modes if m not in ("on", "cpu", "off")]
     if unknown:
         sys.exit(f"unknown config or mode {unknown[0]!r}: configs {', '.join(CONFIGS)}; modes on, cpu, off")
-    sys.path.insert(0, str(ROOT))
-    bench = _load_kernel_bench()
     import torch
 
     if not args.tiny and not torch.cuda.is_available():
         sys.exit("benchmarks/train.py needs a CUDA GPU (or --tiny for a CPU smoke test)")
     if not args.tiny:
-        bench.import_kernels()
+        import urae_lite.kernels  # noqa: F401 -- the kernels fail to load here, not in the first step
     if args.one:
         print("ROWS " + json.dumps(run_one(args.one, modes, args.steps, args.warmup, args.tiny, args.overrides)))
         return

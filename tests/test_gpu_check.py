@@ -1,5 +1,6 @@
-"""benchmarks/gpu_check.py stays runnable without a GPU: its dry run on the tiny model writes the report a GPU
-session relies on, its budget and pytest parsing behave, and a plain (not pip-installed) checkout imports."""
+"""benchmarks/gpu_check.py stays runnable without a GPU: its dry run on the tiny model (the package installed, as
+on the device) writes the report a GPU session relies on, its budget and pytest parsing behave, and a slice ends with
+every process it started."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,35 +26,51 @@ GOALS = {  # slice -> (urae-lite plan arguments, card GiB)
 # one slice of each kind (every runner and parser, no kernels) and the quick goal slices (block swap, token chunks,
 # T5 NF4 and FP8 on the tiny model); the 4K goal training is the slow one
 RAN = ["generate-2048-nf4", "train-2048-nf4", "goal-generate-4096-8g", "goal-train-2048-8g"]
-# A Python that sees the checkout the way the GPU machine does: no editable-install finder, so urae_lite.kernels
-# and urae_lite.recipes (package-dir mappings of the install) are missing unless gpu_check maps them.
-NO_EDITABLE_INSTALL = """import sys
-sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+# A slice's child that starts a grandchild, writes both pids, then exits or hangs (argv: PID_FILE exit|hang).
+SPAWNER = """import os, subprocess, sys, time
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(f"{os.getpid()} {grandchild.pid}")
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+if sys.argv[2] == "hang":
+    time.sleep(120)
 """
 
 
 @pytest.fixture(scope="module")
-def gpu_check():
+def bench_path():
+    """benchmarks/ importable as the scripts import each other (gpu_check, gpu_slices, gpu_children, ...)."""
     sys.path.insert(0, str(SCRIPT.parent))
     try:
-        import gpu_check
-
-        yield gpu_check
+        yield
     finally:
         sys.path.remove(str(SCRIPT.parent))
 
 
 @pytest.fixture(scope="module")
-def plain_checkout_env(tmp_path_factory) -> dict:
-    """Environment of a child that imports urae_lite from the checkout with no install's finder."""
-    site = tmp_path_factory.mktemp("plain_checkout")
-    (site / "sitecustomize.py").write_text(NO_EDITABLE_INSTALL)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]), "OMP_NUM_THREADS": "1"}
+def gpu_check(bench_path):
+    import gpu_check
+
+    return gpu_check
 
 
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory, plain_checkout_env):
-    """One dry run from a plain checkout, two slices run; its exit, output folder and report."""
+def gpu_slices(bench_path):
+    import gpu_slices
+
+    return gpu_slices
+
+
+@pytest.fixture(scope="module")
+def gpu_children(bench_path):
+    import gpu_children
+
+    return gpu_children
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """One dry run (urae_lite installed, as on the device), four slices run; its exit, output folder and report."""
     out = tmp_path_factory.mktemp("gpu_check")
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), "--only", ",".join(RAN)],
@@ -61,7 +79,7 @@ def dry_run(tmp_path_factory, plain_checkout_env):
         timeout=600,
         cwd=out,
         check=False,
-        env=plain_checkout_env,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     files = sorted(out.glob("gpu_check_*.json"))
     report = json.loads(files[0].read_text()) if len(files) == 1 else None
@@ -120,29 +138,29 @@ def cli_pick(args: list[str], vram: float, capsys) -> dict:
     return json.loads(capsys.readouterr().out)["fitting"][0]["config"]
 
 
-def test_goal_slices_come_last_and_run_what_urae_lite_plan_picks(gpu_check, tmp_path, capsys):
-    from urae_lite.plan.search import SEARCHED
+def test_goal_slices_come_last_and_run_what_urae_lite_plan_picks(gpu_slices, tmp_path, capsys):
+    from urae_lite.memory import searched
 
-    names = [s.name for s in gpu_check.slices()]
+    names = [s.name for s in gpu_slices.slices()]
     assert names[-len(GOALS) :] == list(GOALS) and names[: -len(GOALS)] == [
         "kernel-tests",
         "kernel-bench",
         *(n for n in names if n in HEAVY),
     ]
-    ctx = gpu_check.Context(dry_run=False, work=tmp_path, vram_gib=None)
-    for sl in gpu_check.slices()[-len(GOALS) :]:
+    ctx = gpu_slices.Context(dry_run=False, work=tmp_path, vram_gib=None)
+    for sl in gpu_slices.slices()[-len(GOALS) :]:
         args, vram = GOALS[sl.name]
-        want = {k: v for k, v in cli_pick(args, vram, capsys).items() if k in SEARCHED[sl.task]}
+        want = {k: v for k, v in cli_pick(args, vram, capsys).items() if k in searched(sl.task)}
         assert sl.vram_gib == vram and want
-        row = gpu_check.base_row(sl, ctx)
+        row = gpu_slices.base_row(sl, ctx)
         assert row["goal"]["config"] == want and row["goal"]["vram_gib"] == vram and row["quant"] == want["quant"]
         assert 0 < row["goal"]["planned_card_gib"] <= vram
-        cfg = gpu_check.plan_config(sl)  # the estimate beside the measurement: the same memory options
-        assert {k: getattr(cfg, k) for k in want} == want
+        cfg = gpu_slices.plan_config(sl)  # the estimate beside the measurement: the same memory options
+        assert {k: getattr(cfg.memory, k) for k in want} == want
         assert row["planner"]["config"] == cfg.summary() and row["planner"]["total_gib"] <= vram
 
 
-def test_goal_options_parse_in_the_gpu_scripts_as_picked(gpu_check, monkeypatch):
+def test_goal_options_parse_in_the_gpu_scripts_as_picked(gpu_slices):
     """The command lines a GPU session runs: generate.py / train.py read back the pick's every memory option."""
     import generate
     import gpu_goals
@@ -150,25 +168,20 @@ def test_goal_options_parse_in_the_gpu_scripts_as_picked(gpu_check, monkeypatch)
 
     from urae_lite.train.config import load_recipe
 
-    for sl in gpu_check.slices()[-len(GOALS) :]:
+    for sl in gpu_slices.slices()[-len(GOALS) :]:
         cfg = sl.goal_config()
+        picked = gpu_goals.memory_options(cfg)
         if sl.task == "generate":
-            monkeypatch.setattr(sys, "argv", ["generate.py", "--quants", cfg.quant, *gpu_goals.generate_args(cfg)])
-            args = generate.parse_args()
-            got = {
-                "quant": args.quants[0],
-                **{k: getattr(args, k) for k in gpu_goals.memory_options(cfg) if k != "quant"},
-            }
+            args = generate.parse_args(["--quants", cfg.memory.quant, *gpu_goals.generate_args(cfg)])
+            got = {"quant": args.quants[0], **{k: getattr(args.memory, k) for k in picked if k != "quant"}}
         else:
-            args = train.parse_args(["--one", gpu_check.train_config(sl), *gpu_goals.train_args(cfg)])
+            args = train.parse_args(["--one", gpu_slices.train_config(sl), *gpu_goals.train_args(cfg)])
             recipe = load_recipe(REPO / "recipes" / train.CONFIGS[args.one][0], args.overrides, require_paths=False)
-            t = recipe.training
-            got = {"quant": recipe.quant, "checkpointing": args.modes, "blocks_to_swap": t.blocks_to_swap}
-            got |= {"token_chunks": t.token_chunks, "checkpoint_every": t.checkpoint_every}
-        assert got == gpu_goals.memory_options(cfg), sl.name
+            got = {**{k: getattr(recipe.memory, k) for k in picked}, "checkpointing": args.modes}
+        assert got == picked, sl.name
 
 
-def test_goal_fit_is_the_reserved_peak_plus_what_lies_outside_the_allocator(gpu_check):
+def test_goal_fit_is_the_reserved_peak_plus_what_lies_outside_the_allocator(bench_path):
     import gpu_goals
 
     goal = {"vram_gib": 8.0, "plan": "...", "measured_card_gib": None, "fits": None}
@@ -205,57 +218,48 @@ def test_budget_skips_what_does_not_fit_and_bounds_the_timeout(gpu_check):
     assert budget.scale() == 2.0  # ... by a bounded factor
 
 
-def test_a_slice_that_breaks_gpu_check_fails_alone(gpu_check, monkeypatch, tmp_path):
+def test_a_slice_that_breaks_gpu_check_fails_alone(gpu_check, gpu_slices, monkeypatch, tmp_path):
     def broken(ctx, sl, timeout_s):
         raise KeyError("rows")
 
-    monkeypatch.setitem(gpu_check.RUNNERS, "train", broken)
-    sl = next(s for s in gpu_check.slices() if s.task == "train")
+    monkeypatch.setitem(gpu_slices.RUNNERS, "train", broken)
+    sl = next(s for s in gpu_slices.slices() if s.task == "train")
     row = {"slice": sl.name, "status": "pending", "planner": None}
-    ctx = gpu_check.Context(dry_run=True, work=tmp_path, vram_gib=None)
+    ctx = gpu_slices.Context(dry_run=True, work=tmp_path, vram_gib=None)
     gpu_check.run_slice(sl, row, ctx, gpu_check.Budget(total_s=600.0), known={})
     assert row["status"] == "failed" and "KeyError" in row["reason"]
 
 
-def test_pytest_summary_counts(gpu_check):
-    counts = gpu_check.pytest_counts("....\n3 passed, 1 failed, 2 skipped, 1 error, 5 deselected in 4.50s\n")
+def test_pytest_summary_counts(gpu_slices):
+    counts = gpu_slices.pytest_counts("....\n3 passed, 1 failed, 2 skipped, 1 error, 5 deselected in 4.50s\n")
     assert counts == {"passed": 3, "failed": 1, "errors": 1, "skipped": 2, "deselected": 5}
 
 
-def test_every_process_below_gpu_check_maps_kernels_and_recipes(gpu_check, plain_checkout_env, tmp_path, monkeypatch):
-    """What the GPU run relies on, in a subprocess of a subprocess (a test's own worker) that puts the checkout
-    first on sys.path as the benchmark scripts do."""
-    editable = "import sys; print(any(getattr(f, '__module__', '').startswith('__editable__') for f in sys.meta_path))"
-    plain = subprocess.run(
-        [sys.executable, "-c", editable],
-        capture_output=True,
-        text=True,
-        env=plain_checkout_env,
-        timeout=60,
-        check=False,
-    )
-    assert plain.stdout.strip() == "False"  # the simulation holds: no install maps kernels/ and recipes/
-    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.setenv("PYTHONPATH", plain_checkout_env["PYTHONPATH"])
-    gpu_check.map_checkout_everywhere(tmp_path / "site")
-    probe = (
-        f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-        "import importlib.util, urae_lite.recipes\n"
-        f"{editable}\n"
-        "print(importlib.util.find_spec('urae_lite.kernels').origin, urae_lite.recipes.__file__)\n"
-    )
-    nested = f"import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c', {probe!r}]).returncode)"
-    child = subprocess.run(
-        [sys.executable, "-c", nested],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
-        env={**plain_checkout_env, "PYTHONPATH": os.environ["PYTHONPATH"]},
-        check=False,
-    )
-    assert child.returncode == 0, child.stderr[-2000:]
-    still_editable, kernels, recipes = child.stdout.split()
-    assert still_editable == "False"  # the sitecustomize gpu_check hid still ran
-    assert Path(kernels) == REPO / "kernels" / "__init__.py" and Path(recipes) == REPO / "recipes" / "__init__.py"
+def running(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie waiting for its new parent to reap it is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from /proc")
+@pytest.mark.parametrize("ending", ["hang", "exit"])
+@pytest.mark.parametrize("fork", [False, True], ids=["fresh", "forked"])
+def test_a_slice_ends_with_every_process_it_started(gpu_children, tmp_path, fork, ending):
+    """A child killed at its timeout, or one that exits and leaves a worker behind (a compile worker, say): its
+    whole process group goes, the grandchild with it, on both paths (a fresh interpreter, and the dry run's fork)."""
+    script, pids = tmp_path / "spawner.py", tmp_path / "pids"
+    script.write_text(SPAWNER)
+    timeout_s = 6.0
+    start = time.monotonic()
+    res = gpu_children.run_child(tmp_path, str(script), [str(pids), ending], dict(os.environ), timeout_s, fork=fork)
+    assert pids.is_file(), res.tail()
+    assert (res.rc is None) if ending == "hang" else (res.rc == 0), res.tail()
+    assert time.monotonic() - start < timeout_s + 30
+    child, grandchild = map(int, pids.read_text().split())
+    deadline = time.monotonic() + 10  # SIGKILL is delivered asynchronously
+    while (running(child) or running(grandchild)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(child) and not running(grandchild)

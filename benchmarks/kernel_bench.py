@@ -1,10 +1,11 @@
 """Time the adapted linear on one GPU: the fused kernels against bf16 F.linear and the unfused alternatives.
 
-    python benchmarks/kernels.py [--quick] [--out PATH]
+    python benchmarks/kernel_bench.py [--quick] [--out PATH]
 
-Needs CUDA, torch, triton and bitsandbytes only; urae_lite.kernels is imported from an install or, failing that,
-straight from this checkout's kernels/ folder. Rows, per (M, K, N, rank) and for `fwd` (inference, no_grad)
-and `fwd+bwd` (training: x and the adapter need grad, the base and bias are frozen):
+Needs CUDA, torch, triton and bitsandbytes, and the checkout installed (`pip install --no-deps -e .`: the kernels/
+folder is the package `urae_lite.kernels`; importing it loads neither diffusers nor transformers). Rows, per
+(M, K, N, rank) and for `fwd` (inference, no_grad) and `fwd+bwd` (training: x and the adapter need grad, the base
+and bias are frozen):
 
 * floor          -- bf16 F.linear(x, W, bias), no adapter: what the README's goal ratios divide by
 * bnb+lora       -- bitsandbytes matmul_4bit + separate LoRA, as peft runs it (lora_B(lora_A(x)) * scaling)
@@ -19,7 +20,6 @@ larger than L2. Results go to benchmarks/results/kernels_<device>.json with vers
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import statistics
@@ -30,7 +30,6 @@ from pathlib import Path
 
 from provenance import provenance, result_path
 
-ROOT = Path(__file__).resolve().parents[1]
 FULL_M = (4608, 16896, 66048)  # FLUX tokens: 1024² + 512 text, 2048² + 512, 4096² + 512
 FULL_KN = ((3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072))  # attention, MLP up, MLP down, single out
 GOAL = {"M": 16896, "K": 3072, "N": 3072, "rank": 16, "method": "fused-nf4", "mode": "fwd+bwd", "max_ratio": 1.10}
@@ -43,22 +42,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=30, help="timed calls per row (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls per row (the first also autotunes)")
     return p.parse_args()
-
-
-def import_kernels():
-    """urae_lite.kernels from an install, else straight from ROOT/kernels: PYTHONPATH cannot express setuptools'
-    package-dir mapping, and loading the folder directly also skips urae_lite/__init__ and its dependencies."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        import urae_lite.kernels as kernels
-    except ModuleNotFoundError:
-        spec = importlib.util.spec_from_file_location(
-            "urae_lite.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        kernels = importlib.util.module_from_spec(spec)
-        sys.modules["urae_lite.kernels"] = kernels
-        spec.loader.exec_module(kernels)
-    return kernels
 
 
 @dataclass
@@ -180,12 +163,13 @@ def main() -> None:
     import torch
 
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA GPU")
+        sys.exit("benchmarks/kernel_bench.py needs a CUDA GPU")
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
     import triton
 
-    kernels = import_kernels()
+    import urae_lite.kernels as kernels
+
     if kernels.interpreting():
         sys.exit("unset TRITON_INTERPRET: the interpreter is not what we time")
 
