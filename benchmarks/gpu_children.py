@@ -41,7 +41,7 @@ def child_argv(target: str, args: list[str]) -> list[str]:
 
 
 def child_env(dry_run: bool, interpret: bool = False) -> dict:
-    """The GPU children never interpret Triton (benchmarks/kernel_bench.py refuses to); the dry run's kernel tests must."""
+    """GPU children never interpret Triton (benchmarks/kernel_bench.py refuses to); the dry run's kernel tests must."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("TRITON_INTERPRET", None)
     if interpret:
