@@ -93,7 +93,7 @@ def test_urae_lite_has_no_import_cycle():
 
 # The layers: the command modules (the `urae-lite` subcommands) may ask the planner; the library that generates and
 # trains never does, and the fake-tensor harness (urae_lite.measure) is for tests and benchmarks only.
-COMMANDS = {"urae_lite.cli", "urae_lite.generate", "urae_lite.train_cli"}
+COMMANDS = {"urae_lite.cli", "urae_lite.generate", "urae_lite.train_cli", "urae_lite.doctor"}
 
 
 def _urae_graph() -> dict[str, set[str]]:

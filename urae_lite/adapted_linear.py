@@ -153,7 +153,7 @@ class AdaptedLinear(nn.Module):
         x = x.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         branch = self.branch(dtype)
-        if kernels_enabled(x):
+        if self._fused(x):
             from urae_lite import kernels
 
             if branch is None:
@@ -161,6 +161,14 @@ class AdaptedLinear(nn.Module):
             A, B, n_trainable = branch
             return kernels.adapted_linear(x, self.base, bias, A.to(dtype), B.to(dtype), n_trainable)
         return self.forward_reference(x, bias, branch)
+
+    @staticmethod
+    def _fused(x: torch.Tensor) -> bool:
+        """The fused kernel runs the layer when its forward passed, and its backward too if this call will need dx
+        (the backward's kernel computes dx; the adapters' gradients are plain matmuls either way)."""
+        if not kernels_enabled(x, "lowrank_forward"):
+            return False
+        return not (torch.is_grad_enabled() and x.requires_grad) or kernels_enabled(x, "lowrank_backward")
 
     def forward_reference(
         self, x: torch.Tensor, bias: torch.Tensor | None, branch: tuple[torch.Tensor, torch.Tensor, int] | None

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .adapter_io import AdapterFile, read_adapter
+from .cache_dir import cache_root
 from .convert import convert_urae_4k
 from .errors import UraeError
 from .model_files import ModelFiles
@@ -46,10 +47,7 @@ def cache_key(base: Path, lora: AdapterFile, minor: AdapterFile) -> str:
 
 
 def _cache_dirs(minor_path: Path) -> list[Path]:
-    root = Path(
-        os.environ.get("URAE_LITE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "urae_lite"
-    ).expanduser()
-    return [minor_path.parent, root / "converted"]
+    return [minor_path.parent, cache_root() / "converted"]
 
 
 def converted_4k(

@@ -59,6 +59,7 @@ FEATURE_MODULES: tuple[str, ...] = (
     "urae_lite.generate",
     "urae_lite.plan.cli",
     "urae_lite.export",
+    "urae_lite.doctor",
 )
 
 

@@ -1,7 +1,9 @@
-"""`URAE_LITE_KERNELS`: whether the fused Triton kernels or the libraries' PyTorch code run a tensor's layer.
+"""`URAE_LITE_KERNELS`: whether the fused Triton kernels or the libraries' PyTorch code run an op on a tensor.
 
 The one owner of the switch: the quantized bases (urae_lite.quant) and the adapted linears (urae_lite.adapted_linear)
-both ask `kernels_enabled`, so a layer never mixes a kernel dequantization with a library matmul by accident.
+both ask `kernels_enabled` for the op they are about to run. In `auto` mode a CUDA op runs its kernel only once the
+kernel has passed its self-check on that card (urae_lite.kernel_verdicts): an op that failed, or did not compile,
+runs through PyTorch instead while the other ops keep their kernels.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import os
 
 import torch
 
+from . import kernel_verdicts
 from .errors import UraeError
+from .kernel_check import OPS as KERNEL_OPS
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +25,9 @@ KERNEL_MODES = ("auto", "off", "on")
 
 
 def kernels_mode() -> str:
-    """`URAE_LITE_KERNELS`: `auto` (default; also `1`) runs the Triton kernels for CUDA tensors, `off` (or `0`)
-    never, `on` for every tensor (on the CPU that needs TRITON_INTERPRET=1: Triton's interpreter, for checking)."""
+    """`URAE_LITE_KERNELS`: `auto` (default; also `1`) runs the Triton kernels for CUDA tensors once each has passed
+    its self-check, `off` (or `0`) never, `on` for every tensor without a check (on the CPU that needs
+    TRITON_INTERPRET=1: Triton's interpreter, for checking)."""
     value = os.environ.get(KERNELS_ENV, "auto").strip().lower()
     mode = {"1": "auto", "0": "off"}.get(value, value)
     if mode not in KERNEL_MODES:
@@ -45,9 +50,18 @@ def triton_available() -> bool:
     return True
 
 
-def kernels_enabled(t: torch.Tensor) -> bool:
-    """Whether the fused Triton path runs for `t` (see `kernels_mode`); the libraries' code runs otherwise."""
+def auto_runs_kernels(device: torch.device) -> bool:
+    """Whether `auto` mode considers the kernels for tensors on `device`: CUDA only (on the CPU Triton can only
+    interpret them, far slower than the libraries' code)."""
+    return device.type == "cuda"
+
+
+def kernels_enabled(t: torch.Tensor, op: str, dtype: torch.dtype | None = None) -> bool:
+    """Whether kernel `op` (one of KERNEL_OPS) runs for `t`, computing in `dtype` (default `t.dtype`): see
+    `kernels_mode`; the libraries' code runs otherwise."""
+    if op not in KERNEL_OPS:
+        raise ValueError(f"unknown kernel op {op!r}: one of {', '.join(KERNEL_OPS)}")
     mode = kernels_mode()
-    if mode == "off" or (mode == "auto" and not t.is_cuda):
+    if mode == "off" or (mode == "auto" and not auto_runs_kernels(t.device)) or not triton_available():
         return False
-    return triton_available()
+    return mode == "on" or kernel_verdicts.passed(t.device, op, dtype or t.dtype)

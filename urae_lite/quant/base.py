@@ -24,6 +24,8 @@ class QuantFormat:
     dense: bool = False
     #: time of a GEMM on this base relative to bf16 (dequantization into the workspace), for the planner's ranking
     speed: float = 1.0
+    #: the kernel op that dequantizes it (urae_lite.kernel_check.OPS), which the kernel switch is asked about
+    kernel_op: str | None = None
 
     # ---- the buffers -------------------------------------------------------------------------------------------
     def layout(self, out_features: int, in_features: int, dtype: torch.dtype) -> Layout:

@@ -13,6 +13,7 @@ from .base import Layout, QuantFormat
 
 class FP8(QuantFormat):
     name = "fp8"
+    kernel_op = "fp8_dequantize"
     speed = 1.03  # one multiply per weight on the way into the workspace
 
     def layout(self, out_features: int, in_features: int, dtype: torch.dtype) -> Layout:

@@ -105,6 +105,7 @@ def dequantize_bnb(packed: torch.Tensor, state) -> torch.Tensor:
 
 class NF4(QuantFormat):
     name = "nf4"
+    kernel_op = "nf4_dequantize"
     speed = 1.06  # table lookups and the nested absmax on the way into the workspace
 
     def layout(self, out_features: int, in_features: int, dtype: torch.dtype) -> Layout:

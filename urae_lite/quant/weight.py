@@ -74,7 +74,8 @@ class QuantizedWeight(nn.Module):
 
     def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The dense (N, K) weight in `self.dtype`; into `out` when given (a reused buffer)."""
-        if not self.dense and kernels_enabled(self.weight):
+        op = self.quant.kernel_op
+        if op is not None and kernels_enabled(self.weight, op, self.dtype):
             return self.quant.dequantize_kernel(self, out)
         w = self.dequantize_reference()
         return w if out is None else out.copy_(w)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..cache_dir import cache_root
 from ..console import library_bars_off
 from ..flux_configs import check_variant, flux_scheduler_config
 from .configs import CLIP_HIDDEN, CLIP_MAX_POSITIONS, T5_D_MODEL, tiny_transformer_config, tiny_vae_config
@@ -171,15 +172,8 @@ def build_tiny_flux(path: str | os.PathLike, seed: int = 0, variant: str = "dev"
     return target
 
 
-def _cache_root() -> Path:
-    """``$URAE_LITE_CACHE``, else ``$XDG_CACHE_HOME/urae_lite`` (default ``~/.cache/urae_lite``)."""
-    if env := os.environ.get("URAE_LITE_CACHE"):
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "urae_lite"
-
-
 def tiny_flux_path(variant: str = "dev", seed: int = 0) -> Path:
     """The cached tiny FLUX.1 folder that ``--model tiny`` resolves to, built on first use."""
     check_variant(variant)
-    folder = _cache_root() / f"tiny-flux1-{variant}-seed{seed}-v{FORMAT_VERSION}"
+    folder = cache_root() / f"tiny-flux1-{variant}-seed{seed}-v{FORMAT_VERSION}"
     return build_tiny_flux(folder, seed=seed, variant=variant)
