@@ -6,10 +6,12 @@ No GPU: full-size FLUX.1-dev, T5-XXL, CLIP-L and the VAE run on the CPU under Fa
 (autocast's fp32 norms, the fused RMSNorm, the kernels' held buffer: urae_lite/plan/fake_cuda.py), and every
 phase's peak of live device storage bytes is put beside the planner's allocated-bytes estimate for the same
 configuration. Rows: generate 1024², 2048², 4096² (presets 2k / 4k, `model` offload, one denoising step) and
-train 2048² (2K LoRA recipe) and 4096² (4K minor recipe), NF4 and FP8; then the memory options' rows (MEMORY_ROWS:
+train 2048² (2K LoRA recipe) and 4096² (4K minor recipe), NF4 and FP8; then the memory options' rows (memory_rows:
 block swap, token chunking, NF4 T5, checkpoint segments, as `urae-lite plan --vram` picks them). --only, --quants and
 --sizes pick a slice.
-Writes JSON (rows + provenance) and a chart of measured vs planned per row.
+Writes JSON (rows + provenance) and a chart of measured vs planned per row; then run
+`python -m urae_lite.plan.profiles` to refresh docs/memory-status.md and the README's summary, which read the JSON
+against the current planner (tests/test_plan_profiles.py fails until they match).
 """
 
 from __future__ import annotations
@@ -29,16 +31,12 @@ QUANTS = ("nf4", "fp8")
 OUT = ROOT / "benchmarks" / "results" / "memory_fake.json"
 
 
-# Rows beyond the base matrix, (task, size, quant, memory options): the plans `urae-lite plan --task T --resolution R
-# --vram V --ram 24` picks for the three goal jobs (generate 4096² and train 2048² at 8 GiB, train 4096² at 12 GiB),
-# its pick for train 4096² at 8 GiB, the smallest-peak 4096² training plan, generation at 4096² with 4 token chunks
-# and the 4K recipe without them (it ships with 4). Options not named are the base
-# rows' (recipe / preset defaults).
-MEMORY_ROWS = (
-    ("generate", 4096, "fp8", {"offload": "model", "t5_quant": "nf4", "blocks_to_swap": 52, "token_chunks": 4}),
-    ("train", 2048, "fp8", {"checkpointing": "cpu", "blocks_to_swap": 56}),
-    ("train", 4096, "nf4", {"checkpointing": "cpu", "blocks_to_swap": 20, "token_chunks": 4}),
-    ("train", 4096, "fp8", {"checkpointing": "cpu", "blocks_to_swap": 56, "token_chunks": 4, "checkpoint_every": 2}),
+# Rows beyond the base matrix, (task, size, quant, memory options): first the plans `urae-lite plan --task T
+# --resolution R --vram V --ram 24` picks when the benchmark runs (memory_rows: the three goal jobs, generate 4096² and
+# train 2048² at 8 GiB, train 4096² at 12 GiB, and train 4096² at 8 GiB), then FIXED_ROWS: the smallest-peak 4096²
+# training plan, generation at 4096² with 4 token chunks and the 4K recipe without them (it ships with 4). Options
+# not named are the base rows' (recipe / preset defaults).
+FIXED_ROWS = (
     ("train", 4096, "nf4", {"checkpointing": "cpu", "blocks_to_swap": 57, "token_chunks": 16, "checkpoint_every": 2}),
     ("generate", 4096, "nf4", {"token_chunks": 4}),
     ("generate", 4096, "fp8", {"token_chunks": 4}),
@@ -47,6 +45,20 @@ MEMORY_ROWS = (
 )
 GENERATE_DEFAULTS = {"offload": "model", "t5_quant": "bf16", "blocks_to_swap": 0, "token_chunks": 1}
 TRAIN_OPTIONS = ("checkpointing", "blocks_to_swap", "token_chunks", "checkpoint_every")  # recipe `training.` keys
+
+
+def memory_rows() -> list[tuple]:
+    """The `--vram` picks of docs/memory-status.md's table (urae_lite.plan.profiles.STATUS_JOBS), as the planner
+    makes them now, then FIXED_ROWS."""
+    from urae_lite.plan.profiles import STATUS_JOBS, plan_command
+
+    picked = []
+    for _, arguments in STATUS_JOBS:
+        if "--vram" in arguments:
+            cfg, _ = plan_command(arguments)
+            keys = tuple(GENERATE_DEFAULTS) if cfg.task == "generate" else TRAIN_OPTIONS
+            picked.append((cfg.task, cfg.width, cfg.quant, {k: getattr(cfg, k) for k in keys}))
+    return [*picked, *FIXED_ROWS]
 
 
 def generate_rows(quant: str, sizes: tuple[int, ...], memory: dict | None = None) -> list[dict]:
@@ -131,8 +143,12 @@ def train_rows(quant: str, size: int, memory: dict | None = None) -> list[dict]:
 
 
 def pair(task: str, size: int, quant: str, options: dict, phases, est) -> list[dict]:
-    """One row per measured phase, beside the planner's allocated bytes for that phase and its card total."""
+    """One row per measured phase, beside the planner's allocated bytes for that phase and its card total, with the
+    planner's configuration (`plan_config`: what urae_lite.plan.profiles.fake_row_config reads back)."""
+    import dataclasses
+
     planned = dict(zip(est.phases, est.allocated()))
+    plan_config = {k: v for k, v in dataclasses.asdict(est.config).items() if k != "transformer_config"}
     rows = []
     for ph in phases:
         rows.append(
@@ -141,6 +157,7 @@ def pair(task: str, size: int, quant: str, options: dict, phases, est) -> list[d
                 "width": size,
                 "height": size,
                 "quant": quant,
+                "plan_config": plan_config,
                 "options": options,
                 "phase": ph.name,
                 "measured_bytes": ph.peak,
@@ -208,7 +225,7 @@ def main_fake(args) -> None:
             for size in TRAIN_SIZES:
                 if size in args.sizes:
                     rows += train_rows(quant, size)
-    for task, size, quant, memory in MEMORY_ROWS:
+    for task, size, quant, memory in memory_rows():
         if args.only in (None, task) and quant in quants and size in args.sizes:
             rows += generate_rows(quant, (size,), memory) if task == "generate" else train_rows(quant, size, memory)
     out = args.out or OUT
