@@ -99,23 +99,21 @@ def train_slices(args: argparse.Namespace) -> list[str]:
 
 
 def plan_generate(quant: str, offload: str, size: int, rank: int, vram_gib: float | None):
+    from urae_lite import MemorySettings
     from urae_lite.plan import PlanConfig, estimate
 
-    return estimate(
-        PlanConfig(task="generate", width=size, height=size, quant=quant, offload=offload, rank=rank), vram_gib
-    )
+    memory = MemorySettings(quant=quant, offload=offload)
+    return estimate(PlanConfig(task="generate", width=size, height=size, rank=rank, memory=memory), vram_gib)
 
 
 def plan_train(config: str, mode: str):
+    from urae_lite import MemorySettings
     from urae_lite.plan import PlanConfig, estimate
 
     size, quant = TRAIN[config]
     kind = "lora" if size < 4096 else "minor"  # benchmarks/train.py runs the 2K LoRA and 4K minor recipes
-    return estimate(
-        PlanConfig(
-            task="train", width=size, height=size, quant=quant, checkpointing=mode, adapter=kind, validation=False
-        )
-    )
+    memory = MemorySettings(quant=quant, checkpointing=mode)
+    return estimate(PlanConfig(task="train", width=size, height=size, adapter=kind, validation=False, memory=memory))
 
 
 def dry_run(args: argparse.Namespace) -> None:

@@ -1,9 +1,27 @@
-"""Shared fixtures: tiny FLUX folders built once per session, deterministic transformer inputs."""
+"""Shared fixtures: tiny FLUX folders built once per session, deterministic transformer inputs, and the suite's one
+seed switch.
+
+Seeds. Every test runs with its own seed, derived from the base seed `URAE_TEST_SEED` (default 0) and the test's id
+(file name, test name, parameters), so two runs give the same results and running one test alone gives the same
+inputs as running it in the suite:
+
+* the `seed` fixture is that seed (an int, for `torch.Generator().manual_seed(seed)`);
+* before every test, torch's, numpy's and Python's global generators are seeded with it too, so code that draws
+  from the global generators (`torch.randn` without a generator, `nn.Linear` init) is deterministic as well;
+* `URAE_TEST_SEED=<int> python -m pytest ...` changes the seed of every test (run it with a few values to try
+  fresh inputs); a failing test's report prints the base seed and the command that replays it.
+
+Tolerances never depend on the seed: each comes from an error analysis written beside it.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +30,57 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SEED_ENV = "URAE_TEST_SEED"
+
+
+def base_seed() -> int:
+    """The suite's base seed: `URAE_TEST_SEED` (an integer), 0 when unset."""
+    value = os.environ.get(SEED_ENV, "0").strip()
+    try:
+        return int(value)
+    except ValueError:
+        raise pytest.UsageError(f"{SEED_ENV}={value!r} is not an integer") from None
+
+
+def seed_for(nodeid: str) -> int:
+    """The seed of the test `nodeid` under the current base seed: a hash of both (stable across processes and
+    machines, unlike Python's `hash`), independent of the folder pytest runs from and of which tests run."""
+    file, _, test = nodeid.partition("::")
+    key = f"{base_seed()}:{Path(file).name}::{test}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little") % 2**31
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """This test's seed (see the module docstring); replay or vary it with URAE_TEST_SEED."""
+    return seed_for(request.node.nodeid)
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_generators(request):
+    seed = seed_for(request.node.nodeid)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def pytest_report_header(config):
+    return f"{SEED_ENV}={base_seed()} (per-test seeds derive from it and the test id; see tests/conftest.py)"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(
+            (
+                "seed",
+                f"{SEED_ENV}={base_seed()} (this test's seed: {seed_for(item.nodeid)}); replay with\n"
+                f"  {SEED_ENV}={base_seed()} python -m pytest '{item.nodeid}'",
+            )
+        )
 
 
 @pytest.fixture(scope="session")

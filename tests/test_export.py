@@ -83,17 +83,24 @@ def test_kohya_export_loads_in_diffusers_to_same_output(
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_diffusers_export_roundtrip(tmp_path, tiny_config):
+@pytest.mark.parametrize("which,scale", [("all_targets", 2.0), ("authors_2k", 1.0)])
+def test_diffusers_export_roundtrip(tmp_path, tiny_config, which, scale):
+    """Every factor comes back bit for bit (bf16 in, bf16 out: no arithmetic on the way), with its scale."""
     from urae_lite.adapter_io import read_adapter
 
-    src = write_authors_2k(tmp_path / "urae_2k_adapter.safetensors", tiny_config)
+    src = tmp_path / "lora.safetensors"  # all_targets: alpha = 2·rank (scale 2); the authors' 2K: no alpha (scale 1)
+    _all_targets_lora(src, tiny_config) if which == "all_targets" else write_authors_2k(src, tiny_config)
     out = tmp_path / "d.safetensors"
     assert main(["export", str(src), "--format", "diffusers", "--out", str(out)]) == 0
     a, b = read_adapter(src), read_adapter(out)
-    assert set(a.modules) == set(b.modules)
-    assert all(
-        torch.equal(a.modules[k].B, b.modules[k].B) and a.modules[k].scale == b.modules[k].scale for k in a.modules
-    )
+    assert a.kind == b.kind == "lora" and set(a.modules) == set(b.modules)
+    for name, f in a.modules.items():
+        g = b.modules[name]
+        assert f.A.dtype == g.A.dtype == f.B.dtype == g.B.dtype == torch.bfloat16, name
+        assert torch.equal(f.A, g.A) and torch.equal(f.B, g.B), name
+        assert f.scale == g.scale == scale, name
+    raw_in, raw_out = load_file(str(src)), load_file(str(out))  # and on disk: the same keys, tensors and alphas
+    assert raw_in.keys() == raw_out.keys() and all(torch.equal(raw_in[k], raw_out[k]) for k in raw_in)
 
 
 def test_fused_parts_are_exact():
@@ -162,3 +169,65 @@ def test_convert_and_train_write_kohya_too(tmp_path, tiny_flux, tiny_config):
     assert _same_tensors(files[1], tmp_path / "run_exported.safetensors")
     with pytest.raises(UraeError, match="output_format=ckpt is not one of"):
         load_recipe(recipe, ["data.dir=d", f"output_dir={tmp_path}", "output_format=ckpt"])
+
+
+def _loaded_deltas(tiny_flux, lora) -> dict[str, torch.Tensor]:
+    """scale·B·A in float64 of every LoRA layer diffusers' `load_lora_weights` puts on the transformer."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
+    pipe.load_lora_weights(str(lora))
+    deltas = {}
+    for name, m in pipe.transformer.named_modules():
+        if hasattr(m, "lora_A") and len(m.lora_A):
+            (adapter,) = m.lora_A.keys()
+            A, B = m.lora_A[adapter].weight.double(), m.lora_B[adapter].weight.double()
+            deltas[name] = m.scaling[adapter] * B @ A
+    return deltas
+
+
+def test_converted_4k_kohya_file_loads_in_diffusers_as_the_authors_adapters(
+    tmp_path, tiny_flux, tiny_config, tiny_kohya_reader
+):
+    """`convert --format kohya` read by diffusers' own kohya reader (not our export code): every target's update
+    scale·B·A is the diffusers-format file's, and the authors' 2K + 4K update B2·A2 − B0·A0 + B'·A'."""
+    from synthetic_adapters import author_targets, write_authors_4k
+
+    from urae_lite.loader import fused_like_authors
+    from urae_lite.minor import minor_components
+
+    f2 = write_authors_2k(tmp_path / "a2k.safetensors", tiny_config)
+    f4 = write_authors_4k(tmp_path / "a4k.safetensors", tiny_config)
+    for fmt in ("diffusers", "kohya"):
+        args = ["convert", str(f2), str(f4), "--model", str(tiny_flux), "--out", str(tmp_path / f"{fmt}.safetensors")]
+        assert main(args + ["--format", fmt]) == 0
+    assert any(
+        k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in load_file(tmp_path / "kohya.safetensors")
+    )
+    kohya = _loaded_deltas(tiny_flux, tmp_path / "kohya.safetensors")
+    plain = _loaded_deltas(tiny_flux, tmp_path / "diffusers.safetensors")
+    targets = author_targets(tiny_config)
+    assert set(plain) == set(targets) and set(targets) <= set(kohya)
+    # linear1's proj_mlp rows carry no LoRA: the fused file holds zeros there, which the reader may keep
+    assert all(kohya[n].abs().max() == 0 for n in set(kohya) - set(targets))
+    for name in targets:
+        # both are float64 products of the same bf16 factors (the fused file's zero blocks add exact zeros); only
+        # the summation order may differ: ≤ 48·2^-53·Σ|b·a| < 1e-13 for factors below 1
+        torch.testing.assert_close(kohya[name], plain[name], rtol=0, atol=1e-13, msg=name)
+
+    w0 = load_file(str(tiny_flux / "transformer" / "diffusion_pytorch_model.safetensors"))
+    sd2, sd4 = load_file(str(f2)), load_file(str(f4))
+    for name in targets:
+        block, proj = name.split(".attn.")
+        short = "out" if proj == "to_out.0" else proj[3:]
+        A2, B2 = (sd2[f"transformer.{name}.lora_{x}.weight"] for x in "AB")
+        A4, B4 = (sd4[f"{block}.attn.processor.to_{short}_{x}.weight"] for x in "ab")
+        w = w0[f"{name}.weight"]
+        # the authors' SVD input: W0 + B2·A2 as a fused bf16 model holds it (the same fp32 arithmetic as `convert`)
+        B0, A0 = minor_components(fused_like_authors(w.float() + B2.float() @ A2.float(), w.dtype), A4.shape[0])
+        expected = B2.double() @ A2.double() - B0.double() @ A0.double() + B4.double() @ A4.double()
+        # the files store the factors in bf16 (8 significant bits: relative rounding ≤ u = 2^-8): B2, A2, B', A'
+        # are bf16 already (exact); B0 and A0 round once each, so each product b0·a0 moves by ≤ (2u + u²)·|b0·a0|
+        bound = (2**-7 + 2**-16) * (B0.double().abs() @ A0.double().abs()) + 1e-12
+        assert ((kohya[name] - expected).abs() <= bound).all(), name
+        assert (expected - B2.double() @ A2.double()).abs().max() > 10 * bound.max()  # the 4K part is there

@@ -12,6 +12,15 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+from flux_reference import (
+    PIXEL_TOL,
+    folder_transformer_state,
+    latent_tolerance,
+    merge_lora_file,
+    reference_image,
+    static_sigmas,
+    unpack_with_transposed_patches,
+)
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -469,14 +478,171 @@ def test_cli_generate_writes_the_png_and_report(capsys, tiny_flux, tmp_path, our
     assert "denoise" in stdout and "peak rss" in stdout
 
 
-def test_demo_runs_at_high_resolution(tmp_path, capsys):
-    """The README's main command on the tiny model (1024² here to keep the suite fast; the default is 2048²)."""
-    from urae_lite.demo import run_demo
+# ---- against a float64 reference sampler (tests/flux_reference.py) -------------------------------------------
+HIRES = dict(
+    width=128,  # not square: rows and columns cannot be confused
+    height=96,
+    steps=2,
+    guidance=3.5,
+    shift=3.0,
+    ntk=10.0,
+    proportional_attention=True,  # 64 + 48 tokens: multiplier 0.75
+    vae_tiling="on",
+    vae_strip_rows=4,
+    max_sequence_length=64,
+)
 
-    path = run_demo(out=tmp_path / "demo.png", size=1024, steps=4, progress=False)
+
+def _effective_state(transformer) -> dict[str, torch.Tensor]:
+    """The weights our transformer computes with, as a plain diffusers state dict in float64: each adapted linear's
+    dequantized base plus Σ scale·B·A of its slices."""
+    adapted = {n: m for n, m in transformer.named_modules() if isinstance(m, AdaptedLinear)}
+    inside = tuple(f"{n}." for n in adapted)  # their state is the quantized buffers and the slices: rebuilt below
+    state = {k: v.double() for k, v in transformer.state_dict().items() if not k.startswith(inside)}
+    for name, m in adapted.items():
+        w = m.base.dequantize().double()
+        for s in m.slices.values():
+            w += s.scale * s.B.double() @ s.A.double()
+        state[f"{name}.weight"] = w
+        if m.bias is not None:
+            state[f"{name}.bias"] = m.bias.double()
+    return state
+
+
+def _generate_with_latents(pipe: UraePipeline, monkeypatch, prompt: str, seed: int):
+    """One `pipe(prompt, seed)` call; returns its packed latents (spied on `denoise`) and its pixels, float64."""
+    seen = []
+    denoise = UraePipeline.denoise
+
+    def spy(self, *args, **kwargs):
+        seen.append(denoise(self, *args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(UraePipeline, "denoise", spy)
+    image = pipe(prompt, seed=seed).image
+    (latents,) = seen
+    return latents.double(), np.asarray(image, dtype=np.float64) / 255
+
+
+def _reference_errors(latents, image, reference) -> tuple[float, float]:
+    """(max |latents − reference| relative to max |reference|, max |pixel − reference| in [0, 1] units less the
+    PNG's rounding to 1/255: the pixel is round(255·value), so at most 0.5/255 from its value)."""
+    ref_latents, ref_image = reference
+    assert latents.shape == ref_latents.shape and image.shape == ref_image.shape
+    latent_error = ((latents - ref_latents).abs().max() / ref_latents.abs().max()).item()
+    return latent_error, float(np.abs(image - ref_image).max() - 0.5 / 255)
+
+
+@pytest.fixture(scope="module")
+def hires(tiny_flux, tmp_path_factory, shapes, authors_targets):
+    """A bf16 base with a strong LoRA (factors std 0.3, scale 0.5: the update is about half the weights' size), and
+    the reference: the folder's weights with that file's LoRA merged in float64, URAE's settings from formulas."""
+    strong = {
+        n: LoraFactors(f.A * 3, f.B * 3, f.scale) for n, f in _lora_factors(authors_targets, shapes, 4, 6, 0.5).items()
+    }
+    lora = save_adapter(strong, tmp_path_factory.mktemp("strong") / "strong.safetensors")
+    pipe = urae_lite.load_pipeline(tiny_flux, quant="bf16", adapters=[lora], **CPU, **HIRES)
+    reference = reference_image(
+        tiny_flux,
+        "a red fox",
+        width=128,
+        height=96,
+        steps=2,
+        seed=3,
+        guidance=3.5,
+        max_sequence_length=64,
+        sigmas=static_sigmas(2, 3.0),
+        ntk=10.0,
+        proportional_attention=True,
+        transformer_state=merge_lora_file(folder_transformer_state(tiny_flux), lora),
+    )
+    return pipe, reference
+
+
+def _inject(fault: str, monkeypatch) -> None:
+    import urae_lite.pipeline as pipeline_module
+
+    if fault == "layout":  # the decoder reads each 2x2 latent patch transposed
+        monkeypatch.setattr(FluxPipeline, "_unpack_latents", staticmethod(unpack_with_transposed_patches))
+    elif fault == "shift":  # the static shift s−1 for s
+        real = pipeline_module.static_shift_scheduler
+        monkeypatch.setattr(pipeline_module, "static_shift_scheduler", lambda sched, s: real(sched, s - 1))
+    elif fault == "no_adapter":  # the adapter slices are not applied
+        monkeypatch.setattr(AdaptedLinear, "branch", lambda self, dtype=None: None)
+    elif fault == "ntk":  # RoPE base left at 10000
+        monkeypatch.setattr(pipeline_module, "set_ntk", lambda transformer, factor: set_ntk(transformer, 1.0))
+    elif fault == "attention":  # the stock softmax scale
+        real_attention = pipeline_module.set_proportional_attention
+        monkeypatch.setattr(
+            pipeline_module, "set_proportional_attention", lambda transformer, on: real_attention(transformer, False)
+        )
+
+
+@pytest.mark.parametrize("fault", [None, "layout", "shift", "no_adapter", "ntk", "attention"])
+def test_hires_generation_matches_a_float64_reference(hires, monkeypatch, fault):
+    """URAE's generation (bf16 base + LoRA, static shift, NTK RoPE, proportional attention, tiled VAE) is FLUX's
+    definition evaluated in float64 (tests/flux_reference.py) up to fp32 rounding, in latents and in pixels; each
+    injected fault lands far outside those bounds."""
+    pipe, reference = hires
+    if fault is not None:
+        _inject(fault, monkeypatch)
+    latents, image = _generate_with_latents(pipe, monkeypatch, "a red fox", 3)
+    assert image.shape == (96, 128, 3)
+    latent_error, pixel_error = _reference_errors(latents, image, reference)
+    tolerance = latent_tolerance(HIRES["steps"], 64 + (128 // 16) * (96 // 16))
+    if fault is None:
+        assert latent_error <= tolerance and pixel_error <= PIXEL_TOL, (latent_error, pixel_error)
+    else:
+        assert latent_error > 10 * tolerance or pixel_error > 10 * PIXEL_TOL, (latent_error, pixel_error)
+
+
+def test_demo_runs_at_high_resolution(tmp_path, capsys, monkeypatch):
+    """The README's main command on the tiny model (1024² here to keep the suite fast; the default is 2048²), and
+    its image against the float64 reference sampler on the weights the demo computes with (its NF4 base
+    dequantized, its adapter merged). The demo's minor-component adapter starts as (B0, A0) beside the frozen
+    (−B0, A0), a zero update by design, so dropping it changes nothing here: the LoRA of
+    test_hires_generation_matches_a_float64_reference shows that fault; layout and shift faults show here too."""
+    import urae_lite.pipeline as pipeline_module
+    from urae_lite.demo import DEMO_PROMPT, run_demo
+    from urae_lite.tiny import tiny_flux_path
+
+    pipes = []
+    load = pipeline_module.load_pipeline
+
+    def keep(*args, **kwargs):
+        pipes.append(load(*args, **kwargs))
+        return pipes[-1]
+
+    monkeypatch.setattr(pipeline_module, "load_pipeline", keep)
+    latents = []
+    denoise = UraePipeline.denoise
+    monkeypatch.setattr(
+        UraePipeline, "denoise", lambda self, *a, **k: latents.append(denoise(self, *a, **k)) or latents[-1]
+    )
+    path = run_demo(out=tmp_path / "demo.png", size=1024, progress=False)  # the demo's own 2 steps
     image = Image.open(path)
     assert image.size == (1024, 1024)
     settings = json.loads(image.text["settings"])
     assert settings["vae_tiling"] == "on" and settings["ntk"] == 10.0 and settings["proportional_attention"]
     out = capsys.readouterr().out
     assert "vae decode" in out and "peak rss" in out
+
+    (pipe,) = pipes
+    reference = reference_image(  # the 2k dev preset: guidance 3.5, shift 3, 512 T5 tokens (test_presets_hold_...)
+        tiny_flux_path("dev"),
+        DEMO_PROMPT,
+        width=1024,
+        height=1024,
+        steps=2,
+        seed=0,
+        guidance=3.5,
+        max_sequence_length=512,
+        sigmas=static_sigmas(2, 3.0),
+        ntk=10.0,
+        proportional_attention=True,
+        transformer_state=_effective_state(pipe.transformer),
+        vae_dtype=torch.float32,
+    )
+    (packed,) = latents
+    latent_error, pixel_error = _reference_errors(packed.double(), np.asarray(image, dtype=np.float64) / 255, reference)
+    assert latent_error <= latent_tolerance(2, 512 + 64 * 64) and pixel_error <= PIXEL_TOL, (latent_error, pixel_error)

@@ -1,4 +1,5 @@
-"""urae_lite.kernels against bitsandbytes / quanto (bit for bit) and float64 references (error bounds).
+"""urae_lite.kernels against the library path and quanto (bit for bit; the library path's decode is itself checked
+against the float64 formula of the stored buffers, tests/references.py) and float64 references (error bounds).
 
 Without CUDA the kernels run in Triton's CPU interpreter. Triton chooses interpreter or compiler when a kernel is
 decorated, i.e. when urae_lite.kernels is first imported, so TRITON_INTERPRET must be set before that import
@@ -17,7 +18,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 pytest.importorskip("triton")
-bnbf = pytest.importorskip("bitsandbytes.functional")
+pytest.importorskip("bitsandbytes.functional")  # the NF4 library path
+
+from references import assert_decodes  # noqa: E402
 
 from urae_lite.kernels import (  # noqa: E402
     adapted_linear,
@@ -45,16 +48,10 @@ BF16 = torch.bfloat16
 M, K, N = 37, 70, 50
 
 
-def seeded_generator(test_name: str) -> torch.Generator:
-    """A fresh seed per test, printed (pytest shows it on failure); URAE_TEST_SEED=<int> replays one."""
-    seed = int(os.environ.get("URAE_TEST_SEED", int.from_bytes(os.urandom(4), "little") % 2**31))
-    print(f"{test_name}: URAE_TEST_SEED={seed}")
-    return torch.Generator(DEVICE).manual_seed(seed)
-
-
 @pytest.fixture
-def gen(request) -> torch.Generator:
-    return seeded_generator(request.node.name)
+def gen(seed) -> torch.Generator:
+    """This test's generator, seeded by the suite's seed switch (tests/conftest.py: URAE_TEST_SEED)."""
+    return torch.Generator(DEVICE).manual_seed(seed)
 
 
 def randn(*shape: int, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
@@ -103,29 +100,26 @@ def assert_within(
 
 
 def quantize_nf4(w: torch.Tensor, dtype: torch.dtype = BF16) -> tuple[tuple, torch.Tensor]:
-    """Our NF4 buffers for w (as urae_lite.quant stores them) and bitsandbytes' own dequantization to `dtype`."""
-    packed, st = bnbf.quantize_4bit(
-        w, blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8
-    )
-    buffers = (
-        packed,
-        st.absmax,
-        st.state2.absmax.float(),
-        st.state2.code.float(),
-        torch.as_tensor(st.offset, dtype=torch.float32, device=w.device).reshape(()),
-        st.code.float(),
-    )
-    st.dtype = dtype
-    return buffers, bnbf.dequantize_4bit(packed, st, quant_type="nf4")
+    """Our NF4 buffers for w (urae_lite.quant's, bitsandbytes' layout) and the library path's dequantization to
+    `dtype`, which is first checked against the float64 formula of the buffers (tests/references.py)."""
+    from urae_lite.quant import QuantizedWeight
+
+    qw = QuantizedWeight.quantize(w, "nf4", dtype)
+    buffers = (qw.weight, qw.absmax, qw.nested_absmax, qw.nested_quant_map, qw.offset, qw.quant_map)
+    expected = qw.dequantize_reference()
+    assert_decodes(expected, qw)
+    return buffers, expected
 
 
 # ---- dequantization: bit for bit ------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "shape",
-    [(48, 200), (50, 70), (7, 9), (130, 128)],
-    ids=["N*K%64==0", "tail-block", "odd-numel", "two-nested-blocks"],
+    [(48, 200), (50, 70), (7, 9), (130, 128), (300, 32), (45, 96)],
+    ids=["N*K%64==0", "tail-block", "odd-numel", "two-nested-blocks", "width-32", "width-96"],
 )
-def test_nf4_dequantize_bit_exact_with_bitsandbytes(shape, gen):
+def test_nf4_dequantize_bit_exact_with_library_path(shape, gen):
+    """The kernel, its PyTorch twin and the library path give the same bits, and those are the float64 formula
+    of the buffers within the rounding of a correct fp32 decode (checked in quantize_nf4)."""
     w = randn(*shape, gen=gen, scale=0.05)
     w.view(-1)[: min(64, w.numel())] = 0  # an all-zero block (absmax 0)
     buffers, expected = quantize_nf4(w)
@@ -137,9 +131,10 @@ def test_nf4_dequantize_bit_exact_with_bitsandbytes(shape, gen):
     assert same_bits(nf4_dequantize_ref(*buffers, shape), expected)
 
 
+@pytest.mark.parametrize("shape", [(48, 200), (45, 96)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_nf4_dequantize_other_dtypes_bit_exact(dtype, gen):
-    w = randn(48, 200, gen=gen, scale=0.05)
+def test_nf4_dequantize_other_dtypes_bit_exact(dtype, shape, gen):
+    w = randn(*shape, gen=gen, scale=0.05)
     buffers, expected = quantize_nf4(w, dtype)
     got = nf4_dequantize(*buffers, w.shape, dtype=dtype)
     assert got.dtype == expected.dtype == dtype and torch.equal(got, expected)
@@ -161,6 +156,8 @@ def test_fp8_dequantize_bit_exact_with_quanto(gen):
     quanto = pytest.importorskip("optimum.quanto")
     from optimum.quanto.calibrate import absmax_scale
 
+    from urae_lite.quant import QuantizedWeight
+
     w = randn(50, 70, gen=gen, scale=0.05)
     q = quanto.quantize_weight(
         w, qtype=quanto.qfloat8_e4m3fn, axis=0, scale=absmax_scale(w, quanto.qfloat8_e4m3fn, axis=0)
@@ -169,6 +166,9 @@ def test_fp8_dequantize_bit_exact_with_quanto(gen):
     fp8_dequantize(q._data, q._scale, out=out)
     assert same_bits(out, q.dequantize())
     assert same_bits(fp8_dequantize_ref(q._data, q._scale), q.dequantize())
+    qw = QuantizedWeight.quantize(w, "fp8")
+    assert same_bits(fp8_dequantize(qw.weight, qw.scale), qw.dequantize_reference())
+    assert_decodes(out, qw)  # e4m3 x scale in float64, one bf16 rounding
 
 
 # ---- fused forward ---------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from test_kernels import (  # noqa: E402
     assert_within,
     quantize_nf4,
     randn,
-    seeded_generator,
 )
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: E402
 
@@ -62,8 +61,9 @@ MUTATING = {"nf4_dequantize_into", "fp8_dequantize_into", "gemm_lowrank_into"}
 
 
 @pytest.fixture
-def gen(request) -> torch.Generator:
-    return seeded_generator(request.node.name)
+def gen(seed) -> torch.Generator:
+    """This test's generator, seeded by the suite's seed switch (tests/conftest.py: URAE_TEST_SEED)."""
+    return torch.Generator(DEVICE).manual_seed(seed)
 
 
 # ---- custom ops ------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 One configuration (generate 1024², NF4 base, rank-16 adapter, `model` offload, one denoising step through the
 kernels' custom ops) runs end to end under FakeTensorMode in well under a minute; benchmarks/memory.py --fake runs
-the whole matrix (benchmarks/results/memory_fake.json). Band: every phase within ±5% of the planner's allocated
+the whole matrix (benchmarks/results/memory_fake.json), tests/test_plan_measured.py the goal plans and every shipped
+profile. Band: every phase within ±5% of the planner's allocated
 bytes (text encoding, denoising and the plain VAE decode measured 1.000, 0.999 and 1.001 when written). The exact
 tiled decode's working set is checked against plan/vae.py at the two sizes where its two terms set the peak, and
 the harness's CUDA emulation (plan/fake_cuda.py) against what CPU autocast alone would allocate.
@@ -198,6 +199,33 @@ def test_harness_holds_flash_attentions_fp32_dq_buffer_in_backward():
         F.scaled_dot_product_attention(q, q.detach(), q.detach())
         del q
         assert ref() is None
+
+
+def test_device_tensors_count_the_swap_windows_prefetched_block():
+    """While a swapped block runs, block swap has already copied the next one to the device; those copies are not
+    the next block's tensors until it runs, but they hold device memory (a phase after denoising, with offload
+    `none`, holds that window): the harness counts them, as the planner's window (plan/swap.py) does."""
+    from urae_lite.block_swap import block_swap_of
+    from urae_lite.flux_configs import flux_dev_config
+    from urae_lite.plan.fake import device_tensors, fake_transformer
+    from urae_lite.plan.fake_models import apply_memory_options
+
+    def held(tensors) -> int:
+        tracker = LiveBytes()
+        tracker.hold(tensors)
+        return tracker.current
+
+    with fake_mode():
+        model = fake_transformer({**flux_dev_config(), "num_layers": 1, "num_single_layers": 3}, "nf4")
+        apply_memory_options(model, token_chunks=1, blocks_to_swap=2)  # single blocks 1 and 2
+        block = held(module_tensors(model.single_transformer_blocks[0]))  # a resident one, the same shapes
+        resident = held(device_tensors(model))
+        swap = block_swap_of(model)
+        with torch.no_grad():
+            swap._enter(0)  # single block 1 runs and prefetches block 2
+        assert held(device_tensors(model)) == resident + 2 * block
+        swap.release_all()
+        assert held(device_tensors(model)) == resident
 
 
 def test_fake_models_keep_tied_weights():

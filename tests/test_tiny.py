@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flux_reference import PIXEL_TOL, reference_image, static_sigmas, unpack_with_transposed_patches
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -67,6 +68,18 @@ def _assert_plausible_image(image: np.ndarray, size: int) -> None:
     assert image.std() > 0.01, "image is (nearly) constant"
 
 
+def _reference(folder: Path, size: int, **settings) -> np.ndarray:
+    """`_generate`'s image from the float64 sampler written from FLUX's definition (tests/flux_reference.py)."""
+    return reference_image(folder, PROMPT, width=size, height=size, steps=2, seed=0, **settings)[1]
+
+
+def _reference_error(image: np.ndarray, reference: np.ndarray) -> float:
+    """max |image − reference| in [0, 1] units: fp32 against float64 rounding only, ≤ PIXEL_TOL by the analysis in
+    tests/flux_reference.py (the same weights, noise, schedule and layout on both sides)."""
+    assert image.shape == (1, *reference.shape)
+    return float(np.abs(image[0] - reference).max())
+
+
 def _weight_bytes(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.safetensors"))}
 
@@ -74,12 +87,36 @@ def _weight_bytes(folder: Path) -> dict[str, bytes]:
 # ------------------------------------------------------------------------------------------------ tiny pipeline
 
 
-def test_tiny_dev_generates_256(tiny_dev_pipe) -> None:
-    _assert_plausible_image(_generate(tiny_dev_pipe, 256, guidance_scale=3.5), 256)
+@pytest.fixture(scope="module")
+def dev_reference_256(tiny_dev_folder: Path) -> np.ndarray:
+    return _reference(tiny_dev_folder, 256, guidance=3.5, max_sequence_length=512)  # FluxPipeline's defaults
 
 
-def test_tiny_dev_generates_1024(tiny_dev_pipe) -> None:
-    _assert_plausible_image(_generate(tiny_dev_pipe, 1024, guidance_scale=3.5), 1024)
+@pytest.mark.parametrize("fault", [None, "layout", "shift"])
+def test_tiny_dev_generates_256(tiny_dev_pipe, dev_reference_256, monkeypatch, fault) -> None:
+    """The tiny folder through FluxPipeline makes the image FLUX's definition gives; the faulty runs show that a
+    wrong latent layout or a wrong schedule (μ of the dynamic shift from the latent pixel count instead of the
+    token count) is far outside the bound."""
+    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux import pipeline_flux
+
+    if fault == "layout":
+        monkeypatch.setattr(FluxPipeline, "_unpack_latents", staticmethod(unpack_with_transposed_patches))
+    elif fault == "shift":
+        shift = pipeline_flux.calculate_shift
+        monkeypatch.setattr(pipeline_flux, "calculate_shift", lambda n, *args, **kw: shift(4 * n, *args, **kw))
+    image = _generate(tiny_dev_pipe, 256, guidance_scale=3.5)
+    _assert_plausible_image(image, 256)
+    error = _reference_error(image, dev_reference_256)
+    assert error <= PIXEL_TOL if fault is None else error > 10 * PIXEL_TOL, error
+
+
+def test_tiny_dev_generates_1024(tiny_dev_pipe, tiny_dev_folder: Path) -> None:
+    """At 1024² (4096 image tokens: the dynamic shift's upper end, μ = 1.15)."""
+    image = _generate(tiny_dev_pipe, 1024, guidance_scale=3.5)
+    _assert_plausible_image(image, 1024)
+    reference = _reference(tiny_dev_folder, 1024, guidance=3.5, max_sequence_length=512, vae_dtype=torch.float32)
+    assert _reference_error(image, reference) <= PIXEL_TOL
 
 
 def test_tiny_dev_folder_layout(tiny_dev_folder: Path) -> None:
@@ -122,7 +159,12 @@ def test_tiny_schnell_has_no_guidance_and_runs(tiny_schnell_folder: Path) -> Non
     assert pipe.transformer.config.guidance_embeds is False
     assert not hasattr(pipe.transformer.time_text_embed, "guidance_embedder")
     assert pipe.scheduler.config.shift == 1.0 and pipe.scheduler.config.use_dynamic_shifting is False
-    _assert_plausible_image(_generate(pipe, 256, guidance_scale=0.0, max_sequence_length=256), 256)
+    image = _generate(pipe, 256, guidance_scale=0.0, max_sequence_length=256)
+    _assert_plausible_image(image, 256)
+    reference = _reference(
+        tiny_schnell_folder, 256, guidance=0.0, max_sequence_length=256, sigmas=static_sigmas(2, 1.0)
+    )
+    assert _reference_error(image, reference) <= PIXEL_TOL
 
 
 # ------------------------------------------------------------------------------------------------ tokenizers

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_utils import REPO, RESOLUTION, make_dataset, one_thread, recipe_overrides  # noqa: F401
+from train_utils import REPO, RESOLUTION, assert_same_tree, make_dataset, one_thread, recipe_overrides  # noqa: F401
 
 from urae_lite.adapter_io import read_adapter, save_adapter
 from urae_lite.errors import UraeError
@@ -73,9 +73,20 @@ def trainer_for(cfg: TrainConfig) -> tuple[Trainer, SampleSource]:
 
 
 @torch.no_grad()
-def fixed_loss(trainer: Trainer, source: SampleSource, n: int = 16) -> float:
-    """Mean loss on n fixed samples (indices no run reaches), the yardstick for 'loss goes down'."""
-    return sum(trainer.forward_loss(source.get(10_000 + i)).item() for i in range(n)) / n
+def held_out_losses(trainer: Trainer, source: SampleSource, n: int = 16) -> torch.Tensor:
+    """Losses on n fixed samples (indices no run reaches: image, caption, σ and noise fixed), float64."""
+    return torch.tensor([trainer.forward_loss(source.get(10_000 + i)).item() for i in range(n)], dtype=torch.float64)
+
+
+def assert_loss_went_down(before: torch.Tensor, after: torch.Tensor) -> None:
+    """The paired drop on the held-out samples (each sample scored before and after with the same draws) is more
+    than 3 standard errors above zero: under "training did not lower the expected loss" a mean that high has
+    one-sided probability below 0.5% (Student t, 15 degrees of freedom: t_0.995 = 2.95). A fixed fraction of the
+    loss (the σ-dependent noise term dominates it and is the same before and after) says nothing on its own; this
+    bound comes from the samples' own spread and fails for a run that learned nothing or got worse."""
+    drop = before - after
+    standard_error = drop.std() / len(drop) ** 0.5
+    assert drop.mean() > 3 * standard_error, (drop.mean().item(), standard_error.item(), drop.tolist())
 
 
 def test_a_step_changes_only_the_adapter_and_feeds_guidance_one(tiny_flux, data, tmp_path):
@@ -123,6 +134,75 @@ def test_checkpointing_modes_give_the_same_gradients(tiny_flux, data, tmp_path):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
+def test_a_step_lowers_the_loss_at_the_rate_of_its_gradient(tiny_flux, data, tmp_path, seed):
+    """One training step as `train` takes it (forward, flow loss, backward with activations checkpointed to the CPU
+    as shipped, clipping, optimizer, schedule), in float64 on one fixed sample with plain SGD and clipping active:
+
+    * the factors move by exactly -lr · c/(|g| + 1e-6) · g (torch's clipping formula), g the step's gradient;
+    * along that direction the float64 loss falls at rate |g|: the central difference (L(-h) - L(h)) / 2h,
+      Richardson-extrapolated from h = s and s/2, equals |g|. So the step lowers the loss by s·|g| to first order,
+      s the step length: the gradient is that of the loss being minimised, and the step goes down it."""
+    cfg = recipe(RECIPE_2K, tiny_flux, data, tmp_path, **FAST, optimizer="{_component_: torch.optim.SGD, lr: 1.0}")
+    model = build_model(cfg, CPU, progress=False).double()  # the bf16 base becomes float64 exactly
+    params = [p for _, p in trainable_parameters(model)]
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:  # non-zero B: every factor has a gradient (at B = 0 the A factors have none)
+        p.data = torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1
+    optimizer, scheduler = build_optimizer(cfg, params)
+    trainer = Trainer(model, optimizer, scheduler, cfg, CPU)
+    sample = SampleSource(
+        open_cache(cfg.data.dir, cfg.model, RESOLUTION), cfg, *vae_factors(Path(cfg.model)), SkipLog()
+    ).get(0)
+
+    def loss64() -> float:
+        """The flow-matching loss in float64, written here: mean of (prediction - (noise - x0))²."""
+        captured = {}
+        with torch.no_grad(), pytest.MonkeyPatch.context() as m:
+            m.setattr("urae_lite.train.loop.flow_loss", lambda p, t: captured.setdefault("p", p) * 0)
+            trainer.forward_loss(sample)
+        return torch.mean((captured["p"].double() - sample.target.double()) ** 2).item()
+
+    theta = [p.detach().clone() for p in params]
+    loss0 = loss64()
+    trainer.micro_step(sample)
+    grads = [p.grad.clone() for p in params]
+    norm = torch.sqrt(sum((g * g).sum() for g in grads)).item()
+    assert norm > 0
+    # Step: clipping to half the norm (so that it acts), and a length s whose first-order drop s·|g| is 3e-3 of the
+    # loss, far above the rounding noise of L (see below) and short enough for the s² terms to be small (checked).
+    clip = norm / 2
+    coef = clip / (norm + 1e-6)
+    step = 3e-3 * loss0 / norm
+    lr = step / (coef * norm)
+    cfg.training.max_grad_norm = clip
+    optimizer.param_groups[0]["lr"] = lr  # this step's rate (the constant schedule restores 1.0 after it)
+    assert trainer.optimizer_step() == pytest.approx(norm, rel=1e-12)  # the pre-clip norm it reports
+    for p, p0, g in zip(params, theta, grads):  # a few float64 roundings per element
+        torch.testing.assert_close(p.detach(), p0 - lr * coef * g, rtol=1e-14, atol=1e-16)
+        assert p.grad is None  # cleared for the next step
+    loss1 = loss64()
+    assert loss1 < loss0
+
+    def along(t: float) -> float:  # the loss at theta0 - t·g/|g|
+        with torch.no_grad():
+            for p, p0, g in zip(params, theta, grads):
+                p.copy_(p0 - t * g / norm)
+        return loss64()
+
+    assert along(step) == pytest.approx(loss1, rel=1e-13)  # the step went exactly that way, that far
+    central = {h: (along(-h) - along(h)) / (2 * h) for h in (step, step / 2)}
+    rate = (4 * central[step / 2] - central[step]) / 3  # Richardson: the h² term cancels, h⁴ remains
+    # First-order regime: the h² term |D(s/2) - rate| is under 3e-3 of the rate, so the h⁴ term left in `rate`
+    # is of order its square, ~1e-5.
+    assert abs(central[step / 2] - rate) < 3e-3 * norm
+    # Error budget for rate vs |g| (relative): the h⁴ term, ≤ ~1e-5; rounding in L: the forward is float64 except
+    # diffusers' rotary embedding, which rounds q and k to float32 (2^-24 ≈ 6e-8), moving L by at most ~1e-7 of
+    # itself, i.e. ≤ 1e-7·L / (s·|g|) ≈ 3e-5 in the difference quotients; the gradient carries the float32
+    # rounding of `flow_loss`'s residual, ~1e-7. Together < 1e-4. A wrong gradient or step (a dropped or doubled
+    # term, a factor 1/G, another loss, a sign) is off by O(1).
+    assert rate == pytest.approx(norm, rel=1e-4)
+
+
 def test_2k_lora_loss_goes_down(tiny_flux, data, tmp_path):
     steps = 30
     cfg = recipe(
@@ -137,11 +217,11 @@ def test_2k_lora_loss_goes_down(tiny_flux, data, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, steps + 1)) and all(r["loss"] > 0 for r in log)
     trainer, source = trainer_for(cfg)
-    before = fixed_loss(trainer, source)
+    before = held_out_losses(trainer, source)
     load_trainable(
         trainer.model, load_file(tmp_path / "run" / "checkpoints" / f"step-{steps:08d}" / "trainable.safetensors")
     )
-    assert fixed_loss(trainer, source) < before * 0.995
+    assert_loss_went_down(before, held_out_losses(trainer, source))
     adapter = read_adapter(tmp_path / "run" / "adapter.safetensors")
     assert adapter.kind == "lora" and adapter.ranks == {16} and len(adapter.modules) == 14
 
@@ -179,10 +259,10 @@ def test_4k_minor_starts_at_base_plus_2k_and_loss_goes_down(
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).sample, reference(**inputs).sample, rtol=0, atol=1e-5)
 
-    before = fixed_loss(trainer, source)
+    before = held_out_losses(trainer, source)
     train(cfg, progress=False)
     load_trainable(model, load_file(tmp_path / "run" / "checkpoints" / f"step-{steps:08d}" / "trainable.safetensors"))
-    assert fixed_loss(trainer, source) < before * 0.995
+    assert_loss_went_down(before, held_out_losses(trainer, source))
 
     # both exports reproduce the trained model: the plain rank-48 LoRA alone, the authors' layout with the 2K
     plain = read_adapter(tmp_path / "run" / "adapter.safetensors")
@@ -253,7 +333,7 @@ def test_resume_after_a_kill_is_exact(tiny_flux, data, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     opt_a = torch.load(tmp_path / "straight" / "checkpoints" / "step-00000010" / "optimizer.pt", weights_only=False)
     opt_b = torch.load(ckpts / "step-00000010" / "optimizer.pt", weights_only=False)
-    assert opt_a["optimizer"]["param_groups"] == opt_b["optimizer"]["param_groups"]
+    assert assert_same_tree(opt_a, opt_b) >= 4 * 28  # every state tensor of the 28 factors, groups, schedule
     logs = [
         [json.loads(x)["loss"] for x in (tmp_path / run / "log.jsonl").read_text().splitlines()]
         for run in ("straight", "killed")

@@ -42,6 +42,33 @@ def make_dataset(folder: Path, sizes=SIZES) -> Path:
     return folder
 
 
+def tree_leaves(tree, path: str = ""):
+    """(path, value) for every leaf of a nested dict / list / tuple, in a fixed order."""
+    if isinstance(tree, dict):
+        for key in tree:
+            yield from tree_leaves(tree[key], f"{path}/{key}")
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from tree_leaves(value, f"{path}/{i}")
+    else:
+        yield path, tree
+
+
+def assert_same_tree(a, b) -> int:
+    """Equal structure and bit-equal leaves (tensors: same dtype, shape and bits); returns the tensor count."""
+    la, lb = list(tree_leaves(a)), list(tree_leaves(b))
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    tensors = 0
+    for (path, x), (_, y) in zip(la, lb):
+        if isinstance(x, torch.Tensor):
+            same = x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+            assert same, f"{path} differs"
+            tensors += 1
+        else:
+            assert type(x) is type(y) and x == y, (path, x, y)
+    return tensors
+
+
 def recipe_overrides(model: Path, data: Path, out: Path, **extra) -> list[str]:
     """Settings that make a recipe run on the tiny model on the CPU in well under a second per step."""
     settings = {

@@ -21,10 +21,19 @@ from .errors import UraeError
 MIN_FREE_BYTES = 16 * 2**20
 
 
+def _probe(path: Path, test: Callable[[Path], bool]) -> bool:
+    """`path.exists()` / `path.is_dir()`, False where a parent cannot be entered (no search permission): Python
+    3.11 raises there, and the folder check then names the nearest folder that refuses instead of a traceback."""
+    try:
+        return test(path)
+    except OSError:
+        return False
+
+
 def _existing_ancestor(path: Path) -> Path:
     """The nearest part of `path` that exists (the folder a write would create the rest in)."""
     for candidate in (path, *path.parents):
-        if candidate.exists():
+        if _probe(candidate, Path.exists):
             return candidate
     return Path(".").resolve()
 
@@ -48,7 +57,7 @@ def _check_folder(folder: Path, option: str, target: Path, min_free_bytes: int) 
 def check_output_file(path: str | os.PathLike, option: str = "--out", min_free_bytes: int = MIN_FREE_BYTES) -> Path:
     """A file can be created (or replaced) at `path`; call before any work. Returns the path."""
     target = Path(path).expanduser()
-    if target.is_dir():
+    if _probe(target, Path.is_dir):
         raise UraeError(
             f"{option} {target} is a folder: give a file name inside it, e.g. {target / 'out'}{target.suffix or ''}"
         )
@@ -59,7 +68,7 @@ def check_output_file(path: str | os.PathLike, option: str = "--out", min_free_b
 def check_output_dir(path: str | os.PathLike, option: str = "--out", min_free_bytes: int = MIN_FREE_BYTES) -> Path:
     """Files can be written in folder `path` (created if missing); call before any work. Returns the path."""
     target = Path(path).expanduser()
-    if target.exists() and not target.is_dir():
+    if _probe(target, Path.exists) and not target.is_dir():
         raise UraeError(f"{option} {target} is a file, not a folder; choose another {option}")
     _check_folder(_existing_ancestor(target), option, target, min_free_bytes)
     return target

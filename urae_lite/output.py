@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from .presets import GenerationSettings
 from .report import RunReport
+from .safetensors_io import publish, temp_file_beside
 
 
 @dataclass
@@ -50,12 +50,11 @@ class GenerationResult:
         info = PngInfo()
         for key, value in self.metadata().items():
             info.add_itxt(key, value)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = temp_file_beside(path)
         os.close(fd)
         try:
             self.image.save(tmp, format="PNG", pnginfo=info)
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; an image is for sharing
-            os.replace(tmp, path)
+            publish(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

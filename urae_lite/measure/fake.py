@@ -42,6 +42,7 @@ from .fake_models import (
     fake_vae,
     host_storages,
     text_encoder_configs,
+    window_copies,
 )
 from .live_bytes import HOST, LiveBytes, Phase, measure, module_tensors, offload_hooks
 
@@ -77,9 +78,10 @@ __all__ = [  # the harness's public names, wherever they live
 
 def device_tensors(module: nn.Module) -> list[torch.Tensor]:
     """The module's parameters and buffers that are on the device: all of them, less block swap's host copies
-    (the swapped blocks' frozen tensors point at those except while the swap's window holds them)."""
+    (the swapped blocks' frozen tensors point at those except while the swap's window holds them), plus the
+    window's device copies (a prefetched block's copies are not its tensors until the block runs)."""
     host = host_storages(module)
-    return [t for t in module_tensors(module) if id(t.untyped_storage()) not in host]
+    return [t for t in module_tensors(module) if id(t.untyped_storage()) not in host] + window_copies(module)
 
 
 # ---- generation ----------------------------------------------------------------------------------------------------
@@ -92,37 +94,43 @@ def generate_rank(size: int) -> int:
     return 48 if size >= 4096 else 16
 
 
-def generate_settings(size: int):
-    """The preset of `size` (2k, or 4k from 4096²) at size², one denoising step."""
+def generate_settings(size: int, variant: str = "dev"):
+    """The `variant`'s preset of `size` (2k, or 4k from 4096²) at size², one denoising step."""
     from ..presets import load_preset
 
-    return load_preset("4k" if size >= 4096 else "2k", "dev").replace(width=size, height=size, steps=1)
+    return load_preset("4k" if size >= 4096 else "2k", variant).replace(width=size, height=size, steps=1)
 
 
 MEASURED_OFFLOADS = ("model", "none")
 
 
-def measure_generate(pipe, size: int) -> list[Phase]:
+def measure_generate(pipe, size: int, variant: str = "dev", decode: bool = True) -> list[Phase]:
     """Peak device bytes of the three stages, each phase holding what the previous ones left on the device (the
-    prompt embeddings; the kernels' buffer), with the pipeline's memory settings (`pipe.memory`: a resolved VAE
-    tiling, on or off). `model` offload: one component on the device at a time (a block-swapped transformer's
-    resident part too: the offload hooks move it, block_swap.py); `none`: every component always."""
+    prompt embeddings; the kernels' buffer), with the pipeline's memory settings (`pipe.memory`, its VAE tiling
+    resolved to on or off). `model` offload: one component on the device at a time (a block-swapped transformer's
+    resident part too: the offload hooks move it, block_swap.py); `none`: every component always, and the text
+    encoding is the larger of this image's and the next one's, which runs beside what this image left (block swap's
+    window, the kernels' buffer). `variant`: the presets of dev or schnell (a schnell pipeline:
+    `fake_pipeline(config=flux_dev_config("schnell"))`); `decode=False`: the first two stages only (an exact tiled
+    decode at 4096² costs seconds)."""
     offload = pipe.memory.offload
     if pipe.memory.vae_tiling == "auto":
         raise ValueError("measure a resolved VAE tiling (on or off): `auto` depends on the card")
     if offload not in MEASURED_OFFLOADS:
         raise NotImplementedError(f"the fake harness measures offload {' and '.join(MEASURED_OFFLOADS)}, not {offload}")
-    s = generate_settings(size)
+    s = generate_settings(size, variant)
     flux = pipe.flux
     encoders = [flux.text_encoder, flux.text_encoder_2]
-    resident = (
-        [t for m in (*encoders, flux.vae) for t in module_tensors(m)] + device_tensors(pipe.transformer)
-        if offload == "none"
-        else []
-    )
+
+    def resident() -> list[torch.Tensor]:
+        """`none`: every component on the device, the transformer's swap window as it is now."""
+        if offload != "none":
+            return []
+        return [t for m in (*encoders, flux.vae) for t in module_tensors(m)] + device_tensors(pipe.transformer)
+
     with cuda_like():
         tracker = LiveBytes()
-        tracker.hold(resident)
+        tracker.hold(resident())
         hooks = offload_hooks(tracker, encoders) if offload == "model" else []
         try:
             with tracker:
@@ -131,18 +139,24 @@ def measure_generate(pipe, size: int) -> list[Phase]:
             for h in hooks:
                 h.remove()
         tracker = LiveBytes()
-        tracker.hold([*resident, *device_tensors(pipe.transformer), *embeds, *kernel_workspaces()])
+        tracker.hold([*resident(), *device_tensors(pipe.transformer), *embeds, *kernel_workspaces()])
         with real_schedulers(), tracker:
             denoise, packed = measure(tracker, "denoising", lambda: pipe.denoise(embeds, s, seed=0))
-        tracker = LiveBytes()
-        tracker.hold([*resident, *module_tensors(flux.vae), *kernel_workspaces(), packed])
-        if offload == "model":  # the hooks move the transformer off before the VAE runs, the swap window with it
-            release_block_swap(pipe.transformer)
-        else:
-            tracker.hold(device_tensors(pipe.transformer))  # the window the last step left
-        with tracker:
-            decode, _ = measure(tracker, "VAE decode", lambda: decode_latents(pipe, packed, s))
-    return [text, denoise, decode]
+        phases = [text, denoise]
+        if decode:
+            tracker = LiveBytes()
+            tracker.hold([*resident(), *module_tensors(flux.vae), *kernel_workspaces(), packed])
+            if offload == "model":  # the hooks move the transformer off before the VAE runs, the swap window with it
+                release_block_swap(pipe.transformer)
+            with tracker:
+                phases.append(measure(tracker, "VAE decode", lambda: decode_latents(pipe, packed, s))[0])
+        if offload == "none":  # the next image's prompt, beside the window the last step left
+            tracker = LiveBytes()
+            tracker.hold([*resident(), *kernel_workspaces()])
+            with tracker:
+                again, _ = measure(tracker, "text encoding", lambda: pipe.encode(PROMPT, s))
+            phases[0] = max(text, again, key=lambda p: p.peak)
+    return phases
 
 
 def release_block_swap(transformer: nn.Module) -> None:
@@ -231,10 +245,14 @@ def prodigy_state_bytes(model: nn.Module, cfg) -> int:
     return total
 
 
-def measure_train(cfg, size: int, config: dict | None = None) -> tuple[list[Phase], dict]:
+def measure_train(
+    cfg, size: int, config: dict | None = None, validation: bool = True, decode: bool = True
+) -> tuple[list[Phase], dict]:
     """Peak device bytes of one training step's phases, then one validation denoising step and its tiled decode.
     Checkpointing `cpu` keeps its saved block inputs in (uncounted) host memory, as block swap its swapped blocks'
-    frozen tensors. `config`: another transformer config (fewer blocks). Returns (phases, options)."""
+    frozen tensors. `config`: another transformer config (fewer blocks); `validation=False` / `decode=False`: stop
+    after the optimizer step / the validation step (the exact tiled decode costs seconds at 4096²). Returns
+    (phases, options)."""
     from ..train.loop import Trainer
     from ..train.model import trainable_parameters
     from ..train.validation import sample_latents
@@ -262,9 +280,11 @@ def measure_train(cfg, size: int, config: dict | None = None) -> tuple[list[Phas
         phases += [forward, backward, step]
         for p in params:
             p.grad = None
+        if not validation:
+            return phases, _train_options(states)
         v = cfg.validation
         val_size = v.size or size
-        validation, z = measure(
+        sampled, z = measure(
             tracker,
             "validation",
             lambda: sample_latents(
@@ -281,18 +301,22 @@ def measure_train(cfg, size: int, config: dict | None = None) -> tuple[list[Phas
                 cfg.training.precision == "bf16",
             ),
         )
-        vae = fake_vae()
-        tracker.hold(module_tensors(vae))
-        decode, _ = measure(tracker, "val. decode", lambda: _validation_decode(vae, z))
-        phases += [validation, decode]
-    options = {
+        phases.append(sampled)
+        if decode:
+            vae = fake_vae()
+            tracker.hold(module_tensors(vae))
+            phases.append(measure(tracker, "val. decode", lambda: _validation_decode(vae, z))[0])
+    return phases, _train_options(states)
+
+
+def _train_options(states: int) -> dict:
+    return {
         "optimizer": "prodigy",
         "optimizer_states": f"analytic: {states} B from the parameter shapes "
         "(prodigyopt's step reads .item(); its states are held in every phase, as from the second step)",
         "optimizer_step": "clip_grad_norm_ measured, the Prodigy update's temporaries not",
         "validation_steps": 1,
     }
-    return phases, options
 
 
 def _validation_decode(vae: nn.Module, z: torch.Tensor) -> torch.Tensor:

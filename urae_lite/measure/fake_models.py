@@ -244,6 +244,15 @@ def host_storages(module: nn.Module) -> set[int]:
     return set() if swap is None else {id(h.untyped_storage()) for b in swap.blocks for h in b.host}
 
 
+def window_copies(module: nn.Module) -> list[torch.Tensor]:
+    """The device copies block swap's window holds for `module` (none without block swap): the running block's and
+    the prefetched one's."""
+    from ..block_swap import block_swap_of
+
+    swap = block_swap_of(module)
+    return [] if swap is None else [c for b in swap.blocks for c in b.copies or ()]
+
+
 def fake_sample(size: int, text_tokens: int = 512):
     """A TrainSample with the cache's shapes and dtypes (urae_lite/train/samples.py)."""
     from ..train.samples import TrainSample

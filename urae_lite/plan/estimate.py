@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from .. import flux_configs as F
 from ..flux_configs import VARIANTS
 from ..memory import MemorySettings
+from ..memory import options as memory_options
 from ..quant import NF4_BLOCKSIZE
 from ..vae_memory import HEADROOM, estimate_untiled_decode_bytes, tiled_working_bytes
 from . import constants as C
@@ -59,6 +60,13 @@ class PlanConfig:
     def __post_init__(self) -> None:  # generation is planned for CUDA, where offload defaults to `model`
         if self.task == "generate":
             object.__setattr__(self, "memory", self.memory.replace(offload=self.memory.resolved_offload("cuda")))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PlanConfig:
+        """The PlanConfig of `as_dict`'s flat mapping (job fields and memory settings side by side)."""
+        names = set(memory_options())
+        memory = MemorySettings(**{k: v for k, v in values.items() if k in names})
+        return cls(**{k: v for k, v in values.items() if k not in names}, memory=memory)
 
     def replace(self, **changes) -> PlanConfig:
         return dataclasses.replace(self, **changes)

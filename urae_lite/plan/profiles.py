@@ -1,14 +1,18 @@
-"""Ready memory profiles for 8, 12, 16 and 24 GiB cards in the shipped presets and recipes.
+"""Ready memory profiles for 8, 12, 16 and 24 GiB cards in the shipped presets and recipes, and the memory status page
+(urae_lite/plan/status.py).
 
 A profile is what `--vram N` picks for the preset's or recipe's own job on an N GiB card in a desktop with 24 GiB of
 host memory for offloaded weights and checkpoints: the planner's fastest plan that fits. The profiles are written
 into the YAML files (`profiles:` at the end) by
 
-    python -m urae_lite.plan.profiles          # rewrite the profiles: sections
-    python -m urae_lite.plan.profiles --check  # exit 1 when a shipped profile is not the planner's pick
+    python -m urae_lite.plan.profiles          # rewrite the profiles: sections and the memory status page
+    python -m urae_lite.plan.profiles --check  # exit 1 when a shipped profile or the page differs from the planner
 
-and tests/test_plan_profiles.py checks that every shipped profile is still the planner's pick, so they cannot go
-stale when the planner changes.
+The same command writes docs/memory-status.md (the planner's peaks for the README's jobs and the consumer-card goals,
+and the summary of the fake-tensor measurement in benchmarks/results/memory_fake.json against the current planner)
+and the short summary between the `memory-status` markers in README.md. tests/test_plan_profiles.py checks that
+every shipped profile is still the planner's pick and that both texts are what this module writes now, so none of
+them can go stale when the planner changes; tests/test_plan_measured.py measures the goals and every profile.
 """
 
 from __future__ import annotations
@@ -141,8 +145,10 @@ def stale(job: Job) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import status
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--check", action="store_true", help="only check: exit 1 when a profile is stale")
+    p.add_argument("--check", action="store_true", help="only check: exit 1 when a profile or the status page is stale")
     args = p.parse_args(argv)
     problems = []
     for job in shipped_jobs():
@@ -151,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             write(job)
             print(f"wrote profiles of {job.file.name}")
-    print("\n".join(problems) or ("profiles match the planner" if args.check else ""))
+    if args.check:
+        problems += status.stale_texts()
+    else:
+        status.write_texts()
+        print(f"wrote {status.STATUS_PAGE.relative_to(status.ROOT)} and README.md's memory-status block")
+    print("\n".join(problems) or ("profiles and memory status match the planner" if args.check else ""))
     return 1 if problems else 0
 
 

@@ -87,20 +87,24 @@ def dequantize_bnb(packed: torch.Tensor, state) -> torch.Tensor:
 
     bitsandbytes 0.50's C++ CPU decode (`cdequantize_blockwise_cpu_nf4_*`) walks the weight row by row, so it
     mis-reads every 64-value block that spans two rows: rows whose width is not a multiple of 64 decode to garbage
-    on some CPUs (AVX-512 ones; a scalar build may be right by luck). For those widths we run bitsandbytes' own
-    generic PyTorch decode, which reads the flat row-major block layout the quantizer wrote, on every CPU alike.
+    on some CPUs (AVX-512 ones; a scalar build may be right by luck). For those widths the same arithmetic runs in
+    plain PyTorch over the flat row-major block layout the quantizer wrote, on every CPU alike (bitsandbytes' own
+    generic decode does the same under torch.compile, which costs seconds per shape on first use).
     """
     import bitsandbytes.functional as bnbf
 
     width = state.shape[-1]
     if packed.device.type != "cpu" or width % NF4_BLOCKSIZE == 0:
         return bnbf.dequantize_4bit(packed, state, quant_type="nf4").to(state.dtype)
-    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
-
     absmax = bnbf.dequantize_blockwise(state.absmax, state.state2)
     absmax = (absmax + state.offset).float()  # as dequantize_4bit: a separate add, then fp32
-    codes = packed.reshape(-1).view(torch.uint8)
-    return _dequantize_4bit_compute(codes, absmax, state.code.float(), state.blocksize, state.shape, state.dtype)
+    byte = packed.reshape(-1).view(torch.uint8)
+    n = state.shape.numel()
+    codes = torch.stack([byte >> 4, byte & 15], dim=1).reshape(-1)[:n].int()  # element 2i in the high nibble
+    w = state.code.float()[codes]
+    del codes
+    w.mul_(absmax.repeat_interleave(state.blocksize)[:n])  # fp32 products, as bitsandbytes; one rounding below
+    return w.reshape(tuple(state.shape)).to(state.dtype)
 
 
 class NF4(QuantFormat):

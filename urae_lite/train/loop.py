@@ -220,16 +220,17 @@ def train(
     `on_step(step)` is called before each optimizer step's work, with its 1-based number (progress hooks; tests
     use it to kill a run mid-way). `files`: the recipe's model files if already resolved (`cfg.model_files()`)."""
     check_output_dir(cfg.output_dir, "output_dir")
+    out = Path(cfg.output_dir)
+    if resume is None and list_checkpoints(out):  # destination errors come before the model is resolved (fetched)
+        raise UraeError(
+            f"{out} already holds checkpoints: pass --resume to continue that run, or choose another output_dir"
+        )
+    checkpoint = None if resume is None else find_checkpoint(out, resume)
     files = files if files is not None else cfg.model_files()  # once per run: cache, model and validation share it
     cfg.memory.check("train", files.config["num_layers"] + files.config["num_single_layers"])
     accelerator = _make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
-    out = Path(cfg.output_dir)
-    if resume is None and list_checkpoints(out):
-        raise UraeError(
-            f"{out} already holds checkpoints: pass --resume to continue that run, or choose another output_dir"
-        )
     torch.manual_seed(cfg.seed)  # nothing in training draws from the global RNG, but keep it reproducible too
     report, skips, root = RunReport(), SkipLog(), files.pipeline_root()
     check_fits(files.component_files, root)
@@ -247,7 +248,7 @@ def train(
         optimizer, scheduler = build_optimizer(cfg, (p for _, p in trainable_parameters(model)))
     trainer = Trainer(model, optimizer, scheduler, cfg, device, accelerator)
     items = [item.name for item in dataset.items]
-    step = 0 if resume is None else _restore(find_checkpoint(out, resume), trainer, cfg, items, accelerator)
+    step = 0 if checkpoint is None else _restore(checkpoint, trainer, cfg, items, accelerator)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         _truncate_log(out / "log.jsonl", step)
