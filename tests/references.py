@@ -226,10 +226,10 @@ def assert_fp8_quantizes(data: torch.Tensor, scale: torch.Tensor, w: torch.Tenso
 def decode_float64(qw) -> tuple[torch.Tensor, torch.Tensor]:
     """A QuantizedWeight's dense weight from its buffers in float64, and how far a correct decode to qw.dtype may be
     from it (the bounds above)."""
-    if qw.format == "nf4":
+    if qw.quant.name == "nf4":
         w, mag = NF4Tensors.of(qw).decode_float64()
         return w, nf4_decode_bound(mag, w, qw.dtype)
-    if qw.format == "fp8":
+    if qw.quant.name == "fp8":
         w = fp8_decode_float64(qw.weight, qw.scale)
         return w, fp8_decode_bound(w, qw.scale.dtype, qw.dtype)
     w = qw.weight.double()
@@ -238,9 +238,9 @@ def decode_float64(qw) -> tuple[torch.Tensor, torch.Tensor]:
 
 def assert_quantizes(qw, w: torch.Tensor) -> None:
     """qw holds the quantization of w in its format (bf16: w itself, bit for bit, in the stored dtype)."""
-    if qw.format == "nf4":
+    if qw.quant.name == "nf4":
         assert_nf4_quantizes(NF4Tensors.of(qw), w)
-    elif qw.format == "fp8":
+    elif qw.quant.name == "fp8":
         assert_fp8_quantizes(qw.weight, qw.scale, w)
     else:
         assert torch.equal(qw.weight, w.to(qw.weight.dtype))

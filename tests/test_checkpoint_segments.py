@@ -21,7 +21,7 @@ from train_utils import REPO, RESOLUTION, SIZES, make_dataset, one_thread, recip
 from urae_lite.block_swap import enable_block_swap, execution_blocks
 from urae_lite.errors import UraeError
 from urae_lite.loader import LoadSpec, adapted_layers, empty_transformer, fill_transformer
-from urae_lite.plan.fake import LiveBytes
+from urae_lite.measure.fake import LiveBytes
 from urae_lite.quant import QuantizedWeight
 from urae_lite.tiny import iter_random_transformer_tensors
 from urae_lite.token_chunking import enable_token_chunking

@@ -42,7 +42,7 @@ def test_every_layer_holds_the_quantization_of_its_own_checkpoint_weight(tiny_fl
     widths = set()
     for name, layer in layers.items():
         weight = reader.get(f"{name}.weight").to(torch.bfloat16)  # what the loader hands the quantizer
-        assert layer.base.format == quant and tuple(layer.base.shape) == tuple(weight.shape), name
+        assert layer.base.quant.name == quant and tuple(layer.base.shape) == tuple(weight.shape), name
         assert_quantizes(layer.base, weight)
         dequantized = layer.base.dequantize()
         assert dequantized.dtype == torch.bfloat16, name
@@ -65,7 +65,7 @@ def test_quantized_forward_is_diffusers_with_the_dequantized_weights(
     monkeypatch.setenv("URAE_LITE_KERNELS", "off")
     model = load_transformer(tiny_flux, quant=quant, progress=False)
     layers = [m for m in model.modules() if isinstance(m, AdaptedLinear)]
-    assert layers and all(m.base.format == quant for m in layers)
+    assert layers and all(m.base.quant.name == quant for m in layers)
     assert isinstance(model.proj_out, nn.Linear) and model.proj_out.weight.dtype == torch.bfloat16
     reference = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer", dtype=torch.bfloat16)
     for name, layer in adapted_layers(model):

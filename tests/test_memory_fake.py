@@ -5,8 +5,8 @@ kernels' custom ops) runs end to end under FakeTensorMode in well under a minute
 the whole matrix (benchmarks/results/memory_fake.json), tests/test_plan_measured.py the goal plans and every shipped
 profile. Band: every phase within ±5% of the planner's allocated
 bytes (text encoding, denoising and the plain VAE decode measured 1.000, 0.999 and 1.001 when written). The exact
-tiled decode's working set is checked against plan/vae.py at the two sizes where its two terms set the peak, and
-the harness's CUDA emulation (plan/fake_cuda.py) against what CPU autocast alone would allocate.
+tiled decode's working set is checked against vae_memory.py at the two sizes where its two terms set the peak, and
+the harness's CUDA emulation (measure/fake_cuda.py) against what CPU autocast alone would allocate.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from plan_utils import plan_config
 
-from urae_lite.plan import PlanConfig, estimate
-from urae_lite.plan.fake import (
+from urae_lite.measure.fake import (
     GENERATE_PHASES,
     HOST,
     LiveBytes,
@@ -33,8 +33,9 @@ from urae_lite.plan.fake import (
     module_tensors,
     text_encoder_configs,
 )
-from urae_lite.plan.fake_cuda import cuda_autocast_policy
-from urae_lite.plan.vae import tiled_working_bytes
+from urae_lite.measure.fake_cuda import cuda_autocast_policy
+from urae_lite.plan import estimate
+from urae_lite.vae_memory import tiled_working_bytes
 
 BAND = 0.05
 
@@ -56,7 +57,7 @@ def test_generate_1024_nf4_full_size_matches_planner(kernels_on, capsys):
         pipe = fake_pipeline("nf4", rank=16)
         phases = measure_generate(pipe, 1024, vae_tiling="off")
     est = estimate(
-        PlanConfig(task="generate", width=1024, height=1024, quant="nf4", offload="model", rank=16, vae_tiling="off")
+        plan_config(task="generate", width=1024, height=1024, quant="nf4", offload="model", rank=16, vae_tiling="off")
     )
     planned = dict(zip(est.phases, est.allocated()))
     assert [p.name for p in phases] == list(GENERATE_PHASES)
@@ -80,7 +81,7 @@ def test_chunked_swapped_training_step_matches_planner(kernels_on, capsys):
     on full-width FLUX with fewer blocks (1 double, 2 single): every phase within the band. The swapped block's
     host copies are not counted: the device holds the rest of the model and the swap's window only."""
     from urae_lite.flux_configs import flux_dev_config
-    from urae_lite.plan.fake import device_tensors, fake_training_model, measure_train, train_recipe
+    from urae_lite.measure.fake import device_tensors, fake_training_model, measure_train, train_recipe
 
     config = {**flux_dev_config(), "num_layers": 1, "num_single_layers": 2}
     overrides = ("training.checkpointing=cpu", "training.token_chunks=4", "training.blocks_to_swap=1")
@@ -93,7 +94,7 @@ def test_chunked_swapped_training_step_matches_planner(kernels_on, capsys):
         assert frozen and not any(id(t) in on_device for t in frozen)  # host copies until the window fetches them
         phases, _ = measure_train(cfg, 1024, config)
     est = estimate(
-        PlanConfig(
+        plan_config(
             task="train",
             width=1024,
             height=1024,
@@ -207,8 +208,8 @@ def test_device_tensors_count_the_swap_windows_prefetched_block():
     `none`, holds that window): the harness counts them, as the planner's window (plan/swap.py) does."""
     from urae_lite.block_swap import block_swap_of
     from urae_lite.flux_configs import flux_dev_config
-    from urae_lite.plan.fake import device_tensors, fake_transformer
-    from urae_lite.plan.fake_models import apply_memory_options
+    from urae_lite.measure.fake import device_tensors, fake_transformer
+    from urae_lite.measure.fake_models import apply_memory_options
 
     def held(tensors) -> int:
         tracker = LiveBytes()

@@ -11,7 +11,7 @@ import torch
 from bfl_files import write_bfl_file
 from train_utils import REPO, RESOLUTION, make_dataset, one_thread, recipe_overrides  # noqa: F401
 
-from urae_lite import loader, model_files
+from urae_lite import model_files
 from urae_lite.cli import main
 from urae_lite.errors import UraeError
 from urae_lite.loader import LoadSpec, load_transformer
@@ -231,11 +231,11 @@ def test_train_resolves_the_recipe_once(tiny_flux, prepared, data, tmp_path, mon
         data,
         tmp_path / "out",
         **{
-            "quant": "bf16",
+            "memory.quant": "bf16",
             "training.precision": "fp32",
             "training.steps": 1,
             "transformer": prepared,
-            "training.checkpointing": "off",
+            "memory.checkpointing": "off",
         },
     )
     code = main(["train", str(REPO / "recipes" / "train_2k_lora.yaml"), *overrides, "--vram", "48", "--ram", "20"])
@@ -246,10 +246,18 @@ def test_train_resolves_the_recipe_once(tiny_flux, prepared, data, tmp_path, mon
 
 # ---- the load spec ---------------------------------------------------------------------------------------------------
 def test_the_quant_format_is_checked_once_per_load(tiny_flux, monkeypatch):
+    """The name is checked where it enters (MemorySettings); the loader and every layer get the format object."""
+    from urae_lite import memory
+    from urae_lite.quant import QuantFormat, weight
+
     with pytest.raises(UraeError, match="unknown quantization 'int2'"):
         LoadSpec("int2")
-    calls = _counted(monkeypatch, loader, "check_quant_format")
+    checks = _counted(monkeypatch, memory.MemorySettings, "__post_init__")
+    asked = []
+    real = weight.get_format
+    monkeypatch.setattr(weight, "get_format", lambda q: asked.append(q) or real(q))
     model = load_transformer(tiny_flux, "bf16", progress=False)
-    assert calls == ["bf16"] and model.get_submodule("transformer_blocks.0.attn.to_q").base.format == "bf16"
+    assert len(checks) == 1 and asked and all(isinstance(q, QuantFormat) for q in asked)
+    assert model.get_submodule("transformer_blocks.0.attn.to_q").base.quant.name == "bf16"
     spec = LoadSpec("nf4", "cpu", adapters=["a.safetensors"])
     assert spec.device == torch.device("cpu") and spec.adapters == ("a.safetensors",)

@@ -5,15 +5,13 @@ reason `sequential` is ours and not diffusers': each AdaptedLinear is loaded who
 
 from __future__ import annotations
 
-import pytest
 import torch
 from diffusers import FluxPipeline
 from train_utils import one_thread  # noqa: F401  (autouse fixture)
 
 from urae_lite.adapted_linear import AdaptedLinear
-from urae_lite.errors import UraeError
 from urae_lite.loader import load_transformer
-from urae_lite.offload import OFFLOAD_MODES, apply_offload, check_offload
+from urae_lite.offload import apply_offload
 
 CPU = torch.device("cpu")
 
@@ -45,17 +43,6 @@ def _group_offloaded(module: torch.nn.Module) -> bool:
 
 def _adapted_linears(pipe) -> list[AdaptedLinear]:
     return [m for m in pipe.transformer.modules() if isinstance(m, AdaptedLinear)]
-
-
-def test_check_offload_accepts_the_modes_and_names_them_on_a_typo():
-    assert [check_offload(m) for m in OFFLOAD_MODES] == list(OFFLOAD_MODES)
-    with pytest.raises(UraeError, match="unknown offload mode 'modle': use one of none, model, group, sequential"):
-        check_offload("modle")
-
-
-def test_a_bad_mode_fails_before_touching_the_pipeline():
-    with pytest.raises(UraeError, match="unknown offload mode"):
-        apply_offload(object(), "gpu", CPU)  # an object without .to/.enable_*: any use would raise AttributeError
 
 
 def test_none_installs_no_hooks(tiny_flux):

@@ -18,16 +18,16 @@ import json
 
 import pytest
 import torch
-from plan_utils import recipe_plan_config
+from plan_utils import best, plan_config, recipe_plan_config
 
 from urae_lite.cli import main
 from urae_lite.errors import UraeError
 from urae_lite.flux_configs import flux_dev_config
 from urae_lite.loader import LoadSpec, add_lora, empty_transformer, fill_transformer
-from urae_lite.plan import PlanConfig, best_config, estimate, expected_seconds
+from urae_lite.measure.fake import LiveBytes, module_tensors
+from urae_lite.plan import PlanConfig, estimate, expected_seconds
 from urae_lite.plan.activations import CPU, Tokens, inference_bytes, training_bytes
 from urae_lite.plan.arch import flux_arch
-from urae_lite.plan.fake import LiveBytes, module_tensors
 from urae_lite.tiny import iter_random_transformer_tensors, tiny_transformer_config
 from urae_lite.token_chunking import enable_token_chunking
 
@@ -227,9 +227,9 @@ def test_full_size_flux_from_its_config():
 
 
 def test_table_names_the_phase_that_sets_the_peak():
-    two_k = estimate(PlanConfig(task="generate", width=2048, height=2048))  # model offload: T5-XXL bf16 first
+    two_k = estimate(plan_config(task="generate", width=2048, height=2048))  # model offload: T5-XXL bf16 first
     assert two_k.peak_phase == "text encoding"
-    four_k = estimate(PlanConfig(task="generate", width=4096, height=4096))
+    four_k = estimate(plan_config(task="generate", width=4096, height=4096))
     assert four_k.peak_phase == "denoising"
     table = four_k.table()
     for needle in (
@@ -245,19 +245,19 @@ def test_table_names_the_phase_that_sets_the_peak():
     ):
         assert needle in table
     assert four_k.peak == max(four_k.totals())
-    train = estimate(PlanConfig(task="train", width=2048, height=2048, validation=False))
+    train = estimate(plan_config(task="train", width=2048, height=2048, validation=False))
     assert train.phases == ("forward", "backward", "optimizer step") and train.peak_phase == "backward"
     assert "optimizer states (prodigy)" in train.table() and "gradients (fp32)" in train.table()
 
 
 def test_offload_and_checkpointing_lower_the_peak():
     peaks = [
-        estimate(PlanConfig(task="generate", width=4096, height=4096, quant="bf16", offload=m)).peak
+        estimate(plan_config(task="generate", width=4096, height=4096, quant="bf16", offload=m)).peak
         for m in ("none", "model", "group", "sequential")
     ]
     assert peaks == sorted(peaks, reverse=True)
     train = [
-        estimate(PlanConfig(task="train", width=2048, height=2048, checkpointing=c, validation=False)).peak
+        estimate(plan_config(task="train", width=2048, height=2048, checkpointing=c, validation=False)).peak
         for c in ("off", "on", "cpu")
     ]
     assert train == sorted(train, reverse=True)
@@ -265,7 +265,7 @@ def test_offload_and_checkpointing_lower_the_peak():
 
 def test_speed_model_orders_each_option():
     def seconds(**kw) -> float:
-        return expected_seconds(PlanConfig(**kw))
+        return expected_seconds(plan_config(**kw))
 
     offloads = [seconds(width=1024, height=1024, offload=m) for m in ("none", "model", "group", "sequential")]
     assert offloads == sorted(offloads)
@@ -278,23 +278,23 @@ def test_speed_model_orders_each_option():
 # ---- --vram --------------------------------------------------------------------------------------------------------
 def test_vram_picks_bf16_when_it_fits_and_nf4_when_not():
     picks = {
-        vram: best_config("generate", 1024, 1024, vram, offload="none", blocks_to_swap=0)  # all resident
+        vram: best("generate", 1024, 1024, vram, offload="none", blocks_to_swap=0)  # all resident
         for vram in (48, 24, 16)
     }
     assert {vram: r.best.config.quant for vram, r in picks.items()} == {48: "bf16", 24: "fp8", 16: "nf4"}
     assert all(c.peak <= vram * GiB for vram, r in picks.items() for c in r.fitting)
     assert not any(c.config.quant == "bf16" for c in picks[24].fitting)
-    small_host = best_config("generate", 4096, 4096, 24, ram_gib=8)  # the fastest plan parks more than 8 GiB
-    roomy_host = best_config("generate", 4096, 4096, 24)
+    small_host = best("generate", 4096, 4096, 24, ram_gib=8)  # the fastest plan parks more than 8 GiB
+    roomy_host = best("generate", 4096, 4096, 24)
     assert small_host.best and all(c.estimate.host <= 8 * GiB for c in small_host.fitting)
     assert roomy_host.best.estimate.host > 8 * GiB and small_host.best.seconds >= roomy_host.best.seconds
-    train = best_config("train", 2048, 2048, 16, checkpointing="cpu", validation=False, blocks_to_swap=0)
+    train = best("train", 2048, 2048, 16, checkpointing="cpu", validation=False, blocks_to_swap=0)
     assert train.best.config.quant == "nf4"
-    assert best_config("train", 2048, 2048, 48, checkpointing="cpu", validation=False).best.config.quant == "bf16"
+    assert best("train", 2048, 2048, 48, checkpointing="cpu", validation=False).best.config.quant == "bf16"
 
 
 def test_impossible_request_says_what_it_would_need():
-    result = best_config("generate", 4096, 4096, 3)
+    result = best("generate", 4096, 4096, 3)
     assert result.best is None and result.largest_fitting_size is not None
     message = result.impossible()
     assert message.startswith("nothing fits in 3 GiB for generate at 4096x4096: the smallest peak is")
@@ -305,9 +305,9 @@ def test_impossible_request_says_what_it_would_need():
 
 def test_unknown_plan_option_is_rejected_with_the_valid_ones():
     with pytest.raises(UraeError, match="unknown plan option.*offlaod.*use .*offload"):
-        best_config("generate", 2048, 2048, 24, offlaod="group")
+        best("generate", 2048, 2048, 24, offlaod="group")
     with pytest.raises(UraeError, match="unknown offload 'disk': use one of none, model, group, sequential"):
-        estimate(PlanConfig(offload="disk"))
+        estimate(plan_config(offload="disk"))
 
 
 # ---- command line ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The consumer-card goal plans and every shipped memory profile, measured on the fake-tensor harness.
 
 test_plan_profiles.py checks that the profiles are the planner's picks; a pick is made among plans the planner says
-fit, so that alone cannot fail when the planner is wrong. Here each plan runs through the real code (plan/fake.py:
+fit, so that alone cannot fail when the planner is wrong. Here each plan runs through the real code (measure/fake.py:
 the pipeline or the Trainer at full FLUX.1 width and the plan's resolution on fake tensors, live storage bytes
 counted as CUDA would allocate them), and for every measured phase:
 
@@ -30,13 +30,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from plan_utils import recipe_plan_config
+from plan_utils import plan_config, recipe_plan_config
 
 from urae_lite.cli import main
 from urae_lite.flux_configs import flux_dev_config
-from urae_lite.plan import PlanConfig, estimate
-from urae_lite.plan import constants as C
-from urae_lite.plan.fake import (
+from urae_lite.measure.fake import (
     LiveBytes,
     fake_frozen_lora,
     fake_mode,
@@ -50,6 +48,8 @@ from urae_lite.plan.fake import (
     prodigy_state_bytes,
     train_recipe,
 )
+from urae_lite.plan import PlanConfig, estimate
+from urae_lite.plan import constants as C
 from urae_lite.plan.profiles import HOST_RAM_GIB, shipped_jobs, shipped_profiles
 from urae_lite.plan.recipe import RECIPE_KEYS
 
@@ -77,7 +77,7 @@ def goal_config(task: str, resolution: int, vram: int) -> PlanConfig:
     argv = ["plan", "--task", task, "--resolution", str(resolution), "--vram", str(vram)]
     with contextlib.redirect_stdout(out):
         assert main([*argv, "--ram", str(HOST_RAM_GIB), "--json"]) == 0
-    return PlanConfig(**json.loads(out.getvalue())["fitting"][0]["config"])
+    return plan_config(**json.loads(out.getvalue())["fitting"][0]["config"])
 
 
 def profile_config(job, settings: dict) -> PlanConfig:
@@ -86,7 +86,7 @@ def profile_config(job, settings: dict) -> PlanConfig:
     fields = {
         k: int(v) if k in ("blocks_to_swap", "token_chunks", "checkpoint_every") else str(v) for k, v in fields.items()
     }
-    return PlanConfig(task=job.task, width=job.width, height=job.height, **{**job.fixed, **fields})
+    return plan_config(task=job.task, width=job.width, height=job.height, **{**job.fixed, **fields})
 
 
 def resolved(cfg: PlanConfig, card: int) -> PlanConfig:

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from urae_lite.cli import main
-from urae_lite.plan import best_config, estimate
+from urae_lite.plan import estimate
 from urae_lite.plan.profiles import (
     BAND,
     GOALS,
@@ -87,7 +87,7 @@ def test_consumer_card_goals_pick_the_recipes_job_fast_enough(capsys, task, reso
     the 2K + converted 4K adapter, rank 48), and their pick is at most 1.3x the time of the fastest plan for a
     24 GiB card by the planner's speed model: a ranking model, not a measurement (no GPU has timed either)."""
     best = _plan_json(capsys, task, resolution, vram)["fitting"][0]
-    fastest_24 = best_config(task, resolution, resolution, 24, HOST_RAM_GIB).best
+    fastest_24 = best(task, resolution, resolution, 24, HOST_RAM_GIB).best
     assert best["expected_seconds"] <= 1.3 * fastest_24.seconds
     if task == "train":
         assert best["config"]["adapter"] == ("minor" if resolution == 4096 else "lora")

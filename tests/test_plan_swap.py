@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import transformer_inputs
+from plan_utils import best, plan_config
 
 from urae_lite.errors import UraeError
-from urae_lite.plan import PlanConfig, best_config, estimate, expected_seconds
+from urae_lite.plan import estimate, expected_seconds
 from urae_lite.plan.swap import SwapLayout, pass_windows, swapped_blocks, transfer_seconds
 
 GiB = 2**30
@@ -15,7 +16,7 @@ GiB = 2**30
 
 @pytest.fixture(scope="module")
 def arch():
-    return PlanConfig().arch()
+    return plan_config().arch()
 
 
 def test_layout_keeps_every_byte_once_plus_the_window(arch):
@@ -42,7 +43,7 @@ def _window_bytes(arch, quant: str, n: int, *blocks: str) -> int:
 @pytest.mark.parametrize("task", ["generate", "train"])
 def test_more_swapped_blocks_move_weights_from_the_card_to_host_memory(arch, task):
     extra = {"checkpointing": "on"} if task == "train" else {"offload": "none"}
-    plans = [estimate(PlanConfig(task=task, blocks_to_swap=n, **extra)) for n in (0, 8, 28, arch.n_blocks)]
+    plans = [estimate(plan_config(task=task, blocks_to_swap=n, **extra)) for n in (0, 8, 28, arch.n_blocks)]
     peaks, hosts = [p.peak for p in plans], [p.host for p in plans]
     assert peaks == sorted(peaks, reverse=True) and peaks[0] - peaks[-1] > 4 * GiB  # NF4 FLUX.1-dev is 5.8 GiB
     assert hosts == sorted(hosts) and hosts[0] == 0
@@ -56,11 +57,11 @@ def test_swap_phases_hold_the_window_the_mechanism_leaves_there(arch):
     """The goal plans with 56 blocks swapped (transformer_blocks.0 resident): the windows the fake-tensor
     measurement (benchmarks/results/memory_fake.json) sees at each phase's peak."""
     d, s = "transformer_blocks.", "single_transformer_blocks."
-    gen = estimate(PlanConfig(width=4096, height=4096, quant="fp8", t5_quant="nf4", blocks_to_swap=56, token_chunks=4))
+    gen = estimate(plan_config(width=4096, height=4096, quant="fp8", t5_quant="nf4", blocks_to_swap=56, token_chunks=4))
     # model offload moves the transformer off for the text encoders and the VAE (the window emptied); denoising
     # peaks in the last single block, beside the first swapped block it prefetches for the next step
     assert dict(gen.rows)["transformer weights (fp8)"] == (0, _window_bytes(arch, "fp8", 56, d + "1", s + "37"), 0)
-    train = estimate(PlanConfig(task="train", quant="fp8", checkpointing="cpu", blocks_to_swap=56, adapter="lora"))
+    train = estimate(plan_config(task="train", quant="fp8", checkpointing="cpu", blocks_to_swap=56, adapter="lora"))
     assert dict(train.rows)["transformer weights (fp8)"] == (
         _window_bytes(arch, "fp8", 56, s + "0", s + "1"),  # forward: a single block and the next
         _window_bytes(arch, "fp8", 56, s + "0", d + "18"),  # backward runs down: single 0 prefetches double 18
@@ -71,12 +72,12 @@ def test_swap_phases_hold_the_window_the_mechanism_leaves_there(arch):
 
 
 def test_swap_with_model_offload_moves_the_whole_transformer_off_between_steps(arch):
-    plan = estimate(PlanConfig(blocks_to_swap=arch.n_blocks, offload="model"))
+    plan = estimate(plan_config(blocks_to_swap=arch.n_blocks, offload="model"))
     weights = dict(plan.rows)["transformer weights (nf4)"]
     assert weights[0] == weights[2] == 0 and weights[1] > 0  # only denoising holds it
-    plain = estimate(PlanConfig(offload="model"))  # host: the weights wait there, plus the swap's frozen slices
+    plain = estimate(plan_config(offload="model"))  # host: the weights wait there, plus the swap's frozen slices
     assert plan.host - plain.host == 2 * arch.adapter_params(plan.config.adapter_rank)
-    kept = estimate(PlanConfig(blocks_to_swap=arch.n_blocks, offload="none"))
+    kept = estimate(plan_config(blocks_to_swap=arch.n_blocks, offload="none"))
     weights = dict(kept.rows)["transformer weights (nf4)"]  # offload none: the window the last step left stays
     last_and_first = _window_bytes(arch, "nf4", arch.n_blocks, "single_transformer_blocks.37", "transformer_blocks.0")
     assert weights[0] == weights[2] == last_and_first
@@ -139,10 +140,10 @@ def test_windows_match_block_swap_on_every_block_of_every_pass(tiny_config, tiny
 @pytest.mark.parametrize(
     "config,message",
     [
-        (PlanConfig(blocks_to_swap=58), "blocks_to_swap must be in 0..57"),
-        (PlanConfig(blocks_to_swap=4, offload="group"), "use it with offload model or none"),
-        (PlanConfig(task="train", blocks_to_swap=4, checkpointing="off"), "needs gradient checkpointing"),
-        (PlanConfig(token_chunks=0), "token_chunks must be at least 1"),
+        (plan_config(blocks_to_swap=58), "blocks_to_swap must be in 0..57"),
+        (plan_config(blocks_to_swap=4, offload="group"), "use it with offload model or none"),
+        (plan_config(task="train", blocks_to_swap=4, checkpointing="off"), "needs gradient checkpointing"),
+        (plan_config(token_chunks=0), "token_chunks must be at least 1"),
     ],
 )
 def test_invalid_memory_options_are_one_clear_error(config, message):
@@ -151,7 +152,7 @@ def test_invalid_memory_options_are_one_clear_error(config, message):
 
 
 def test_copies_cost_time_only_where_compute_cannot_hide_them(arch):
-    tok = PlanConfig(width=1024, height=1024).tokens()
+    tok = plan_config(width=1024, height=1024).tokens()
     compute = {k: v / 58e12 for k, v in arch.block_flops(tok.image, tok.text).items()}
     slow_bus = transfer_seconds(arch, "bf16", 0, arch.n_blocks, 1e9, compute, (1.0,))
     fast_bus = transfer_seconds(arch, "bf16", 0, arch.n_blocks, 1e12, compute, (1.0,))
@@ -162,7 +163,7 @@ def test_copies_cost_time_only_where_compute_cannot_hide_them(arch):
 
 def test_speed_model_orders_swap_and_chunks():
     def seconds(**kw) -> float:
-        return expected_seconds(PlanConfig(**kw))
+        return expected_seconds(plan_config(**kw))
 
     swaps = [seconds(width=1024, height=1024, offload="none", blocks_to_swap=n) for n in (0, 20, 57)]
     assert swaps == sorted(swaps) and swaps[0] < swaps[-1]
@@ -171,18 +172,18 @@ def test_speed_model_orders_swap_and_chunks():
 
 
 def test_the_search_streams_blocks_only_when_the_card_needs_it():
-    roomy = best_config("train", 2048, 2048, 48, 24).best.config
-    tight = best_config("train", 2048, 2048, 8, 24).best
+    roomy = best("train", 2048, 2048, 48, 24).best.config
+    tight = best("train", 2048, 2048, 8, 24).best
     assert roomy.blocks_to_swap == 0
     assert tight.config.blocks_to_swap > 0 and tight.peak <= 8 * GiB and tight.estimate.host <= 24 * GiB
 
 
 def test_ram_too_small_for_any_plan_says_what_the_best_plan_needs():
-    result = best_config("train", 2048, 2048, 8, ram_gib=2)
+    result = best("train", 2048, 2048, 8, ram_gib=2)
     assert result.best is None and result.fits_card_only
     message = result.impossible()
     assert message.startswith("nothing fits in 8 GiB with 2 GiB of host memory for train at 2048x2048")
     fastest = result.fits_card_only[0]
     assert f"needs {fastest.estimate.host / GiB:.1f} GiB of host memory" in message
     with pytest.raises(UraeError, match="--ram must be a positive"):
-        best_config("train", 2048, 2048, 8, ram_gib=0)
+        best("train", 2048, 2048, 8, ram_gib=0)

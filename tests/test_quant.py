@@ -19,7 +19,7 @@ from references import (
 )
 
 from urae_lite.errors import UraeError
-from urae_lite.quant import QuantizedWeight, check_quant_format
+from urae_lite.quant import FORMATS, QuantizedWeight, get_format
 
 
 def _weight(n: int, k: int, seed: int) -> torch.Tensor:
@@ -75,13 +75,13 @@ def test_chunked_nf4_is_bit_identical_to_bitsandbytes(seed):
     w = _weight(96, 320, seed=seed)
     packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     got = nf4_quantize(w, chunk_elems=64 * 7)  # 7 blocks per chunk: chunks end mid-row and mid-nested-block
-    assert torch.equal(got[0], packed) and torch.equal(got[1], state.absmax)
-    assert torch.equal(got[3], state.state2.absmax) and torch.equal(got[5], state.offset)
+    assert torch.equal(got["weight"], packed) and torch.equal(got["absmax"], state.absmax)
+    assert torch.equal(got["nested_absmax"], state.state2.absmax) and torch.equal(got["offset"], state.offset)
     for shape in [(3, 33), (7, 31)]:  # one block per chunk, the last one partial
         w = _weight(*shape, seed=seed)
         packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
         got = nf4_quantize(w, chunk_elems=64)
-        assert torch.equal(got[0], packed) and torch.equal(got[1], state.absmax)
+        assert torch.equal(got["weight"], packed) and torch.equal(got["absmax"], state.absmax)
 
 
 def test_e4m3_reference_decodes_every_code_as_torch_does():
@@ -143,7 +143,8 @@ def test_nf4_keys_are_bitsandbytes_serialization():
 
 def test_missing_tensor_and_unknown_format_are_user_errors():
     with pytest.raises(UraeError, match="unknown quantization 'int3'"):
-        check_quant_format("int3")
+        get_format("int3")
+    assert all(get_format(name) is fmt and get_format(fmt) is fmt for name, fmt in FORMATS.items())
     tensors = QuantizedWeight.quantize(_weight(32, 64, seed=5), "fp8").to_state_tensors("m")
     del tensors["m.weight._scale"]
     with pytest.raises(UraeError, match="re-run `urae-lite prepare`"):
@@ -167,16 +168,16 @@ def test_fp8_never_takes_quantos_optimized_layout(monkeypatch, seed):
 
 
 def test_kernels_switch(monkeypatch):
-    from urae_lite.quant import kernels_enabled, kernels_mode
+    from urae_lite.kernel_switch import kernels_enabled, kernels_mode
 
     cpu = torch.zeros(2)
     for value, mode in [("auto", "auto"), ("1", "auto"), ("0", "off"), ("off", "off"), ("ON", "on")]:
         monkeypatch.setenv("URAE_LITE_KERNELS", value)
         assert kernels_mode() == mode
     monkeypatch.setenv("URAE_LITE_KERNELS", "auto")
-    assert not kernels_enabled(cpu)  # auto: CUDA tensors only
+    assert not kernels_enabled(cpu, "nf4_dequantize")  # auto: CUDA tensors only
     monkeypatch.setenv("URAE_LITE_KERNELS", "on")
-    assert kernels_enabled(cpu)
+    assert kernels_enabled(cpu, "nf4_dequantize")
     monkeypatch.setenv("URAE_LITE_KERNELS", "sometimes")
     with pytest.raises(UraeError, match="URAE_LITE_KERNELS=sometimes is not one of auto, off, on"):
         kernels_mode()
@@ -188,12 +189,12 @@ def test_without_triton_the_library_path_runs_and_says_so_once(monkeypatch, capl
     computes x Wᵀ + bias + s (x Aᵀ) Bᵀ with W the float64 decode of its NF4 buffers."""
     import sys
 
-    from urae_lite import quant
+    from urae_lite import kernel_switch
     from urae_lite.adapted_linear import AdaptedLinear
 
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now fails, as on Windows
     monkeypatch.setenv("URAE_LITE_KERNELS", "on")  # would pick the kernels for any tensor
-    quant.triton_available.cache_clear()
+    kernel_switch.triton_available.cache_clear()
     try:
         g = torch.Generator().manual_seed(seed)
         layer = AdaptedLinear.from_linear(torch.nn.Linear(in_features, 32), "nf4", torch.float32)
@@ -202,7 +203,7 @@ def test_without_triton_the_library_path_runs_and_says_so_once(monkeypatch, capl
         x = torch.randn(3, in_features, generator=g)
         with caplog.at_level("WARNING", logger="urae_lite"):
             y1, y2 = layer(x), layer(x)
-        assert not quant.kernels_enabled(x)
+        assert not kernel_switch.kernels_enabled(x, "lowrank_forward")
         w64, w_err = decode_float64(layer.base)
         sB = lora.scale * lora.B.double()  # formed in the slice's dtype (bf16): one rounding
         expected = adapted_linear_float64(
@@ -214,7 +215,7 @@ def test_without_triton_the_library_path_runs_and_says_so_once(monkeypatch, capl
         notes = [r for r in caplog.records if "Triton is not installed" in r.getMessage()]
         assert len(notes) == 1
     finally:
-        quant.triton_available.cache_clear()
+        kernel_switch.triton_available.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from plan_utils import plan_config
 from references import NF4Tensors, adapted_linear_float64, assert_bounded, assert_nf4_quantizes, nf4_decode_bound
 
 from urae_lite.errors import UraeError
 from urae_lite.pipeline import load_pipeline
-from urae_lite.plan import PlanConfig, estimate
+from urae_lite.plan import estimate
 
 
 def test_t5_nf4_pipeline_generates(tiny_flux):
@@ -27,8 +28,8 @@ def test_t5_nf4_pipeline_generates(tiny_flux):
 
 
 def test_planner_counts_t5_nf4_at_full_size():
-    bf16 = estimate(PlanConfig(task="generate", width=2048, height=2048))
-    nf4 = estimate(PlanConfig(task="generate", width=2048, height=2048, t5_quant="nf4"))
+    bf16 = estimate(plan_config(task="generate", width=2048, height=2048))
+    nf4 = estimate(plan_config(task="generate", width=2048, height=2048, t5_quant="nf4"))
     assert bf16.peak_phase == "text encoding" and bf16.peak > nf4.peak
     # T5-XXL: 3.6B parameters in q/k/v/o/wi_0/wi_1 go from 2 bytes to ~0.52 (wo stays bf16): saves ~5 GiB
     phase = bf16.phases.index("text encoding")

@@ -23,7 +23,7 @@ from urae_lite.cli import main
 from urae_lite.errors import UraeError
 from urae_lite.hires import ProportionalAttnProcessor
 from urae_lite.loader import adapted_layers, add_lora, load_transformer
-from urae_lite.plan.fake import LiveBytes
+from urae_lite.measure.fake import LiveBytes
 from urae_lite.token_chunking import (
     ChunkedFluxSingleTransformerBlock,
     ChunkedFluxTransformerBlock,

@@ -15,9 +15,9 @@ from diffusers import AutoencoderKL
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from urae_lite import vae_memory as vm
 from urae_lite import vae_strips as vs
 from urae_lite import vae_tiling as vt
-from urae_lite.plan import vae as vm
 
 FLUX_VAE_CONFIG = {
     "block_out_channels": (128, 256, 512, 512),
@@ -274,7 +274,7 @@ def test_home_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert vt.default_home_device(FLUX_VAE_CONFIG, cuda, z, bf16, 64) == cpu
     monkeypatch.setattr(vt, "_free_device_bytes", lambda device: None)
     assert vt.default_home_device(FLUX_VAE_CONFIG, cuda, z, bf16, 64) == cpu
-    # the threshold: stored maps + working set, with the one headroom of plan/vae.py
+    # the threshold: stored maps + working set, with the one headroom of vae_memory.py
     need = (
         vm.tiled_home_bytes(FLUX_VAE_CONFIG, 512, 512, bf16, 1)
         + vm.tiled_working_bytes(FLUX_VAE_CONFIG, 512, 512, bf16, 1, 64)

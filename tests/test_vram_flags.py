@@ -8,10 +8,10 @@ import sys
 
 import pytest
 from PIL import Image
+from plan_utils import best
 
 from urae_lite.cli import main
 from urae_lite.model_files import resolve_files
-from urae_lite.plan import best_config
 from urae_lite.plan.choose import model_fields
 from urae_lite.plan.search import options
 
@@ -36,7 +36,7 @@ def test_generate_vram_uses_the_planners_pick(tiny_flux, tmp_path, capsys):
     ]
     assert main(args + ["--vram", "48", "--ram", "20"]) == 0  # planned for the model's own config
     fields = model_fields(resolve_files(str(tiny_flux)))
-    expected = best_config("generate", 128, 128, 48, ram_gib=20, **fields).best.config
+    expected = best("generate", 128, 128, 48, ram_gib=20, **fields).best.config
     assert f"planner picks {options(expected)} " in capsys.readouterr().out
     assert Image.open(out).info["quant"] == expected.quant
     assert main(args + ["--vram", "48", "--ram", "20", "--quant", "nf4", "--token-chunks", "3"]) == 0  # given: stay
@@ -78,7 +78,7 @@ def test_train_vram_sets_the_memory_settings_and_keeps_the_users(tiny_flux, over
     overrides = ["data.dir=x", "output_dir=y", f"model={tiny_flux}", *overrides]
     cfg = load_recipe("recipes/train_2k_lora.yaml", overrides)
     cfg = load_recipe("recipes/train_2k_lora.yaml", [*vram_overrides(cfg, overrides, vram, 24), *overrides])
-    pick = best_config(
+    pick = best(
         "train",
         2048,
         2048,

@@ -138,6 +138,7 @@ class MemorySettings:
     )
 
     def __post_init__(self) -> None:
+        get_format(self.quant)  # an unknown format gets the one message every entry point gives
         for name, option in options().items():
             value = getattr(self, name)
             if name == "offload" and value is None:

@@ -44,7 +44,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     cfg = load_recipe(args.recipe, overrides)
     files = None  # resolved by `train` after its output check, or here when the planner needs the model first
     if args.vram is not None:  # the planner's memory settings, then the user's overrides (which it kept) on top
-        from ..destinations import check_output_dir
+        from .destinations import check_output_dir
 
         check_output_dir(cfg.output_dir, "output_dir")  # before the planner resolves (maybe fetches) the model
         files = cfg.model_files()
