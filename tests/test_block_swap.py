@@ -238,7 +238,7 @@ def test_misuse_fails_with_one_line(base_model, inputs):
     enable_block_swap(model, 1, CPU)
     with pytest.raises(UraeError, match="already on"):
         enable_block_swap(model, 1, CPU)
-    with pytest.raises(UraeError, match=r"needs gradient checkpointing \(set training.checkpointing=on"):
+    with pytest.raises(UraeError, match=r"needs gradient checkpointing \(set memory.checkpointing=on"):
         _forward(model.train(), inputs)  # with grad, without checkpointing
     with pytest.raises(UraeError, match="before converting the transformer's dtype"):
         model.to(torch.bfloat16)
@@ -246,10 +246,10 @@ def test_misuse_fails_with_one_line(base_model, inputs):
 
 def test_training_config_needs_checkpointing(tiny_flux, tmp_path):
     base = recipe_overrides(tiny_flux, tmp_path, tmp_path)
-    with pytest.raises(UraeError, match="blocks_to_swap needs gradient checkpointing.*set training.checkpointing=on"):
-        load_recipe(RECIPE, base + ["training.blocks_to_swap=2", "training.checkpointing=off"])
+    with pytest.raises(UraeError, match="blocks_to_swap needs gradient checkpointing.*set memory.checkpointing=on"):
+        load_recipe(RECIPE, base + ["memory.blocks_to_swap=2", "memory.checkpointing=off"])
     with pytest.raises(UraeError, match="training.blocks_to_swap must be 0 .off. or more, got -1"):
-        load_recipe(RECIPE, base + ["training.blocks_to_swap=-1"])
+        load_recipe(RECIPE, base + ["memory.blocks_to_swap=-1"])
     assert load_recipe(RECIPE, base).training.blocks_to_swap == 0
 
 
@@ -269,11 +269,11 @@ def lora(tmp_path_factory, tiny_flux):
 
 
 def test_generation_gives_the_same_image(tiny_flux, lora, tmp_path, capsys):
-    image = urae_lite.load_pipeline(tiny_flux, quant="nf4", adapters=[lora], **SMALL)("a cat", seed=5).image
+    image = urae_lite.load_pipeline(tiny_flux, memory={"quant": "nf4"}, adapters=[lora], **SMALL)("a cat", seed=5).image
     reference = np.asarray(image)
     for offload, n in (("none", 2), ("model", N_BLOCKS)):  # `model`: diffusers' offload hooks move the rest
         pipe = urae_lite.load_pipeline(
-            tiny_flux, quant="nf4", adapters=[lora], offload=offload, blocks_to_swap=n, **SMALL
+            tiny_flux, memory={"quant": "nf4", "offload": offload, "blocks_to_swap": n}, adapters=[lora], **SMALL
         )
         swap = block_swap_of(pipe.transformer)
         assert len(swap.blocks) == n and all(t.device.type == "cpu" for b in swap.blocks for t in b.host)
@@ -345,7 +345,7 @@ def test_a_trainer_run_with_block_swap_matches_one_without(tiny_flux, data, tmp_
                 **{
                     "training.steps": 2,
                     "training.precision": "fp32",
-                    "training.blocks_to_swap": n,
+                    "memory.blocks_to_swap": n,
                     "optimizer.d0": 1e-3,
                 },
             ),

@@ -359,14 +359,14 @@ def test_recipe_checks(tiny_flux, data, tmp_path):
 
     assert load().training.checkpoint_every == 1
     with pytest.raises(UraeError, match="^training.checkpoint_every must be at least 1, got 0$"):
-        load(**{"training.checkpoint_every": 0})
+        load(**{"memory.checkpoint_every": 0})
     with pytest.raises(
         UraeError,
-        match=r"^training.checkpoint_every=2 thins out .*set training.checkpointing=on "
-        r"or cpu, or training.checkpoint_every=1$",
+        match=r"^training.checkpoint_every=2 thins out .*set memory.checkpointing=on "
+        r"or cpu, or memory.checkpoint_every=1$",
     ):
-        load(**{"training.checkpoint_every": 2, "training.checkpointing": "off"})
-    assert load(**{"training.checkpoint_every": 3, "training.checkpointing": "on"}).training.checkpoint_every == 3
+        load(**{"memory.checkpoint_every": 2, "memory.checkpointing": "off"})
+    assert load(**{"memory.checkpoint_every": 3, "memory.checkpointing": "on"}).training.checkpoint_every == 3
 
 
 # ---- a training run -------------------------------------------------------------------------------------------------
@@ -400,10 +400,8 @@ def test_a_run_with_every_2_matches_one_without_including_a_resume(tiny_flux, da
     runs = {}
     for every in (1, 2):
         out = tmp_path / f"every{every}"
-        cfg = load_recipe(
-            RECIPE, recipe_overrides(tiny_flux, data, out, **extra, **{"training.checkpoint_every": every})
-        )
-        assert cfg.training.checkpointing == "cpu"
+        cfg = load_recipe(RECIPE, recipe_overrides(tiny_flux, data, out, **extra, **{"memory.checkpoint_every": every}))
+        assert cfg.memory.checkpointing == "cpu"
         if every == 2:  # stopped when step 3 begins, resumed from the step-2 checkpoint
             with pytest.raises(_Stop):
                 train(cfg, progress=False, on_step=_stop_at(3))

@@ -35,7 +35,7 @@ from urae_lite.loader import empty_transformer, fused_like_authors
 from urae_lite.minor import minor_components
 from urae_lite.model_files import resolve_files
 from urae_lite.pipeline import UraePipeline
-from urae_lite.presets import GenerationSettings, load_preset
+from urae_lite.presets import GenerationSettings, load_preset, preset_memory
 from urae_lite.refine import coarse_size
 from urae_lite.targets import adapter_target_names
 
@@ -78,7 +78,7 @@ def our_lora(tmp_path_factory, shapes, authors_targets):
 
 @pytest.fixture(scope="module")
 def pipe(tiny_flux, our_lora) -> UraePipeline:
-    return urae_lite.load_pipeline(tiny_flux, quant="nf4", adapters=[our_lora], **CPU, **SMALL)
+    return urae_lite.load_pipeline(tiny_flux, memory={"quant": "nf4"}, adapters=[our_lora], **CPU, **SMALL)
 
 
 # ---- the three inference changes ------------------------------------------------------------------------------
@@ -168,10 +168,11 @@ def test_matches_plain_diffusers_with_urae_switched_off(tiny_flux):
         ntk=1.0,
         proportional_attention=False,
         shift=None,
-        vae_tiling="off",
         max_sequence_length=64,
     )
-    ours = urae_lite.load_pipeline(tiny_flux, quant="bf16", **CPU, **settings)("a red fox in the snow", seed=3).image
+    ours = urae_lite.load_pipeline(tiny_flux, memory={"quant": "bf16", "vae_tiling": "off"}, **CPU, **settings)(
+        "a red fox in the snow", seed=3
+    ).image
     ref = FluxPipeline.from_pretrained(tiny_flux, dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)
     theirs = ref(
@@ -227,7 +228,9 @@ def test_every_adapter_kind_loads_and_the_4k_conversion_is_cached(
 ):
     two, four = _authors_files(tmp_path, shapes, authors_targets)
     kohya, kohya_q = _kohya_file(tmp_path / "style_kohya.safetensors")
-    p = urae_lite.load_pipeline(tiny_flux, quant="nf4", adapters=[our_lora, two, four, kohya], **CPU, **SMALL)
+    p = urae_lite.load_pipeline(
+        tiny_flux, memory={"quant": "nf4"}, adapters=[our_lora, two, four, kohya], **CPU, **SMALL
+    )
     cached = list(tmp_path.glob("urae_4k_adapter.*.converted.safetensors"))
     assert len(cached) == 1
 
@@ -287,7 +290,9 @@ def test_offload_modes_give_the_same_image_on_cpu(tiny_flux, our_lora, pipe):
     memory savings) are in test_offload_modes_on_cuda."""
     ref = np.asarray(pipe("a cat", seed=5).image)
     for mode in ("model", "group", "sequential"):
-        p = urae_lite.load_pipeline(tiny_flux, quant="nf4", adapters=[our_lora], offload=mode, **CPU, **SMALL)
+        p = urae_lite.load_pipeline(
+            tiny_flux, memory={"quant": "nf4", "offload": mode}, adapters=[our_lora], **CPU, **SMALL
+        )
         assert np.array_equal(np.asarray(p("a cat", seed=5).image), ref), mode
 
 
@@ -297,9 +302,8 @@ def test_offload_modes_on_cuda(tiny_flux, our_lora):
     for mode in ("none", "model", "group", "sequential"):
         p = urae_lite.load_pipeline(
             tiny_flux,
-            quant="nf4",
+            memory={"quant": "nf4", "offload": mode},
             adapters=[our_lora],
-            offload=mode,
             device="cuda",
             progress=False,
             width=256,
@@ -360,7 +364,8 @@ def test_presets_hold_the_authors_defaults():
         10.0,
         512,
     )
-    assert dev2.proportional_attention and (dev4.width, dev4.height, dev4.vae_tiling) == (4096, 4096, "on")
+    assert dev2.proportional_attention and (dev4.width, dev4.height) == (4096, 4096)
+    assert preset_memory("4k", "dev").vae_tiling == "on" and preset_memory("2k", "dev").vae_tiling == "auto"
     s2, s4 = load_preset("2k", "schnell"), load_preset("4k", "schnell")
     assert (s2.steps, s2.shift, s2.max_sequence_length, s4.width) == (4, 1.0, 256, 4096)
 
@@ -487,10 +492,9 @@ HIRES = dict(
     shift=3.0,
     ntk=10.0,
     proportional_attention=True,  # 64 + 48 tokens: multiplier 0.75
-    vae_tiling="on",
-    vae_strip_rows=4,
     max_sequence_length=64,
 )
+HIRES_MEMORY = {"vae_tiling": "on", "vae_strip_rows": 4}
 
 
 def _effective_state(transformer) -> dict[str, torch.Tensor]:
@@ -541,7 +545,7 @@ def hires(tiny_flux, tmp_path_factory, shapes, authors_targets):
         n: LoraFactors(f.A * 3, f.B * 3, f.scale) for n, f in _lora_factors(authors_targets, shapes, 4, 6, 0.5).items()
     }
     lora = save_adapter(strong, tmp_path_factory.mktemp("strong") / "strong.safetensors")
-    pipe = urae_lite.load_pipeline(tiny_flux, quant="bf16", adapters=[lora], **CPU, **HIRES)
+    pipe = urae_lite.load_pipeline(tiny_flux, memory={"quant": "bf16", **HIRES_MEMORY}, adapters=[lora], **CPU, **HIRES)
     reference = reference_image(
         tiny_flux,
         "a red fox",
@@ -623,7 +627,11 @@ def test_demo_runs_at_high_resolution(tmp_path, capsys, monkeypatch):
     image = Image.open(path)
     assert image.size == (1024, 1024)
     settings = json.loads(image.text["settings"])
-    assert settings["vae_tiling"] == "on" and settings["ntk"] == 10.0 and settings["proportional_attention"]
+    assert (
+        json.loads(image.text["memory"])["vae_tiling"] == "on"
+        and settings["ntk"] == 10.0
+        and settings["proportional_attention"]
+    )
     out = capsys.readouterr().out
     assert "vae decode" in out and "peak rss" in out
 

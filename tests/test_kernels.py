@@ -260,7 +260,7 @@ def test_gemm_fp32_inputs_match_float64(rank, gen):
 class _NF4Base:
     """Minimal frozen base in our NF4 layout, dequantized by our kernel (what QuantizedWeight does on CUDA)."""
 
-    format, dtype = "nf4", BF16
+    dense, dtype = False, BF16  # the DequantizableWeight protocol: an NF4 base dequantizes into the workspace
 
     def __init__(self, w: torch.Tensor):
         self.buffers, self.expected = quantize_nf4(w)

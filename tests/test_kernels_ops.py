@@ -103,7 +103,7 @@ def test_custom_ops_pass_opcheck(gen):
 class _FakeNF4Base:
     """An NF4 base whose buffers are made under the active (fake) mode: realistic sizes cost no memory."""
 
-    format, dtype = "nf4", BF16
+    dense, dtype = False, BF16  # the DequantizableWeight protocol: an NF4 base dequantizes into the workspace
 
     def __init__(self, n_out: int, n_in: int):
         n = n_out * n_in

@@ -84,7 +84,7 @@ def test_chunked_swapped_training_step_matches_planner(kernels_on, capsys):
     from urae_lite.measure.fake import device_tensors, fake_training_model, measure_train, train_recipe
 
     config = {**flux_dev_config(), "num_layers": 1, "num_single_layers": 2}
-    overrides = ("training.checkpointing=cpu", "training.token_chunks=4", "training.blocks_to_swap=1")
+    overrides = ("memory.checkpointing=cpu", "memory.token_chunks=4", "memory.blocks_to_swap=1")
     with fake_mode():
         cfg = train_recipe(1024, "nf4", overrides)
         model = fake_training_model(cfg, config)

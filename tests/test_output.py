@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import urae_lite
+from urae_lite.memory import MemorySettings
 from urae_lite.output import GenerationResult
 from urae_lite.presets import GenerationSettings
 from urae_lite.report import RunReport
@@ -19,8 +20,9 @@ ADAPTERS = [{"path": "/loras/2k.safetensors", "sha256": "0123456789abcdef"}]
 def _result(prompt: str = 'a "quoted" café, 4K — ü') -> GenerationResult:
     image = Image.new("RGB", (32, 16), (200, 30, 60))
     image.putpixel((3, 5), (1, 2, 3))
-    settings = GenerationSettings(width=32, height=16, steps=3, shift=None, ntk=1.0, vae_tiling="on")
-    return GenerationResult(image, prompt, 7, settings, "tiny", "nf4", ADAPTERS, RunReport())
+    settings = GenerationSettings(width=32, height=16, steps=3, shift=None, ntk=1.0)
+    memory = MemorySettings(quant="nf4", vae_tiling="on")
+    return GenerationResult(image, prompt, 7, settings, "tiny", memory, ADAPTERS, RunReport())
 
 
 def test_saved_png_reads_back_pixels_and_every_field(tmp_path):
@@ -40,6 +42,7 @@ def test_saved_png_reads_back_pixels_and_every_field(tmp_path):
     # the settings make the same image again: they rebuild the GenerationSettings exactly
     assert GenerationSettings(**everything["settings"]) == result.settings
     assert json.loads(text["settings"]) == everything["settings"]
+    assert MemorySettings(**json.loads(text["memory"])) == result.memory  # how it fitted the card, recorded too
 
 
 def test_save_replaces_an_old_file_readable_by_all_and_leaves_no_temp_files(tmp_path):

@@ -281,16 +281,16 @@ def test_vram_picks_bf16_when_it_fits_and_nf4_when_not():
         vram: best("generate", 1024, 1024, vram, offload="none", blocks_to_swap=0)  # all resident
         for vram in (48, 24, 16)
     }
-    assert {vram: r.best.config.quant for vram, r in picks.items()} == {48: "bf16", 24: "fp8", 16: "nf4"}
+    assert {vram: r.best.config.memory.quant for vram, r in picks.items()} == {48: "bf16", 24: "fp8", 16: "nf4"}
     assert all(c.peak <= vram * GiB for vram, r in picks.items() for c in r.fitting)
-    assert not any(c.config.quant == "bf16" for c in picks[24].fitting)
+    assert not any(c.config.memory.quant == "bf16" for c in picks[24].fitting)
     small_host = best("generate", 4096, 4096, 24, ram_gib=8)  # the fastest plan parks more than 8 GiB
     roomy_host = best("generate", 4096, 4096, 24)
     assert small_host.best and all(c.estimate.host <= 8 * GiB for c in small_host.fitting)
     assert roomy_host.best.estimate.host > 8 * GiB and small_host.best.seconds >= roomy_host.best.seconds
     train = best("train", 2048, 2048, 16, checkpointing="cpu", validation=False, blocks_to_swap=0)
-    assert train.best.config.quant == "nf4"
-    assert best("train", 2048, 2048, 48, checkpointing="cpu", validation=False).best.config.quant == "bf16"
+    assert train.best.config.memory.quant == "nf4"
+    assert best("train", 2048, 2048, 48, checkpointing="cpu", validation=False).best.config.memory.quant == "bf16"
 
 
 def test_impossible_request_says_what_it_would_need():
@@ -398,7 +398,7 @@ def test_train_plan_of_a_given_recipe_with_overrides(capsys, tmp_path):
     recipe = tmp_path / "mine.yaml"
     text = (RECIPES / "train_2k_lora.yaml").read_text()
     recipe.write_text(text.replace("resolution: 2048", "resolution: 1536").replace("quant: nf4", "quant: fp8"))
-    overrides = ["training.checkpointing=off", "adapter.rank=32"]
+    overrides = ["memory.checkpointing=off", "adapter.rank=32"]
     assert main(["plan", "--task", "train", "--recipe", str(recipe), *overrides, "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     want = _recipe_config(recipe, overrides)

@@ -48,10 +48,10 @@ from urae_lite.measure.fake import (
     prodigy_state_bytes,
     train_recipe,
 )
+from urae_lite.memory import recipe_overrides
 from urae_lite.plan import PlanConfig, estimate
 from urae_lite.plan import constants as C
 from urae_lite.plan.profiles import HOST_RAM_GIB, shipped_jobs, shipped_profiles
-from urae_lite.plan.recipe import RECIPE_KEYS
 
 GiB = 2**30
 BAND = 0.05
@@ -82,22 +82,20 @@ def goal_config(task: str, resolution: int, vram: int) -> PlanConfig:
 
 def profile_config(job, settings: dict) -> PlanConfig:
     """A shipped `profiles:` entry (as the YAML file says it) applied to its preset's or recipe's job."""
-    fields = settings if job.task == "generate" else {RECIPE_KEYS[k]: v for k, v in settings.items()}
-    fields = {
-        k: int(v) if k in ("blocks_to_swap", "token_chunks", "checkpoint_every") else str(v) for k, v in fields.items()
-    }
-    return plan_config(task=job.task, width=job.width, height=job.height, **{**job.fixed, **fields})
+    whole = ("blocks_to_swap", "token_chunks", "checkpoint_every")
+    fields = {k: int(v) if k in whole else str(v) for k, v in settings.items()}
+    return job.config.with_memory(**fields)
 
 
 def resolved(cfg: PlanConfig, card: int) -> PlanConfig:
     """`cfg` with what the card leaves open spelled out: the adapter rank, and the VAE tiling `auto` resolves to on
     this card (the decode estimate equals the tiled or the plain one)."""
     cfg = cfg.replace(rank=cfg.adapter_rank)
-    if cfg.task == "generate" and cfg.vae_tiling == "auto":
+    if cfg.task == "generate" and cfg.memory.vae_tiling == "auto":
         decode = estimate(cfg, card).allocated()[-1]
-        modes = [m for m in ("on", "off") if estimate(cfg.replace(vae_tiling=m)).allocated()[-1] == decode]
+        modes = [m for m in ("on", "off") if estimate(cfg.with_memory(vae_tiling=m)).allocated()[-1] == decode]
         assert len(modes) == 1, modes
-        cfg = cfg.replace(vae_tiling=modes[0])
+        cfg = cfg.with_memory(vae_tiling=modes[0])
     return cfg
 
 
@@ -159,12 +157,12 @@ def measured_as(cfg: PlanConfig) -> PlanConfig:
     swapped when some are).
     """
     depth = full_depth(cfg)
-    keep_depth = cfg.task == "train" and cfg.checkpointing != "cpu"
+    keep_depth = cfg.task == "train" and cfg.memory.checkpointing != "cpu"
     run = depth if keep_depth else REDUCED
-    swapped = swapped_per_kind(cfg.blocks_to_swap, depth)
+    swapped = swapped_per_kind(cfg.memory.blocks_to_swap, depth)
     reduced = {k: 0 if s == 0 else run[k] if s == depth[k] else min(s, 2) for k, s in swapped.items()}
     config = {**flux_dev_config(cfg.variant), "num_layers": run["double"], "num_single_layers": run["single"]}
-    return cfg.replace(blocks_to_swap=sum(reduced.values()), transformer_config=config)
+    return cfg.replace(transformer_config=config).with_memory(blocks_to_swap=sum(reduced.values()))
 
 
 def depth_of(cfg: PlanConfig) -> dict[str, int]:
@@ -221,19 +219,18 @@ def _blocks(model) -> dict:
 
 
 def train_overrides(cfg: PlanConfig) -> tuple[str, ...]:
-    keys = {field: key for key, field in RECIPE_KEYS.items()}
     names = ("checkpointing", "blocks_to_swap", "token_chunks", "checkpoint_every")
-    return tuple(f"{keys[n]}={getattr(cfg, n)}" for n in names)
+    return tuple(recipe_overrides({n: getattr(cfg.memory, n) for n in names}))
 
 
 def block_bytes(cfg: PlanConfig) -> BlockBytes:
     with fake_mode():
         if cfg.task == "generate":
-            model = fake_transformer(_one_of_each(cfg), cfg.quant)
+            model = fake_transformer(_one_of_each(cfg), cfg.memory.quant)
             fake_frozen_lora(model, "urae", cfg.adapter_rank)
             frozen = {k: _held(module_tensors(b)) for k, b in _blocks(model).items()}
             return BlockBytes(frozen, dict.fromkeys(KINDS, 0), dict.fromkeys(KINDS, 0))
-        recipe = train_recipe(cfg.width, cfg.quant, (*train_overrides(cfg.replace(blocks_to_swap=0)),))
+        recipe = train_recipe(cfg.width, cfg.memory.quant, (*train_overrides(cfg.with_memory(blocks_to_swap=0)),))
         model = fake_training_model(recipe, _one_of_each(cfg))
         blocks = _blocks(model)
         frozen = {k: _held(t for t in module_tensors(b) if not t.requires_grad) for k, b in blocks.items()}
@@ -249,17 +246,10 @@ def run_phases(cfg: PlanConfig, count: int) -> dict[str, int]:
     try:
         with fake_mode():
             if cfg.task == "generate":
-                pipe = fake_pipeline(
-                    cfg.quant,
-                    cfg.adapter_rank,
-                    config=cfg.transformer_config,
-                    token_chunks=cfg.token_chunks,
-                    blocks_to_swap=cfg.blocks_to_swap,
-                    t5_quant=cfg.t5_quant,
-                )
-                phases = measure_generate(pipe, cfg.width, cfg.vae_tiling, cfg.offload, cfg.variant, count > 2)
+                pipe = fake_pipeline(cfg.memory, cfg.adapter_rank, config=cfg.transformer_config)
+                phases = measure_generate(pipe, cfg.width, cfg.variant, count > 2)
             else:
-                recipe = train_recipe(cfg.width, cfg.quant, train_overrides(cfg))
+                recipe = train_recipe(cfg.width, cfg.memory.quant, train_overrides(cfg))
                 # the recipe that runs is the plan's job (adapter, rank, optimizer, validation), read independently
                 assert recipe_plan_config(recipe) == cfg.replace(transformer_config=None), recipe_plan_config(recipe)
                 phases, _ = measure_train(recipe, cfg.width, cfg.transformer_config, count > 3, count > 4)
@@ -287,7 +277,7 @@ def measure():
         k = key(cfg)
         if k not in runs:
             runs[k] = run_phases(cfg, needed[k])
-        b = key(cfg.replace(blocks_to_swap=0, transformer_config=None))
+        b = key(cfg.replace(transformer_config=None).with_memory(blocks_to_swap=0))
         if b not in blocks:
             blocks[b] = block_bytes(cfg)
         return runs[k], blocks[b]
@@ -301,15 +291,15 @@ def added_bytes(full: PlanConfig, ran: PlanConfig, blocks: BlockBytes) -> dict[s
     """Per phase, what the full plan's extra blocks hold on the device beyond the configuration that ran."""
     n_full, n_ran = depth_of(full), depth_of(ran)
     resident = {
-        k: (n_full[k] - swapped_per_kind(full.blocks_to_swap, n_full)[k])
-        - (n_ran[k] - swapped_per_kind(ran.blocks_to_swap, n_ran)[k])
+        k: (n_full[k] - swapped_per_kind(full.memory.blocks_to_swap, n_full)[k])
+        - (n_ran[k] - swapped_per_kind(ran.memory.blocks_to_swap, n_ran)[k])
         for k in KINDS
     }
     extra = {k: n_full[k] - n_ran[k] for k in KINDS}
     out = {}
     for phase in estimate(full).phases:
         if full.task == "generate":  # `model` offload: the transformer is on the device while it denoises only
-            on_device = full.offload == "none" or phase == "denoising"
+            on_device = full.memory.offload == "none" or phase == "denoising"
             out[phase] = sum(resident[k] * blocks.frozen[k] for k in KINDS) if on_device else 0
         else:
             grads = phase in ("backward", "optimizer step")
@@ -338,7 +328,7 @@ def test_plan_measured_fits_its_card(plan: Plan, measure, capsys):
     with capsys.disabled():
         print(
             f"\n{'+'.join(plan.names)}: {plan.config.summary()}, run with {sum(depth_of(ran).values())} blocks "
-            f"({ran.blocks_to_swap} swapped); measured/planner "
+            f"({ran.memory.blocks_to_swap} swapped); measured/planner "
             + ", ".join(f"{p} {a:.3f} (full {b:.3f})" for p, (a, b) in ratios.items())
             + f"; needs {fits(peak) / GiB:.2f} of {plan.card} GiB"
         )

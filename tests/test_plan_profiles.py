@@ -7,20 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from plan_utils import best
 
 from urae_lite.cli import main
 from urae_lite.plan import estimate
-from urae_lite.plan.profiles import (
-    BAND,
-    GOALS,
-    HOST_RAM_GIB,
-    STATUS_JOBS,
-    fake_rows,
-    shipped_jobs,
-    stale,
-    stale_texts,
-    status,
-)
+from urae_lite.plan.profiles import HOST_RAM_GIB, shipped_jobs, stale
+from urae_lite.plan.status import BAND, GOALS, STATUS_JOBS, fake_rows, stale_texts, status
 
 REGENERATE = "python -m urae_lite.plan.profiles"
 
@@ -86,11 +78,11 @@ def test_consumer_card_goals_pick_the_recipes_job_fast_enough(capsys, task, reso
     """The goal commands plan the recipe of the size (the 2K LoRA, the 4K minor-component adapter; generation with
     the 2K + converted 4K adapter, rank 48), and their pick is at most 1.3x the time of the fastest plan for a
     24 GiB card by the planner's speed model: a ranking model, not a measurement (no GPU has timed either)."""
-    best = _plan_json(capsys, task, resolution, vram)["fitting"][0]
+    pick = _plan_json(capsys, task, resolution, vram)["fitting"][0]
     fastest_24 = best(task, resolution, resolution, 24, HOST_RAM_GIB).best
-    assert best["expected_seconds"] <= 1.3 * fastest_24.seconds
+    assert pick["expected_seconds"] <= 1.3 * fastest_24.seconds
     if task == "train":
-        assert best["config"]["adapter"] == ("minor" if resolution == 4096 else "lora")
-        assert best["config"]["rank"] == 16
+        assert pick["config"]["adapter"] == ("minor" if resolution == 4096 else "lora")
+        assert pick["config"]["rank"] == 16
     if task == "generate":
-        assert best["config"]["rank"] is None and fastest_24.config.adapter_rank == 48
+        assert pick["config"]["rank"] is None and fastest_24.config.adapter_rank == 48

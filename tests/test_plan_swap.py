@@ -138,17 +138,17 @@ def test_windows_match_block_swap_on_every_block_of_every_pass(tiny_config, tiny
 
 
 @pytest.mark.parametrize(
-    "config,message",
+    "fields,message",
     [
-        (plan_config(blocks_to_swap=58), "blocks_to_swap must be in 0..57"),
-        (plan_config(blocks_to_swap=4, offload="group"), "use it with offload model or none"),
-        (plan_config(task="train", blocks_to_swap=4, checkpointing="off"), "needs gradient checkpointing"),
-        (plan_config(token_chunks=0), "token_chunks must be at least 1"),
+        ({"blocks_to_swap": 58}, "--blocks-to-swap must be from 0 .off. to 57"),
+        ({"blocks_to_swap": 4, "offload": "group"}, "use it with --offload model or none, not group"),
+        ({"task": "train", "blocks_to_swap": 4, "checkpointing": "off"}, "needs gradient checkpointing"),
+        ({"token_chunks": 0}, "token_chunks must be a whole number of at least 1"),
     ],
 )
-def test_invalid_memory_options_are_one_clear_error(config, message):
+def test_invalid_memory_options_are_one_clear_error(fields, message):
     with pytest.raises(UraeError, match=message):
-        estimate(config)
+        estimate(plan_config(**fields))
 
 
 def test_copies_cost_time_only_where_compute_cannot_hide_them(arch):
@@ -175,7 +175,7 @@ def test_the_search_streams_blocks_only_when_the_card_needs_it():
     roomy = best("train", 2048, 2048, 48, 24).best.config
     tight = best("train", 2048, 2048, 8, 24).best
     assert roomy.blocks_to_swap == 0
-    assert tight.config.blocks_to_swap > 0 and tight.peak <= 8 * GiB and tight.estimate.host <= 24 * GiB
+    assert tight.config.memory.blocks_to_swap > 0 and tight.peak <= 8 * GiB and tight.estimate.host <= 24 * GiB
 
 
 def test_ram_too_small_for_any_plan_says_what_the_best_plan_needs():

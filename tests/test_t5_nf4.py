@@ -16,7 +16,13 @@ def test_t5_nf4_pipeline_generates(tiny_flux):
     import bitsandbytes as bnb
 
     pipe = load_pipeline(
-        tiny_flux, quant="nf4", t5_quant="nf4", device="cpu", progress=False, width=64, height=64, steps=1
+        tiny_flux,
+        memory={"quant": "nf4", "t5_quant": "nf4"},
+        device="cpu",
+        progress=False,
+        width=64,
+        height=64,
+        steps=1,
     )
     t5 = pipe.flux.text_encoder_2
     kinds = {n.rsplit(".", 1)[-1]: type(m) for n, m in t5.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -38,8 +44,8 @@ def test_planner_counts_t5_nf4_at_full_size():
 
 
 def test_unknown_t5_quant_is_rejected(tiny_flux):
-    with pytest.raises(UraeError, match="unknown T5 quantization 'int4'"):
-        load_pipeline(tiny_flux, t5_quant="int4", device="cpu", progress=False)
+    with pytest.raises(UraeError, match="unknown t5_quant 'int4': use one of bf16, nf4"):
+        load_pipeline(tiny_flux, memory={"t5_quant": "int4"}, device="cpu", progress=False)
 
 
 def test_t5_nf4_keeps_layers_too_narrow_for_nf4_in_bf16(tmp_path, caplog, seed):

@@ -348,14 +348,13 @@ def test_generation_with_chunks_is_identical(tiny_flux, row_independent):
     for chunks in (1, 3):
         pipe = urae_lite.load_pipeline(
             tiny_flux,
-            quant="nf4",
+            memory={"quant": "nf4", "token_chunks": chunks},
             device="cpu",
             dtype=torch.float32,
             progress=False,
             width=64,
             height=64,
             steps=2,
-            token_chunks=chunks,
         )
         seen = []
         pipe.transformer.register_forward_hook(lambda m, a, out, seen=seen: seen.append(out[0].clone()))
@@ -368,7 +367,7 @@ def test_generation_with_chunks_is_identical(tiny_flux, row_independent):
     assert all(torch.equal(a, b) for a, b in zip(outputs[1][0], outputs[3][0]))
     assert np.array_equal(outputs[1][1], outputs[3][1])
     with pytest.raises(UraeError, match="token_chunks"):
-        urae_lite.load_pipeline(tiny_flux, quant="nf4", device="cpu", progress=False, token_chunks=0)
+        urae_lite.load_pipeline(tiny_flux, memory={"quant": "nf4", "token_chunks": 0}, device="cpu", progress=False)
 
 
 def test_generate_cli_passes_token_chunks(tiny_flux, tmp_path, capsys, monkeypatch):
@@ -417,10 +416,10 @@ def test_trainer_run_with_chunks_matches(tiny_flux, tiny_config, tmp_path, row_i
         cfg = load_recipe(
             REPO / "recipes" / "train_2k_lora.yaml",
             recipe_overrides(
-                tiny_flux, tmp_path, tmp_path / "out", **{"training.precision": "fp32", "training.token_chunks": chunks}
+                tiny_flux, tmp_path, tmp_path / "out", **{"training.precision": "fp32", "memory.token_chunks": chunks}
             ),
         )
-        assert cfg.training.checkpointing == "cpu"  # save_on_cpu around checkpointed blocks
+        assert cfg.memory.checkpointing == "cpu"  # save_on_cpu around checkpointed blocks
         model = build_model(cfg, torch.device("cpu"), progress=False)
         assert (type(model.transformer_blocks[0]) is ChunkedFluxTransformerBlock) == (chunks > 1)
         optimizer, scheduler = build_optimizer(cfg, (p for _, p in trainable_parameters(model)))
@@ -437,5 +436,5 @@ def test_trainer_run_with_chunks_matches(tiny_flux, tiny_config, tmp_path, row_i
     with pytest.raises(UraeError, match="training.token_chunks must be at least 1"):
         load_recipe(
             REPO / "recipes" / "train_2k_lora.yaml",
-            recipe_overrides(tiny_flux, tmp_path, tmp_path / "out", **{"training.token_chunks": 0}),
+            recipe_overrides(tiny_flux, tmp_path, tmp_path / "out", **{"memory.token_chunks": 0}),
         )

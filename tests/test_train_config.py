@@ -52,10 +52,10 @@ def test_overrides_are_typed_and_checked():
             "optimizer.lr=1e-4",
             "training.guidance=3.5",
             "adapter.base_adapters=x.safetensors",
-            "training.checkpointing=off",
+            "memory.checkpointing=off",
         ],
     )
-    assert cfg.training.steps == 7 and cfg.training.guidance == 3.5 and cfg.training.checkpointing == "off"
+    assert cfg.training.steps == 7 and cfg.training.guidance == 3.5 and cfg.memory.checkpointing == "off"
     assert cfg.optimizer["weight_decay"] == 1e-3 and cfg.optimizer["lr"] == 1e-4
     assert cfg.adapter.base_adapters == ["x.safetensors"]
     with pytest.raises(UraeError, match="unknown setting 'training.stepz'"):
@@ -66,8 +66,8 @@ def test_overrides_are_typed_and_checked():
         load_recipe(RECIPE_2K, ["output_dir=/out"])
     with pytest.raises(UraeError, match="needs adapter.base_adapters"):
         load_recipe(RECIPE_4K, REQUIRED)
-    with pytest.raises(UraeError, match="quant=int3 is not one of nf4, fp8, bf16"):
-        load_recipe(RECIPE_2K, REQUIRED + ["quant=int3"])
+    with pytest.raises(UraeError, match="memory.quant=int3 is not one of nf4, fp8, bf16"):
+        load_recipe(RECIPE_2K, REQUIRED + ["memory.quant=int3"])
     with pytest.raises(UraeError, match="not key=value"):
         load_recipe(RECIPE_2K, REQUIRED + ["steps"])
     with pytest.raises(UraeError, match="cannot read recipe"):

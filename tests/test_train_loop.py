@@ -123,7 +123,7 @@ def test_checkpointing_modes_give_the_same_gradients(tiny_flux, data, tmp_path):
     grads = {}
     for mode in ("off", "on", "cpu"):
         trainer, source = trainer_for(
-            recipe(RECIPE_2K, tiny_flux, data, tmp_path, **FAST, **{"training.checkpointing": mode})
+            recipe(RECIPE_2K, tiny_flux, data, tmp_path, **FAST, **{"memory.checkpointing": mode})
         )
         for p in trainer.params:  # non-zero B so that every factor gets a gradient
             torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(p.numel()))
@@ -383,7 +383,7 @@ def test_two_processes_match_gradient_accumulation(tiny_flux, data, tmp_path):
 
 def test_bad_runs_fail_with_one_line(tiny_flux, data, tmp_path):
     cfg = recipe(
-        RECIPE_2K, tiny_flux, data, tmp_path, **{"data.resolution": 128, "quant": "fp8", "training.checkpointing": "on"}
+        RECIPE_2K, tiny_flux, data, tmp_path, **{"data.resolution": 128, "quant": "fp8", "memory.checkpointing": "on"}
     )
     with pytest.raises(UraeError, match="no cache at .*urae-lite cache .* --resolution 128"):
         train(cfg, progress=False)
@@ -394,14 +394,14 @@ def test_bad_runs_fail_with_one_line(tiny_flux, data, tmp_path):
     with pytest.raises(
         UraeError,
         match="CUDA out of memory during training step 3.*checkpointing=on.*"
-        "most effective first: training.checkpointing=cpu training.token_chunks=4 "
-        "training.blocks_to_swap=57 .*quant=nf4 "
+        "most effective first: memory.checkpointing=cpu memory.token_chunks=4 "
+        "memory.blocks_to_swap=57 .*quant=nf4 "
         "optimizer._component_=bitsandbytes.optim.AdamW8bit",
     ):
         with oom_guard(cfg, CPU, "training step 3"):
             raise torch.cuda.OutOfMemoryError("out of memory")
-    cfg.quant, cfg.training.checkpointing = "nf4", "cpu"
-    cfg.training.token_chunks, cfg.training.blocks_to_swap = 4, 4
+    cfg.memory.quant, cfg.memory.checkpointing = "nf4", "cpu"
+    cfg.memory.token_chunks, cfg.memory.blocks_to_swap = 4, 4
     cfg.optimizer = {"_component_": "bitsandbytes.optim.AdamW8bit"}
     text = oom_advice(cfg, "training step 1", 23.5, 24.0)
     assert "peak 23.5 of 24.0 GiB" in text and "Every memory saving is already on" in text

@@ -172,7 +172,7 @@ def test_resume_is_exact_on_the_shipped_nf4_bf16_setup(tiny_flux, small_data, tm
         extra["optimizer.d0"] = 1e-3  # Prodigy's initial step estimate: large enough for the factors to move
     runs = {name: recipe_overrides(tiny_flux, small_data, tmp_path / name, **extra) for name in ("straight", "resumed")}
     cfg = load_recipe(RECIPE_2K, runs["straight"])
-    assert (cfg.quant, cfg.training.precision, cfg.training.checkpointing) == ("nf4", "bf16", "cpu")  # as shipped
+    assert (cfg.memory.quant, cfg.training.precision, cfg.memory.checkpointing) == ("nf4", "bf16", "cpu")  # as shipped
     train(cfg, progress=False)
 
     def stop(step: int) -> None:

@@ -68,7 +68,11 @@ def test_generate_vram_too_small_is_one_clear_error(tiny_flux, tmp_path, capsys)
 
 @pytest.mark.parametrize(
     "overrides,fixed,vram",
-    [([], {}, 8.0), (["quant=fp8"], {"quant": "fp8"}, 24.0), (["training.token_chunks=4"], {"token_chunks": 4}, 12.0)],
+    [
+        ([], {}, 8.0),
+        (["memory.quant=fp8"], {"quant": "fp8"}, 24.0),
+        (["memory.token_chunks=4"], {"token_chunks": 4}, 12.0),
+    ],
 )
 def test_train_vram_sets_the_memory_settings_and_keeps_the_users(tiny_flux, overrides, fixed, vram):
     """Planned for the recipe's model, whose depth bounds blocks_to_swap (here the tiny one)."""
@@ -92,7 +96,7 @@ def test_train_vram_sets_the_memory_settings_and_keeps_the_users(tiny_flux, over
         **fixed,
     ).best.config
     t = cfg.training
-    assert (cfg.quant, t.checkpointing, t.blocks_to_swap, t.token_chunks) == (
+    assert (cfg.memory.quant, t.checkpointing, t.blocks_to_swap, t.token_chunks) == (
         pick.quant,
         pick.checkpointing,
         pick.blocks_to_swap,

@@ -10,6 +10,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .memory import MemorySettings
 from .presets import GenerationSettings
 from .report import RunReport
 from .safetensors_io import publish, temp_file_beside
@@ -22,7 +23,7 @@ class GenerationResult:
     seed: int
     settings: GenerationSettings
     model: str
-    quant: str
+    memory: MemorySettings  # how it fitted the card (the same image whatever they are): recorded, not needed to redo
     adapters: list[dict[str, str]]  # [{"path": ..., "sha256": first 16 hex digits}, ...] as the user gave them
     report: RunReport = field(default_factory=RunReport)
 
@@ -34,9 +35,10 @@ class GenerationResult:
             "prompt": self.prompt,
             "seed": self.seed,
             "model": self.model,
-            "quant": self.quant,
+            "quant": self.memory.quant,
             "adapters": self.adapters,
             "settings": self.settings.as_dict(),
+            "memory": self.memory.as_dict(),
         }
         text = {k: v if isinstance(v, str) else json.dumps(v) for k, v in items.items()}
         text["software"] = f"urae-lite {__version__}"

@@ -84,7 +84,7 @@ class UraePipeline:
             raise UraeError(oom_advice(s, self.memory, stage, len(execution_blocks(self.transformer)))) from e
         finally:
             self.flux.maybe_free_model_hooks()  # `model` offload: everything back to the CPU between calls
-        return GenerationResult(image, prompt, seed, s, self.model, self.memory.quant, self.adapters, report)
+        return GenerationResult(image, prompt, seed, s, self.model, self.memory, self.adapters, report)
 
     # ---- stages (public so benchmarks can measure each; `__call__` is the normal entry) ---------------------------
     @torch.no_grad()
