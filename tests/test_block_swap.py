@@ -22,6 +22,7 @@ from urae_lite.block_swap import BlockSwap, block_swap_of, disable_block_swap, e
 from urae_lite.cli import main
 from urae_lite.errors import UraeError
 from urae_lite.loader import LoadSpec, adapted_layers, add_lora, empty_transformer, fill_transformer, load_transformer
+from urae_lite.memory import MemorySettings
 from urae_lite.quant import QuantizedWeight
 from urae_lite.tiny import iter_random_transformer_tensors
 from urae_lite.train.cache import build_cache
@@ -228,8 +229,10 @@ def test_only_the_swapped_blocks_use_host_copies_and_to_leaves_them_alone(base_m
 # ---- bad input ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n", [-1, N_BLOCKS + 1, 1.5, True])
 def test_bad_block_counts_name_the_valid_range(base_model, n):
-    with pytest.raises(UraeError, match=r"blocks_to_swap must be a whole number from 0 \(off\) to 4 "):
-        enable_block_swap(copy.deepcopy(base_model), n, CPU)
+    """Checked where the setting enters (MemorySettings), against the model's block count; the mechanism takes
+    checked values."""
+    with pytest.raises(UraeError, match=r"blocks_to_swap must be (a whole number of at least 0|from 0 \(off\) to 4 )"):
+        MemorySettings(blocks_to_swap=n).check("train", N_BLOCKS)
     assert enable_block_swap(base_model, 0, CPU) is None and block_swap_of(base_model) is None
 
 
@@ -246,11 +249,12 @@ def test_misuse_fails_with_one_line(base_model, inputs):
 
 def test_training_config_needs_checkpointing(tiny_flux, tmp_path):
     base = recipe_overrides(tiny_flux, tmp_path, tmp_path)
+    cfg = load_recipe(RECIPE, base + ["memory.blocks_to_swap=2", "memory.checkpointing=off"])
     with pytest.raises(UraeError, match="blocks_to_swap needs gradient checkpointing.*set memory.checkpointing=on"):
-        load_recipe(RECIPE, base + ["memory.blocks_to_swap=2", "memory.checkpointing=off"])
-    with pytest.raises(UraeError, match="training.blocks_to_swap must be 0 .off. or more, got -1"):
+        cfg.memory.check("train", N_BLOCKS)  # where `train` checks it, before loading anything
+    with pytest.raises(UraeError, match="blocks_to_swap must be a whole number of at least 0, got -1"):
         load_recipe(RECIPE, base + ["memory.blocks_to_swap=-1"])
-    assert load_recipe(RECIPE, base).training.blocks_to_swap == 0
+    assert load_recipe(RECIPE, base).memory.blocks_to_swap == 0
 
 
 # ---- generation ------------------------------------------------------------------------------------------------------
@@ -312,10 +316,10 @@ def test_generation_gives_the_same_image(tiny_flux, lora, tmp_path, capsys):
     [
         (
             ("--offload", "group", "--blocks-to-swap", 1),
-            "--blocks-to-swap replaces group offloading for the transformer",
+            "--blocks-to-swap streams the transformer itself: use it with --offload model or none, not group",
         ),
-        (("--offload", "sequential", "--blocks-to-swap", 4), "replaces sequential offloading"),
-        (("--blocks-to-swap", 5), "blocks_to_swap must be a whole number from 0 (off) to 4"),
+        (("--offload", "sequential", "--blocks-to-swap", 4), "not sequential"),
+        (("--blocks-to-swap", 5), "--blocks-to-swap must be from 0 (off) to 4 (every block of this transformer)"),
     ],
 )
 def test_generate_rejects_bad_block_swap(capsys, tiny_flux, argv, message):

@@ -22,6 +22,7 @@ from urae_lite.block_swap import enable_block_swap, execution_blocks
 from urae_lite.errors import UraeError
 from urae_lite.loader import LoadSpec, adapted_layers, empty_transformer, fill_transformer
 from urae_lite.measure.fake import LiveBytes
+from urae_lite.memory import MemorySettings
 from urae_lite.quant import QuantizedWeight
 from urae_lite.tiny import iter_random_transformer_tensors
 from urae_lite.token_chunking import enable_token_chunking
@@ -343,7 +344,7 @@ def test_cpu_copies_only_every_kth_input_to_host_memory(measured, tiny_config, e
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_bad_values_fail_with_one_line(bad):
     with pytest.raises(UraeError, match="checkpoint_every must be a whole number of at least 1"):
-        SegmentCheckpointing(bad)
+        MemorySettings(checkpoint_every=bad)  # where the setting enters; the mechanism takes checked values
 
 
 @pytest.fixture(scope="module")
@@ -357,16 +358,16 @@ def test_recipe_checks(tiny_flux, data, tmp_path):
     def load(**extra):
         return load_recipe(RECIPE, recipe_overrides(tiny_flux, data, tmp_path, **extra))
 
-    assert load().training.checkpoint_every == 1
-    with pytest.raises(UraeError, match="^training.checkpoint_every must be at least 1, got 0$"):
+    assert load().memory.checkpoint_every == 1
+    with pytest.raises(UraeError, match="^checkpoint_every must be a whole number of at least 1, got 0$"):
         load(**{"memory.checkpoint_every": 0})
     with pytest.raises(
         UraeError,
-        match=r"^training.checkpoint_every=2 thins out .*set memory.checkpointing=on "
+        match=r"^memory.checkpoint_every=2 thins out .*set memory.checkpointing=on "
         r"or cpu, or memory.checkpoint_every=1$",
-    ):
-        load(**{"memory.checkpoint_every": 2, "memory.checkpointing": "off"})
-    assert load(**{"memory.checkpoint_every": 3, "memory.checkpointing": "on"}).training.checkpoint_every == 3
+    ):  # the rule between settings is checked where the run starts (it needs the model's block count too)
+        load(**{"memory.checkpoint_every": 2, "memory.checkpointing": "off"}).memory.check("train", 57)
+    assert load(**{"memory.checkpoint_every": 3, "memory.checkpointing": "on"}).memory.checkpoint_every == 3
 
 
 # ---- a training run -------------------------------------------------------------------------------------------------
@@ -384,7 +385,7 @@ def _stop_at(step: int):
 
 def test_a_run_with_every_2_matches_one_without_including_a_resume(tiny_flux, data, tmp_path, monkeypatch):
     extra = {
-        "quant": "bf16",
+        "memory.quant": "bf16",
         "training.precision": "fp32",
         "training.steps": 4,
         "checkpoint.every": 2,

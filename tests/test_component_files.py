@@ -295,7 +295,7 @@ def _first_loss(out: Path) -> float:
 
 def test_train_from_single_files_equals_folder(data, base, comfy, tmp_path):
     """`urae-lite train` on a ComfyUI transformer file (+ the VAE / CLIP / T5 files the cache was made with)."""
-    fast = {"quant": "bf16", "training.precision": "fp32", "training.steps": 2}
+    fast = {"memory.quant": "bf16", "training.precision": "fp32", "training.steps": 2}
     recipe = str(REPO / "recipes" / "train_2k_lora.yaml")
     files = {"vae": comfy["vae"], "clip": comfy["clip"], "t5": comfy["t5"]}
     build_cache(

@@ -34,6 +34,7 @@ from urae_lite.measure.fake import (
     text_encoder_configs,
 )
 from urae_lite.measure.fake_cuda import cuda_autocast_policy
+from urae_lite.memory import MemorySettings
 from urae_lite.plan import estimate
 from urae_lite.vae_memory import tiled_working_bytes
 
@@ -54,8 +55,8 @@ def kernels_on(monkeypatch):
 
 def test_generate_1024_nf4_full_size_matches_planner(kernels_on, capsys):
     with fake_mode():
-        pipe = fake_pipeline("nf4", rank=16)
-        phases = measure_generate(pipe, 1024, vae_tiling="off")
+        pipe = fake_pipeline(MemorySettings(quant="nf4", vae_tiling="off"), rank=16)
+        phases = measure_generate(pipe, 1024)
     est = estimate(
         plan_config(task="generate", width=1024, height=1024, quant="nf4", offload="model", rank=16, vae_tiling="off")
     )
@@ -218,7 +219,7 @@ def test_device_tensors_count_the_swap_windows_prefetched_block():
 
     with fake_mode():
         model = fake_transformer({**flux_dev_config(), "num_layers": 1, "num_single_layers": 3}, "nf4")
-        apply_memory_options(model, token_chunks=1, blocks_to_swap=2)  # single blocks 1 and 2
+        apply_memory_options(model, MemorySettings(blocks_to_swap=2))  # single blocks 1 and 2
         block = held(module_tensors(model.single_transformer_blocks[0]))  # a resident one, the same shapes
         resident = held(device_tensors(model))
         swap = block_swap_of(model)

@@ -174,7 +174,7 @@ def test_speed_model_orders_swap_and_chunks():
 def test_the_search_streams_blocks_only_when_the_card_needs_it():
     roomy = best("train", 2048, 2048, 48, 24).best.config
     tight = best("train", 2048, 2048, 8, 24).best
-    assert roomy.blocks_to_swap == 0
+    assert roomy.memory.blocks_to_swap == 0
     assert tight.config.memory.blocks_to_swap > 0 and tight.peak <= 8 * GiB and tight.estimate.host <= 24 * GiB
 
 

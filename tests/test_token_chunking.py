@@ -24,6 +24,7 @@ from urae_lite.errors import UraeError
 from urae_lite.hires import ProportionalAttnProcessor
 from urae_lite.loader import adapted_layers, add_lora, load_transformer
 from urae_lite.measure.fake import LiveBytes
+from urae_lite.memory import MemorySettings
 from urae_lite.token_chunking import (
     ChunkedFluxSingleTransformerBlock,
     ChunkedFluxTransformerBlock,
@@ -110,10 +111,10 @@ def test_enable_swaps_classes_keeps_names_and_restores(tiny_flux):
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
-def test_bad_chunk_counts_fail_with_one_line(tiny_flux, bad):
-    model = adapted_model(tiny_flux, torch.float32, quant="bf16")
+def test_bad_chunk_counts_fail_with_one_line(bad):
+    """Checked where the setting enters (MemorySettings); the mechanism takes checked values."""
     with pytest.raises(UraeError, match="token_chunks must be a whole number of at least 1") as info:
-        enable_token_chunking(model, bad)
+        MemorySettings(token_chunks=bad)
     assert "\n" not in str(info.value)
     with pytest.raises(UraeError, match="no FLUX blocks"):
         enable_token_chunking(torch.nn.Linear(2, 2), 2)
@@ -379,7 +380,7 @@ def test_generate_cli_passes_token_chunks(tiny_flux, tmp_path, capsys, monkeypat
 
     argv = ["generate", "a cat", "--model", str(tiny_flux), "--device", "cpu", "--out", str(tmp_path / "cat.png")]
     monkeypatch.setattr(urae_lite.pipeline, "load_pipeline", stop)
-    assert main([*argv, "--token-chunks", "3"]) == 2 and seen["token_chunks"] == 3
+    assert main([*argv, "--token-chunks", "3"]) == 2 and seen["memory"].token_chunks == 3
     monkeypatch.undo()
     capsys.readouterr()
     assert main([*argv, "--token-chunks", "0"]) == 2
@@ -433,7 +434,7 @@ def test_trainer_run_with_chunks_matches(tiny_flux, tiny_config, tmp_path, row_i
     assert runs[2][0][1] == pytest.approx(runs[1][0][1], rel=1e-5)
     for a, b in zip(runs[2][1], runs[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    with pytest.raises(UraeError, match="training.token_chunks must be at least 1"):
+    with pytest.raises(UraeError, match="token_chunks must be a whole number of at least 1, got 0"):
         load_recipe(
             REPO / "recipes" / "train_2k_lora.yaml",
             recipe_overrides(tiny_flux, tmp_path, tmp_path / "out", **{"memory.token_chunks": 0}),

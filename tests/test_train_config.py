@@ -66,7 +66,7 @@ def test_overrides_are_typed_and_checked():
         load_recipe(RECIPE_2K, ["output_dir=/out"])
     with pytest.raises(UraeError, match="needs adapter.base_adapters"):
         load_recipe(RECIPE_4K, REQUIRED)
-    with pytest.raises(UraeError, match="memory.quant=int3 is not one of nf4, fp8, bf16"):
+    with pytest.raises(UraeError, match="unknown quantization 'int3': use one of nf4, fp8, bf16"):
         load_recipe(RECIPE_2K, REQUIRED + ["memory.quant=int3"])
     with pytest.raises(UraeError, match="not key=value"):
         load_recipe(RECIPE_2K, REQUIRED + ["steps"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from urae_lite.memory import MemorySettings
 from urae_lite.train.flow import (
     flow_loss,
     latent_image_ids,
@@ -101,7 +102,8 @@ def test_training_step_loss_norm_and_clipped_update_by_hand(max_norm):
     cfg = TrainConfig(
         model="-",
         output_dir="-",
-        training=TrainingConfig(gradient_accumulation=2, max_grad_norm=max_norm, precision="fp32", checkpointing="off"),
+        training=TrainingConfig(gradient_accumulation=2, max_grad_norm=max_norm, precision="fp32"),
+        memory=MemorySettings(checkpointing="off"),
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

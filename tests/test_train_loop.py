@@ -29,7 +29,7 @@ from urae_lite.train.samples import SampleSource, vae_factors
 
 RECIPE_2K = REPO / "recipes" / "train_2k_lora.yaml"
 RECIPE_4K = REPO / "recipes" / "train_4k_minor.yaml"
-FAST = {"quant": "bf16", "training.precision": "fp32"}  # bf16 matmuls are ~30x slower than fp32 on most CPUs
+FAST = {"memory.quant": "bf16", "training.precision": "fp32"}  # bf16 matmuls are ~30x slower than fp32 on most CPUs
 CPU = torch.device("cpu")
 
 
@@ -383,7 +383,11 @@ def test_two_processes_match_gradient_accumulation(tiny_flux, data, tmp_path):
 
 def test_bad_runs_fail_with_one_line(tiny_flux, data, tmp_path):
     cfg = recipe(
-        RECIPE_2K, tiny_flux, data, tmp_path, **{"data.resolution": 128, "quant": "fp8", "memory.checkpointing": "on"}
+        RECIPE_2K,
+        tiny_flux,
+        data,
+        tmp_path,
+        **{"data.resolution": 128, "memory.quant": "fp8", "memory.checkpointing": "on"},
     )
     with pytest.raises(UraeError, match="no cache at .*urae-lite cache .* --resolution 128"):
         train(cfg, progress=False)
@@ -401,7 +405,7 @@ def test_bad_runs_fail_with_one_line(tiny_flux, data, tmp_path):
         with oom_guard(cfg, CPU, "training step 3"):
             raise torch.cuda.OutOfMemoryError("out of memory")
     cfg.memory.quant, cfg.memory.checkpointing = "nf4", "cpu"
-    cfg.memory.token_chunks, cfg.memory.blocks_to_swap = 4, 4
+    cfg.memory = cfg.memory.replace(token_chunks=4, blocks_to_swap=4)
     cfg.optimizer = {"_component_": "bitsandbytes.optim.AdamW8bit"}
     text = oom_advice(cfg, "training step 1", 23.5, 24.0)
     assert "peak 23.5 of 24.0 GiB" in text and "Every memory saving is already on" in text

@@ -11,9 +11,9 @@ from PIL import Image
 from plan_utils import best
 
 from urae_lite.cli import main
+from urae_lite.plan.search import options
 from urae_lite.model_files import resolve_files
 from urae_lite.plan.choose import model_fields
-from urae_lite.plan.search import options
 
 
 def test_generate_vram_uses_the_planners_pick(tiny_flux, tmp_path, capsys):
@@ -38,7 +38,7 @@ def test_generate_vram_uses_the_planners_pick(tiny_flux, tmp_path, capsys):
     fields = model_fields(resolve_files(str(tiny_flux)))
     expected = best("generate", 128, 128, 48, ram_gib=20, **fields).best.config
     assert f"planner picks {options(expected)} " in capsys.readouterr().out
-    assert Image.open(out).info["quant"] == expected.quant
+    assert Image.open(out).info["quant"] == expected.memory.quant
     assert main(args + ["--vram", "48", "--ram", "20", "--quant", "nf4", "--token-chunks", "3"]) == 0  # given: stay
     assert "--quant nf4 " in capsys.readouterr().out and Image.open(out).info["quant"] == "nf4"
     assert main(args + ["--vram", "48", "--ram", "20", "--blocks-to-swap", "3"]) == 0  # given: stays, and runs
@@ -76,8 +76,8 @@ def test_generate_vram_too_small_is_one_clear_error(tiny_flux, tmp_path, capsys)
 )
 def test_train_vram_sets_the_memory_settings_and_keeps_the_users(tiny_flux, overrides, fixed, vram):
     """Planned for the recipe's model, whose depth bounds blocks_to_swap (here the tiny one)."""
-    from urae_lite.train.cli import vram_overrides
     from urae_lite.train.config import load_recipe
+    from urae_lite.train_cli import vram_overrides
 
     overrides = ["data.dir=x", "output_dir=y", f"model={tiny_flux}", *overrides]
     cfg = load_recipe("recipes/train_2k_lora.yaml", overrides)
@@ -95,14 +95,14 @@ def test_train_vram_sets_the_memory_settings_and_keeps_the_users(tiny_flux, over
         **model_fields(resolve_files(str(tiny_flux))),
         **fixed,
     ).best.config
-    t = cfg.training
-    assert (cfg.memory.quant, t.checkpointing, t.blocks_to_swap, t.token_chunks) == (
-        pick.quant,
-        pick.checkpointing,
-        pick.blocks_to_swap,
-        pick.token_chunks,
+    m = cfg.memory
+    assert (m.quant, m.checkpointing, m.blocks_to_swap, m.token_chunks) == (
+        pick.memory.quant,
+        pick.memory.checkpointing,
+        pick.memory.blocks_to_swap,
+        pick.memory.token_chunks,
     )
-    assert all(getattr(pick, k) == v for k, v in fixed.items())
+    assert all(getattr(pick.memory, k) == v for k, v in fixed.items())
 
 
 PLANNER = ("urae_lite.plan.search", "urae_lite.plan.estimate")
@@ -118,5 +118,5 @@ def _planner_modules_after_import(module: str) -> list[str]:
 def test_command_modules_do_not_import_the_planner():
     """`--vram`'s options come from urae_lite.vram_options; the planner is imported only when it runs."""
     assert _planner_modules_after_import("urae_lite.plan.choose") == list(PLANNER)  # the check sees the planner
-    for module in ("urae_lite.generate", "urae_lite.train.cli"):
+    for module in ("urae_lite.generate", "urae_lite.train_cli", "urae_lite.cli"):
         assert _planner_modules_after_import(module) == [], module

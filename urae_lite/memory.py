@@ -209,14 +209,17 @@ class MemorySettings:
         """The settings `task` uses, by name."""
         return {name: getattr(self, name) for name, option in options().items() if task in option.tasks}
 
-    def describe(self, task: str, names: Iterable[str] | None = None) -> str:
+    def describe(self, task: str, names: Iterable[str] | None = None, skip_defaults: bool = False) -> str:
         """`--quant nf4 --token-chunks 4` (generate, plan) or `memory.quant=nf4 ...` (train): `names` (default: the
-        task's settings) as the job's own command line spells them."""
+        task's settings) as the job's own command line spells them; `skip_defaults` leaves out the ones at their
+        default (never the base format). Recipe overrides need them all: a recipe's own values are not the defaults."""
         values = self.for_task(task)
-        names = [n for n in (names or values) if n in values]
+        names = [n for n in (names or values) if n in values and values[n] is not None]
+        if skip_defaults:
+            names = [n for n in names if n == "quant" or values[n] != _DEFAULTS[n]]
         if task == "train":
             return " ".join(f"{spell(n, task)}={values[n]}" for n in names)
-        return " ".join(f"{spell(n, task)} {values[n]}" for n in names if values[n] is not None)
+        return " ".join(f"{spell(n, task)} {values[n]}" for n in names)
 
     def lighter(self, task: str, n_blocks: int, stage: str = "transformer") -> dict[str, Any]:
         """Settings one step lighter than these that lower the peak of `stage` (text encoders, transformer, vae

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 import psutil
 
 from ..errors import UraeError
-from ..memory import MemorySettings, searched
+from ..memory import MemorySettings
 from . import constants as C
-from .search import best_config
+from .search import best_config, options
 
 if TYPE_CHECKING:
     from ..model_files import ModelFiles
@@ -44,7 +44,7 @@ def apply_vram(job: PlanConfig, fixed: Iterable[str], vram_gib: float, ram_gib: 
         raise UraeError(result.impossible())
     pick = result.best
     print(
-        f"--vram {vram_gib:g}: planner picks {pick.config.memory.describe(job.task, searched(job.task))} (estimated "
+        f"--vram {vram_gib:g}: planner picks {options(pick.config)} (estimated "
         f"peak {pick.peak / C.GiB:.1f} GiB in {pick.estimate.peak_phase}, host {pick.estimate.host / C.GiB:.1f} of "
         f"{ram:.0f} GiB)"
     )

@@ -11,6 +11,10 @@ GiB = 2**30
 BF16 = 2
 FP32 = 4
 
+# The host memory the shipped profiles and the consumer-card goals plan with: what a 32 GB desktop leaves for
+# offloaded weights, swapped blocks and checkpoints.
+HOST_RAM_GIB = 24
+
 # ---- CUDA overheads ----------------------------------------------------------------------------------------------
 # CUDA context + cuBLAS/cuDNN handles, outside torch's allocator: ~0.5 GiB on Ampere/Hopper with torch 2.x (what
 # nvidia-smi shows for a process that has allocated nothing yet). Not in max_memory_reserved.

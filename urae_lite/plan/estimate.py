@@ -64,7 +64,13 @@ class PlanConfig:
     @classmethod
     def from_dict(cls, values: dict) -> PlanConfig:
         """The PlanConfig of `as_dict`'s flat mapping (job fields and memory settings side by side)."""
+        from ..errors import UraeError
+
         names = set(memory_options())
+        known = names | {f.name for f in dataclasses.fields(cls)} - {"memory"}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UraeError(f"unknown plan option(s) {', '.join(unknown)}: use {', '.join(sorted(known))}")
         memory = MemorySettings(**{k: v for k, v in values.items() if k in names})
         return cls(**{k: v for k, v in values.items() if k not in names}, memory=memory)
 

@@ -25,12 +25,12 @@ from pathlib import Path
 from ..config import PROFILES_KEY, read_yaml
 from ..memory import searched
 from ..presets import RECIPES, load_preset, preset_memory
+from .constants import HOST_RAM_GIB
 from .estimate import PlanConfig
 from .recipe import recipe_file_job
 from .search import PlanResult, best_config
 
 CARDS_GIB = (8, 12, 16, 24)
-HOST_RAM_GIB = 24  # a 32 GB desktop: what is left for offloaded weights, swapped blocks and checkpoints
 GENERATE_PRESETS = (
     "generate_dev_2k.yaml",
     "generate_dev_4k.yaml",

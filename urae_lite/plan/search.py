@@ -222,5 +222,6 @@ def _largest_fitting(cfg: PlanConfig, limit: float, vram_gib: float) -> tuple[in
 
 
 def options(cfg: PlanConfig) -> str:
-    """The searched memory settings of `cfg` as the job's own command line spells them."""
-    return cfg.memory.describe(cfg.task, searched(cfg.task))
+    """The searched memory settings of `cfg` as the job's own command line spells them (generate: the ones not at
+    their default; train: all of them, as recipe overrides, since a recipe's own values are not the defaults)."""
+    return cfg.memory.describe(cfg.task, searched(cfg.task), skip_defaults=cfg.task == "generate")

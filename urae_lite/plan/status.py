@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..memory import searched
+from .constants import HOST_RAM_GIB
 from .estimate import PlanConfig, estimate
-from .profiles import HOST_RAM_GIB
 from .recipe import recipe_file_job, shipped_recipe
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (the page and the README are not installed)
@@ -122,9 +122,8 @@ def _gib(n: float) -> str:
 def settings_text(cfg: PlanConfig) -> str:
     """The plan's memory settings as the command line spells them."""
     if cfg.task == "generate":
-        return cfg.memory.describe("generate", [*searched("generate"), "vae_tiling"])
-    defaults = ("memory.blocks_to_swap=0", "memory.token_chunks=1", "memory.checkpoint_every=1")
-    return " ".join(o for o in cfg.memory.describe("train", searched("train")).split() if o not in defaults)
+        return cfg.memory.describe("generate", [*searched("generate"), "vae_tiling"], skip_defaults=True)
+    return cfg.memory.describe("train", searched("train"), skip_defaults=True)
 
 
 def _spread(rows: list[FakeRow]) -> str:
