@@ -404,8 +404,7 @@ def test_bad_runs_fail_with_one_line(tiny_flux, data, tmp_path):
     ):
         with oom_guard(cfg, CPU, "training step 3"):
             raise torch.cuda.OutOfMemoryError("out of memory")
-    cfg.memory.quant, cfg.memory.checkpointing = "nf4", "cpu"
-    cfg.memory = cfg.memory.replace(token_chunks=4, blocks_to_swap=4)
+    cfg.memory = cfg.memory.replace(quant="nf4", checkpointing="cpu", token_chunks=4, blocks_to_swap=57)
     cfg.optimizer = {"_component_": "bitsandbytes.optim.AdamW8bit"}
     text = oom_advice(cfg, "training step 1", 23.5, 24.0)
     assert "peak 23.5 of 24.0 GiB" in text and "Every memory saving is already on" in text

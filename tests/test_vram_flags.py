@@ -11,9 +11,9 @@ from PIL import Image
 from plan_utils import best
 
 from urae_lite.cli import main
-from urae_lite.plan.search import options
 from urae_lite.model_files import resolve_files
 from urae_lite.plan.choose import model_fields
+from urae_lite.plan.search import options
 
 
 def test_generate_vram_uses_the_planners_pick(tiny_flux, tmp_path, capsys):
