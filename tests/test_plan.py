@@ -28,6 +28,7 @@ from urae_lite.measure.fake import LiveBytes, module_tensors
 from urae_lite.plan import PlanConfig, estimate, expected_seconds
 from urae_lite.plan.activations import CPU, Tokens, inference_bytes, training_bytes
 from urae_lite.plan.arch import flux_arch
+from urae_lite.quant import QUANT_FORMATS
 from urae_lite.tiny import iter_random_transformer_tensors, tiny_transformer_config
 from urae_lite.token_chunking import enable_token_chunking
 
@@ -135,7 +136,7 @@ def close(estimate_: float, measured: float, tolerance: float = TOLERANCE) -> bo
 
 
 # ---- against measurement --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("quant", ["nf4", "fp8", "bf16"])
+@pytest.mark.parametrize("quant", QUANT_FORMATS)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_weight_bytes_equal_the_loaded_model(name, quant):
     config = CONFIGS[name]
@@ -406,7 +407,7 @@ def test_train_plan_of_a_given_recipe_with_overrides(capsys, tmp_path):
     assert main(["plan", "--task", "train", "--recipe", str(recipe), *overrides, "--vram", "1000", "--json"]) == 0
     fitting = json.loads(capsys.readouterr().out)["fitting"]
     assert fitting and all(c["config"]["checkpointing"] == "off" and c["config"]["rank"] == 32 for c in fitting)
-    assert {c["config"]["quant"] for c in fitting} == {"nf4", "fp8", "bf16"}
+    assert {c["config"]["quant"] for c in fitting} == set(QUANT_FORMATS)
 
 
 def test_recipe_options_are_refused_for_generation(capsys):
