@@ -12,6 +12,7 @@ from synthetic_adapters import write_authors_2k, write_authors_4k
 from urae_lite.adapter_io import read_adapter
 from urae_lite.cli import main
 from urae_lite.loader import load_transformer
+from urae_lite.quant import QUANT_FORMATS
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -54,7 +55,7 @@ def test_user_errors_are_one_line_with_exit_code_2(args, needle, tmp_path):
 
 def test_unknown_quant_is_rejected_with_the_valid_values():
     proc = _run("prepare", "--model", "tiny", "--quant", "int3", "--out", "x")
-    assert proc.returncode == 2 and "unknown quantization 'int3': use one of nf4, fp8, bf16" in proc.stderr
+    assert proc.returncode == 2 and f"unknown quantization 'int3': use one of {', '.join(QUANT_FORMATS)}" in proc.stderr
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -13,6 +13,7 @@ from urae_lite import memory
 from urae_lite.errors import UraeError
 from urae_lite.memory import TASKS, MemorySettings, options, searched, spell
 from urae_lite.plan import estimate
+from urae_lite.quant import QUANT_FORMATS
 
 N_BLOCKS = 57
 
@@ -32,7 +33,7 @@ def test_every_option_is_declared_completely():
 @pytest.mark.parametrize(
     "fields,message",
     [
-        ({"quant": "int3"}, "unknown quantization 'int3': use one of nf4, fp8, bf16"),
+        ({"quant": "int3"}, f"unknown quantization 'int3': use one of {', '.join(QUANT_FORMATS)}"),
         ({"offload": "disk"}, "unknown offload 'disk': use one of none, model, group, sequential"),
         ({"t5_quant": "int4"}, "unknown t5_quant 'int4': use one of bf16, nf4"),
         ({"checkpointing": "sometimes"}, "unknown checkpointing 'sometimes': use one of on, off, cpu"),

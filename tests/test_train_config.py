@@ -7,6 +7,7 @@ from plan_utils import recipe_plan_config
 from train_utils import REPO
 
 from urae_lite.errors import UraeError
+from urae_lite.quant import QUANT_FORMATS
 from urae_lite.train.config import instantiate, load_recipe
 
 RECIPE_2K = REPO / "recipes" / "train_2k_lora.yaml"
@@ -66,7 +67,7 @@ def test_overrides_are_typed_and_checked():
         load_recipe(RECIPE_2K, ["output_dir=/out"])
     with pytest.raises(UraeError, match="needs adapter.base_adapters"):
         load_recipe(RECIPE_4K, REQUIRED)
-    with pytest.raises(UraeError, match="unknown quantization 'int3': use one of nf4, fp8, bf16"):
+    with pytest.raises(UraeError, match=f"unknown quantization 'int3': use one of {', '.join(QUANT_FORMATS)}"):
         load_recipe(RECIPE_2K, REQUIRED + ["memory.quant=int3"])
     with pytest.raises(UraeError, match="not key=value"):
         load_recipe(RECIPE_2K, REQUIRED + ["steps"])
