@@ -277,5 +277,5 @@ def test_on_forces_the_kernels_and_off_never_runs_them(monkeypatch, tmp_path, ch
 def test_every_quantized_format_names_a_kernel_op():
     from urae_lite.quant import FORMATS
 
-    assert {f.kernel_op for f in FORMATS.values()} == {"nf4_dequantize", "fp8_dequantize", None}
+    assert {f.kernel_op for f in FORMATS.values() if f.kernel_op} <= set(kernel_check.OPS)
     assert all((f.kernel_op is None) == f.dense for f in FORMATS.values())
