@@ -62,21 +62,6 @@ def run(model, inputs: dict) -> torch.Tensor:
 # (fp32 and bf16 alike). Tests that compare chunked with unchunked runs bit for bit therefore send every linear through
 # `rowwise_linear`, which computes each output row the same way whatever the number of rows: what is left to differ
 # is the chunking itself, which must change no value. (Attention runs over all tokens at once in both.)
-def rowwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """A linear whose every output row is computed the same way whatever the number of rows; under autocast it
-    computes in autocast's dtype, as autocast runs F.linear."""
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-    y = (x.unsqueeze(-2) * weight).sum(-1)
-    return y if bias is None else y + bias
-
-
-@pytest.fixture
-def row_independent(monkeypatch):
-    monkeypatch.setattr(torch.nn.functional, "linear", rowwise_linear)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_grad_forward_is_identical(tiny_flux, tiny_config, make_inputs, dtype, row_independent):
     """Chunked forwards (any chunk count, more chunks than tokens included) give the unchunked output bit for bit,

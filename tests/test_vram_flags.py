@@ -77,11 +77,16 @@ def test_generate_vram_too_small_is_one_clear_error(tiny_flux, tmp_path, capsys)
 def test_train_vram_sets_the_memory_settings_and_keeps_the_users(tiny_flux, overrides, fixed, vram):
     """Planned for the recipe's model, whose depth bounds blocks_to_swap (here the tiny one)."""
     from urae_lite.train.config import load_recipe
+    from urae_lite.memory import overridden
+    from urae_lite.plan.choose import apply_vram
+    from urae_lite.plan.recipe import recipe_job
     from urae_lite.train_cli import vram_overrides
 
     overrides = ["data.dir=x", "output_dir=y", f"model={tiny_flux}", *overrides]
     cfg = load_recipe("recipes/train_2k_lora.yaml", overrides)
-    cfg = load_recipe("recipes/train_2k_lora.yaml", [*vram_overrides(cfg, overrides, vram, 24), *overrides])
+    job = recipe_job(cfg, **model_fields(resolve_files(str(tiny_flux))))
+    picked = apply_vram(job, overridden(overrides), vram, 24)
+    cfg = load_recipe("recipes/train_2k_lora.yaml", [*vram_overrides(picked), *overrides])
     pick = best(
         "train",
         2048,

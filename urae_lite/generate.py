@@ -7,9 +7,10 @@ import argparse
 
 from .component_files import add_component_options
 from .destinations import check_output_file, write_with_fallback
-from .memory import MemorySettings
+from .memory import MemorySettings, overridden
 from .presets import PRESETS
-from .vram_options import add_vram_options
+from .recovery import step_down
+from .vram_options import add_vram_options, auto_vram
 
 # CLI option -> GenerationSettings field, for the options that override the preset
 SETTING_OPTIONS = (
@@ -118,15 +119,20 @@ def run(args: argparse.Namespace) -> None:
         settings["shift"] = None
     files = resolve_files(args.model, args.base_pipeline, component_files(args))  # once: a hub id is fetched here
     given = MemorySettings.given(args)
+    user_set = set(given) | overridden(args.overrides)
     memory = preset_memory(args.preset, files.variant, args.overrides).replace(**given)
-    if args.vram is not None:
-        from .memory import overridden
-        from .plan.choose import apply_vram, model_fields
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vram = auto_vram(args.vram, user_set, device.type)
+    replan = step_down
+    if vram is not None or device.type == "cuda":  # the planner picks, and re-plans after an out-of-memory error
+        from .plan.choose import apply_vram, model_fields, replanner
         from .plan.estimate import PlanConfig
 
         size = load_preset(args.preset, files.variant, args.overrides).replace(**settings)
         job = PlanConfig(task="generate", width=size.width, height=size.height, memory=memory, **model_fields(files))
-        memory = apply_vram(job, set(given) | overridden(args.overrides), args.vram, args.ram)
+        if vram is not None:
+            memory = apply_vram(job, user_set, vram, args.ram, args.device)
+        replan = replanner(job, user_set, args.ram)
     report = RunReport()
     try:
         pipe = load_pipeline(
@@ -135,9 +141,10 @@ def run(args: argparse.Namespace) -> None:
             adapters=args.adapter,
             preset=args.preset,
             preset_overrides=args.overrides,
-            device=args.device,
+            device=device,
             svd_device=args.svd_device,
             report=report,
+            replan=replan,
             **settings,
         )
     except torch.cuda.OutOfMemoryError as e:

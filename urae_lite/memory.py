@@ -227,10 +227,11 @@ class MemorySettings:
         tips: dict[str, Any] = {}
         swap_all = self.blocks_to_swap < n_blocks and self.offload not in ("group", "sequential")
         if task == "generate":
+            swapping = self.blocks_to_swap or (stage == "transformer" and swap_all)  # swap streams the transformer
             lighter_offload = {"none": "model", "model": "group", "group": "sequential"}.get(
                 self.resolved_offload("cuda")
             )
-            if lighter_offload and not (self.blocks_to_swap and lighter_offload in ("group", "sequential")):
+            if lighter_offload and not (swapping and lighter_offload in ("group", "sequential")):
                 tips["offload"] = lighter_offload
             if stage == "transformer" and swap_all:
                 tips["blocks_to_swap"] = n_blocks
@@ -310,21 +311,37 @@ def overridden(overrides: Iterable[str]) -> set[str]:
     return {name for name in _OPTIONS if f"{SECTION}.{name}" in keys}
 
 
-def apply(transformer, memory: MemorySettings, device, training: bool = False) -> None:
+def apply(
+    transformer, memory: MemorySettings, device, training: bool = False, previous: MemorySettings | None = None
+) -> None:
     """Put `memory`'s transformer mechanisms on `transformer`, in the order they need: token chunking first (hooks
     keep the forward they wrap), then checkpoint segments (training), then block swap (after a training model's fp32
-    masters exist, before a pipeline's offload hooks). The quantized base and offload are the loader's and the
-    pipeline's."""
-    from .block_swap import enable_block_swap
+    masters exist, before a pipeline's offload hooks). `previous`: the settings the transformer runs with now (an
+    out-of-memory re-plan changes them on the loaded model; offload hooks must be off). The quantized base and offload
+    are the loader's and the pipeline's."""
+    from .block_swap import disable_block_swap, enable_block_swap
     from .token_chunking import enable_token_chunking
 
-    if memory.token_chunks > 1:
+    old = previous or MemorySettings()
+    if memory.token_chunks != old.token_chunks:
         enable_token_chunking(transformer, memory.token_chunks)
-    if training and memory.checkpointing != "off":
-        from .train.checkpoint_segments import enable_checkpoint_segments
+    if training and (
+        previous is None
+        or (memory.checkpointing, memory.checkpoint_every)
+        != (
+            old.checkpointing,
+            old.checkpoint_every,
+        )
+    ):
+        if memory.checkpointing == "off":
+            transformer.disable_gradient_checkpointing()
+        else:
+            from .train.checkpoint_segments import enable_checkpoint_segments
 
-        enable_checkpoint_segments(transformer, memory.checkpoint_every)
-    enable_block_swap(transformer, memory.blocks_to_swap, device)
+            enable_checkpoint_segments(transformer, memory.checkpoint_every)
+    if previous is None or memory.blocks_to_swap != old.blocks_to_swap:
+        disable_block_swap(transformer)
+        enable_block_swap(transformer, memory.blocks_to_swap, device)
 
 
 _OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in dataclasses.fields(MemorySettings)}

@@ -29,6 +29,7 @@ from .model_files import ModelFiles, as_model_files
 from .offload import apply_offload
 from .output import GenerationResult
 from .presets import GenerationSettings, load_preset, preset_memory
+from .recovery import MAX_REPLANS, Replanner, announce, out_of_memory, part_of, step_down
 from .refine import adapters_disabled, coarse_size, tiled_encode, upscale
 from .report import RunReport
 from .safetensors_io import file_digest
@@ -51,10 +52,12 @@ class UraePipeline:
         defaults: GenerationSettings,
         memory: MemorySettings,
         progress: bool = True,
+        replan: Replanner = step_down,
     ):
         self.flux = flux
         self.model, self.adapters = model, adapters
         self.defaults, self.memory = defaults, memory  # memory: as loaded (offload resolved), for the advice too
+        self.replan = replan  # what an out-of-memory error in a stage re-plans with (urae_lite.recovery)
         self._own_scheduler = flux.scheduler  # the model's own (dynamic shifting for dev); shifted copies per call
         flux.set_progress_bar_config(disable=not progress, desc="denoising")
 
@@ -63,28 +66,63 @@ class UraePipeline:
         return self.flux.transformer
 
     def __call__(self, prompt: str, seed: int = 0, report: RunReport | None = None, **settings) -> GenerationResult:
+        """One image. Out of memory in a stage re-plans the memory settings (`self.replan`), puts them on the loaded
+        pipeline and runs that stage again from its start, with the same seed, keeping what the stages before it
+        made: the image is the one the final settings give from the start (urae_lite.recovery)."""
         s = self.defaults.replace(**settings)
         report = report if report is not None else RunReport()
+        done: dict[str, object] = {}  # what finished stages made, kept across re-plans
         try:
-            with report.stage("text encoders"):
-                embeds = self.encode(prompt, s)
-            if s.refine_from is not None:
-                with report.stage("coarse image"):
-                    guide = self._coarse(embeds, s, seed)
-                with report.stage("refine"):
-                    packed = self._img2img(embeds, s, seed, guide)
-            else:
-                with report.stage("denoise"):
-                    packed = self.denoise(embeds, s, seed)
-            with report.stage("vae decode"):
-                image = self.decode(packed, s)
-        except torch.cuda.OutOfMemoryError as e:
-            torch.cuda.empty_cache()
-            stage = report.stages[-1][0]
-            raise UraeError(oom_advice(s, self.memory, stage, len(execution_blocks(self.transformer)))) from e
+            for attempt in range(MAX_REPLANS + 1):
+                try:
+                    image = self._stages(prompt, seed, s, report, done)
+                    break
+                except torch.cuda.OutOfMemoryError as e:
+                    torch.cuda.empty_cache()
+                    self._recover(e, report.stages[-1][0], s, attempt)
         finally:
             self.flux.maybe_free_model_hooks()  # `model` offload: everything back to the CPU between calls
         return GenerationResult(image, prompt, seed, s, self.model, self.memory, self.adapters, report)
+
+    def _stages(self, prompt: str, seed: int, s: GenerationSettings, report: RunReport, done: dict) -> Image.Image:
+        if "embeds" not in done:
+            with report.stage("text encoders"):
+                done["embeds"] = self.encode(prompt, s)
+        embeds = done["embeds"]
+        if "packed" not in done:
+            if s.refine_from is not None:
+                if "guide" not in done:
+                    with report.stage("coarse image"):
+                        done["guide"] = self._coarse(embeds, s, seed)
+                with report.stage("refine"):
+                    done["packed"] = self._img2img(embeds, s, seed, done["guide"])
+            else:
+                with report.stage("denoise"):
+                    done["packed"] = self.denoise(embeds, s, seed)
+        with report.stage("vae decode"):
+            return self.decode(done["packed"], s)
+
+    def _recover(self, error: torch.cuda.OutOfMemoryError, stage: str, s: GenerationSettings, attempt: int) -> None:
+        """Re-plan after `error` in `stage` and reconfigure, or one UraeError with the advice when no re-plan is
+        left (MAX_REPLANS, or nothing lighter)."""
+        n_blocks = len(execution_blocks(self.transformer))
+        oom = out_of_memory(error, "generate", stage, part_of(stage), n_blocks, self.flux._execution_device)
+        new = self.replan(self.memory, oom) if attempt < MAX_REPLANS else None
+        if new is None or new == self.memory:
+            raise UraeError(oom_advice(s, self.memory, stage, n_blocks)) from error
+        announce(oom, self.memory, new, attempt + 1)
+        self.reconfigure(new)
+
+    def reconfigure(self, memory: MemorySettings) -> None:
+        """Run with `memory` from now on (same base and T5 formats): offload hooks off, the transformer's mechanisms
+        changed where they differ, then the offload as `load_pipeline` installs it."""
+        if (memory.quant, memory.t5_quant) != (self.memory.quant, self.memory.t5_quant):
+            raise UraeError("the base and T5 formats are loaded: reload the pipeline to change them")
+        device = self.flux._execution_device
+        self.flux.remove_all_hooks()
+        memory_settings.apply(self.transformer, memory, device, previous=self.memory)
+        apply_offload(self.flux, memory.offload, device)
+        self.memory = memory
 
     # ---- stages (public so benchmarks can measure each; `__call__` is the normal entry) ---------------------------
     @torch.no_grad()
@@ -181,6 +219,7 @@ def load_pipeline(
     report: RunReport | None = None,
     base_pipeline: str | os.PathLike | None = None,
     component_files: ComponentFiles | None = None,
+    replan: Replanner = step_down,
     **settings,
 ) -> UraePipeline:
     """FLUX with an NF4/FP8/bf16 base carrying `adapters`, ready to generate at 2K/4K.
@@ -196,6 +235,7 @@ def load_pipeline(
     transformer file (ComfyUI / Forge); the rest of the pipeline then comes from `base_pipeline`.
     `component_files`: single-file VAE / CLIP / T5 weights (ComfyUI's ae, clip_l, t5xxl) instead of the folder's.
     `model` may also be a `ModelFiles` from `urae_lite.model_files.resolve_files`, which already holds those two.
+    `replan`: how a stage that runs out of memory re-plans (urae_lite.recovery; the command passes the planner's).
     """
     GenerationSettings().replace(**{k: v for k, v in settings.items() if k != "refine_from"})  # fail before loading
     device = torch.device(device) if device is not None else default_device()
@@ -236,4 +276,6 @@ def load_pipeline(
         flux = FluxPipeline.from_pretrained(root, transformer=transformer, dtype=dtype, **extra)
         apply_offload(flux, memory.offload, device)
     used = [{"path": str(a), "sha256": file_digest(a)} for a in adapters]
-    return UraePipeline(flux, model=files.model, adapters=used, defaults=defaults, memory=memory, progress=progress)
+    return UraePipeline(
+        flux, model=files.model, adapters=used, defaults=defaults, memory=memory, progress=progress, replan=replan
+    )

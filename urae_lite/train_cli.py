@@ -37,32 +37,40 @@ def _cmd_cache(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    import torch
+
+    from .memory import overridden
+    from .recovery import step_down
     from .train.config import load_recipe
     from .train.loop import train
+    from .vram_options import auto_vram
 
     overrides = [*args.overrides, f"output_format={args.format}"] if args.format else args.overrides
     cfg = load_recipe(args.recipe, overrides)
-    files = None  # resolved by `train` after its output check, or here when the planner needs the model first
-    if args.vram is not None:  # the planner's memory settings, then the user's overrides (which it kept) on top
+    user_set = overridden(args.overrides)
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    vram = auto_vram(args.vram, user_set, "cuda" if cuda else "cpu")
+    files, replan = None, step_down  # files: resolved by `train` after its output check, or here for the planner
+    if vram is not None or cuda:
         from .destinations import check_output_dir
+        from .plan.choose import apply_vram, model_fields, replanner
+        from .plan.recipe import recipe_job
 
         check_output_dir(cfg.output_dir, "output_dir")  # before the planner resolves (maybe fetches) the model
         files = cfg.model_files()
-        cfg = load_recipe(args.recipe, [*vram_overrides(cfg, args.overrides, args.vram, args.ram, files), *overrides])
-    train(cfg, resume=args.resume, files=files)
+        job = recipe_job(cfg, **model_fields(files))
+        if vram is not None:  # the planner's memory settings, then the user's overrides (which it kept) on top
+            picked = vram_overrides(apply_vram(job, user_set, vram, args.ram))
+            cfg = load_recipe(args.recipe, [*picked, *overrides])
+            job = recipe_job(cfg, **model_fields(files))
+        replan = replanner(job, user_set, args.ram)
+    train(cfg, resume=args.resume, files=files, replan=replan)
 
 
-def vram_overrides(
-    cfg, user_overrides: list[str], vram_gib: float, ram_gib: float | None = None, files=None
-) -> list[str]:
-    """--vram: `memory.*` recipe overrides for the settings the planner picks for `cfg`; the ones `user_overrides`
-    set stay as the user set them. `files`: `cfg.model_files()` when already resolved."""
-    from .memory import overridden, recipe_overrides, searched
-    from .plan.choose import apply_vram, model_fields
-    from .plan.recipe import recipe_job
+def vram_overrides(picked) -> list[str]:
+    """`memory.*` recipe overrides for the settings `--vram` searches, as the planner picked them."""
+    from .memory import recipe_overrides, searched
 
-    job = recipe_job(cfg, **model_fields(files if files is not None else cfg.model_files()))
-    picked = apply_vram(job, overridden(user_overrides), vram_gib, ram_gib)
     return recipe_overrides({name: getattr(picked, name) for name in searched("train")})
 
 

@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 from ..component_files import check_fits
 from ..destinations import check_output_dir
 from ..errors import UraeError
+from ..memory import MemorySettings
 from ..model_files import ModelFiles
+from ..recovery import MAX_REPLANS, Replanner, announce, out_of_memory, step_down
 from ..report import GiB, RunReport
 from ..safetensors_io import atomic_write_text
 from .cache import open_cache
@@ -89,6 +91,44 @@ class Trainer:
         (loss / self.cfg.training.gradient_accumulation).backward()
         return loss.item()
 
+    def reconfigure(self, memory: MemorySettings) -> None:
+        """Train with `memory` from now on (an out-of-memory re-plan; the base format stays): the model's mechanisms
+        changed where they differ, as `build_model` would have put them."""
+        from ..memory import apply
+
+        if memory.quant != self.cfg.memory.quant:
+            raise UraeError("the base format is loaded: restart the run to change it")
+        apply(self.model, memory, self.device, training=True, previous=self.cfg.memory)
+        self.cfg.memory = memory
+
+    def step(
+        self, samples: SampleSource, indices: list[int], where: str, replan: Replanner = step_down, n_blocks: int = 57
+    ) -> tuple[list[float], float]:
+        """One optimizer step (`where`: "training step N") over the samples at `indices` (its micro-steps): (losses,
+        pre-clip gradient norm).
+
+        Out of memory in a forward or backward drops the step's gradients, re-plans (`replan`, urae_lite.recovery),
+        reconfigures and runs the step again from its start: the samples are the same (drawn by index), the
+        optimizer has not moved, so the step is the one the final settings give from the start. Out of memory in the
+        update itself, or with several processes (they would no longer run the same settings), stops with advice."""
+        world = self.accelerator.num_processes if self.accelerator is not None else 1
+        for attempt in range(MAX_REPLANS + 1):
+            try:
+                losses = [self.micro_step(samples.get(i)) for i in indices]
+            except torch.cuda.OutOfMemoryError as e:
+                self.optimizer.zero_grad(set_to_none=True)  # a half-accumulated step: gone, it runs again
+                torch.cuda.empty_cache()
+                oom = out_of_memory(e, "train", where, "transformer", n_blocks, self.device)
+                new = replan(self.cfg.memory, oom) if attempt < MAX_REPLANS and world == 1 else None
+                if new is None or new == self.cfg.memory:
+                    raise UraeError(oom_advice(self.cfg, where, *_cuda_peak(self.device), n_blocks)) from None
+                announce(oom, self.cfg.memory, new, attempt + 1)
+                self.reconfigure(new)
+                continue
+            with oom_guard(self.cfg, self.device, where):  # an update half done cannot run again: advice only
+                return losses, self.optimizer_step()
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     def optimizer_step(self) -> float:
         """Average gradients over processes, clip, update; returns the pre-clip gradient norm."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
@@ -138,11 +178,14 @@ def oom_guard(cfg: TrainConfig, device: torch.device, where: str):
     try:
         yield
     except torch.cuda.OutOfMemoryError:
-        peak = total = None
-        if device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(device) / GiB
-            total = torch.cuda.get_device_properties(device).total_memory / GiB
-        raise UraeError(oom_advice(cfg, where, peak, total)) from None
+        raise UraeError(oom_advice(cfg, where, *_cuda_peak(device))) from None
+
+
+def _cuda_peak(device: torch.device) -> tuple[float | None, float | None]:
+    """(peak allocated, card total) in GiB on CUDA, else (None, None)."""
+    if device.type != "cuda":
+        return None, None
+    return torch.cuda.max_memory_allocated(device) / GiB, torch.cuda.get_device_properties(device).total_memory / GiB
 
 
 def _make_accelerator(cfg: TrainConfig):
@@ -214,11 +257,13 @@ def train(
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
     files: ModelFiles | None = None,
+    replan: Replanner = step_down,
 ) -> Path:
     """Run the recipe; returns the folder holding the final adapter. `resume`: `auto` or a checkpoint folder.
 
     `on_step(step)` is called before each optimizer step's work, with its 1-based number (progress hooks; tests
-    use it to kill a run mid-way). `files`: the recipe's model files if already resolved (`cfg.model_files()`)."""
+    use it to kill a run mid-way). `files`: the recipe's model files if already resolved (`cfg.model_files()`).
+    `replan`: how a step that runs out of memory re-plans (urae_lite.recovery; the command passes the planner's)."""
     check_output_dir(cfg.output_dir, "output_dir")
     out = Path(cfg.output_dir)
     if resume is None and list_checkpoints(out):  # destination errors come before the model is resolved (fetched)
@@ -227,7 +272,8 @@ def train(
         )
     checkpoint = None if resume is None else find_checkpoint(out, resume)
     files = files if files is not None else cfg.model_files()  # once per run: cache, model and validation share it
-    cfg.memory.check("train", files.config["num_layers"] + files.config["num_single_layers"])
+    n_blocks = files.config["num_layers"] + files.config["num_single_layers"]
+    cfg.memory.check("train", n_blocks)
     accelerator = _make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
@@ -261,13 +307,10 @@ def train(
             start = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            losses = []
             if on_step is not None:
                 on_step(step + 1)
-            with oom_guard(cfg, device, f"training step {step + 1}"):
-                for micro in range(t.gradient_accumulation):
-                    losses.append(trainer.micro_step(source.get(step * per_step + micro * world + rank)))
-                grad_norm = trainer.optimizer_step()
+            indices = [step * per_step + micro * world + rank for micro in range(t.gradient_accumulation)]
+            losses, grad_norm = trainer.step(source, indices, f"training step {step + 1}", replan, n_blocks)
             step += 1
             loss = accelerator.reduce(torch.tensor(sum(losses) / len(losses), device=device), reduction="mean").item()
             bar.update(1)
