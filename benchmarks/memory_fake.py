@@ -71,7 +71,9 @@ def generate_rows(quant: str, sizes: tuple[int, ...], memory: dict | None = None
     rows = []
     for rank in sorted({generate_rank(s) for s in sizes}):
         for size in [s for s in sizes if generate_rank(s) == rank]:
-            preset = preset_memory("4k" if size >= 4096 else "2k", "dev").replace(**GENERATE_DEFAULTS, **(memory or {}))
+            preset = preset_memory("4k" if size >= 4096 else "2k", "dev").replace(
+                **{**GENERATE_DEFAULTS, **(memory or {})}
+            )
             cfg = PlanConfig(task="generate", width=size, height=size, rank=rank, memory=preset.replace(quant=quant))
             tiling = resolved_tiling(cfg)
             cfg = cfg.with_memory(vae_tiling=tiling)

@@ -76,10 +76,10 @@ def test_generate_vram_too_small_is_one_clear_error(tiny_flux, tmp_path, capsys)
 )
 def test_train_vram_sets_the_memory_settings_and_keeps_the_users(tiny_flux, overrides, fixed, vram):
     """Planned for the recipe's model, whose depth bounds blocks_to_swap (here the tiny one)."""
-    from urae_lite.train.config import load_recipe
     from urae_lite.memory import overridden
     from urae_lite.plan.choose import apply_vram
     from urae_lite.plan.recipe import recipe_job
+    from urae_lite.train.config import load_recipe
     from urae_lite.train_cli import vram_overrides
 
     overrides = ["data.dir=x", "output_dir=y", f"model={tiny_flux}", *overrides]
