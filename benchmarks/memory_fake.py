@@ -1,7 +1,7 @@
 """`python benchmarks/memory.py --fake`: the planner against the real code's live tensor bytes on fake tensors.
 
 No GPU: full-size FLUX.1-dev, T5-XXL, CLIP-L and the VAE run on the CPU under FakeTensorMode
-(urae_lite/plan/fake.py), the adapted linears through the kernels' `torch.ops.urae_lite` custom ops
+(urae_lite/measure/fake.py), the adapted linears through the kernels' `torch.ops.urae_lite` custom ops
 (URAE_LITE_KERNELS=on, their fake implementations), with what CUDA would allocate where the CPU path differs
 (autocast's fp32 norms, the fused RMSNorm, the kernels' held buffer: urae_lite/measure/fake_cuda.py), and every
 phase's peak of live device storage bytes is put beside the planner's allocated-bytes estimate for the same

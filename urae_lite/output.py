@@ -23,7 +23,7 @@ class GenerationResult:
     seed: int
     settings: GenerationSettings
     model: str
-    memory: MemorySettings  # how it fitted the card (the same image whatever they are): recorded, not needed to redo
+    memory: MemorySettings  # how it fitted the card: the base and T5 formats decide the numbers, the rest is exact
     adapters: list[dict[str, str]]  # [{"path": ..., "sha256": first 16 hex digits}, ...] as the user gave them
     report: RunReport = field(default_factory=RunReport)
 

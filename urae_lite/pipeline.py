@@ -226,8 +226,8 @@ def load_pipeline(
 
     `memory`: how it fits the card (urae_lite.memory.MemorySettings: base format, offload, block swap, token chunks,
     T5 format, VAE tiling), or a mapping of those settings over the preset's `memory:` section (default: the
-    preset's). None of them changes the image. `adapters`: our or diffusers-format LoRA files, kohya-style FLUX LoRAs,
-    the authors' 2K file, and the authors' 4K file right after its 2K one (converted once to an exact LoRA, cached
+    preset's). Only the base and T5 formats change the image (rounding); the others are exact.
+    `adapters`: our or diffusers-format LoRA files, kohya-style FLUX LoRAs, the authors' 2K file, and the authors' 4K file right after its 2K one (converted once to an exact LoRA, cached
     beside it). `preset`: `2k`, `4k` or a YAML file; `preset_overrides` (`key=value`, as recipes take them) and then
     `**settings` (GenerationSettings fields) override it. `device` defaults to CUDA when present; `dtype` to bf16 on
     CUDA and fp32 on CPU (CPU bf16 convolutions are ~30x slower); offload to `model` (staged) on CUDA and `none` on

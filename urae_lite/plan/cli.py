@@ -93,9 +93,12 @@ def _job(args: argparse.Namespace) -> tuple[PlanConfig, set[str]]:
     if args.task != "train":
         if args.recipe or args.overrides:
             raise UraeError("--recipe and key=value overrides plan training: add --task train")
+        from ..presets import preset_memory
+
         size = args.resolution or 2048
         width, height = args.width or size, args.height or size
-        return PlanConfig(task="generate", width=width, height=height, memory=MemorySettings(**given), **job), set(
+        preset = preset_memory("4k" if width * height >= 4096 * 4096 else "2k", job.get("variant", "dev"))
+        return PlanConfig(task="generate", width=width, height=height, memory=preset.replace(**given), **job), set(
             given
         )
     from .recipe import recipe_file_job, shipped_recipe
@@ -154,7 +157,8 @@ def format_result(result: PlanResult) -> str:
         )
     lines += ["", best.estimate.table(), ""]
     if cfg.task == "generate":
-        size = f"--width {cfg.width} --height {cfg.height}"
+        preset = "4k" if cfg.width * cfg.height >= 4096 * 4096 else "2k"  # the preset the plan's memory came from
+        size = f"--preset {preset} --width {cfg.width} --height {cfg.height}"
         lines.append(f'run: urae-lite generate "PROMPT" {size} {options(cfg)}')
     else:
         lines.append(f"run: urae-lite train RECIPE {cfg.memory.describe('train', searched('train'))}")
