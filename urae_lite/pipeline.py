@@ -226,16 +226,17 @@ def load_pipeline(
 
     `memory`: how it fits the card (urae_lite.memory.MemorySettings: base format, offload, block swap, token chunks,
     T5 format, VAE tiling), or a mapping of those settings over the preset's `memory:` section (default: the
-    preset's). Only the base and T5 formats change the image (rounding); the others are exact.
-    `adapters`: our or diffusers-format LoRA files, kohya-style FLUX LoRAs, the authors' 2K file, and the authors' 4K file right after its 2K one (converted once to an exact LoRA, cached
-    beside it). `preset`: `2k`, `4k` or a YAML file; `preset_overrides` (`key=value`, as recipes take them) and then
-    `**settings` (GenerationSettings fields) override it. `device` defaults to CUDA when present; `dtype` to bf16 on
-    CUDA and fp32 on CPU (CPU bf16 convolutions are ~30x slower); offload to `model` (staged) on CUDA and `none` on
-    CPU. `minor` attaches a minor-component adapter initialised from the base. `model` may be a single FLUX
-    transformer file (ComfyUI / Forge); the rest of the pipeline then comes from `base_pipeline`.
-    `component_files`: single-file VAE / CLIP / T5 weights (ComfyUI's ae, clip_l, t5xxl) instead of the folder's.
-    `model` may also be a `ModelFiles` from `urae_lite.model_files.resolve_files`, which already holds those two.
-    `replan`: how a stage that runs out of memory re-plans (urae_lite.recovery; the command passes the planner's).
+    preset's). Only the base and T5 formats change the image (rounding); the others are exact. `adapters`: our or
+    diffusers-format LoRA files, kohya-style FLUX LoRAs, the authors' 2K file, and the authors' 4K file right after
+    its 2K one (converted once to an exact LoRA, cached beside it). `preset`: `2k`, `4k` or a YAML file;
+    `preset_overrides` (`key=value`, as recipes take them) and then `**settings` (GenerationSettings fields)
+    override it. `device` defaults to CUDA when present; `dtype` to bf16 on CUDA and fp32 on CPU (CPU bf16
+    convolutions are ~30x slower); offload to `model` (staged) on CUDA and `none` on CPU. `minor` attaches a
+    minor-component adapter initialised from the base. `model` may be a single FLUX transformer file (ComfyUI /
+    Forge); the rest of the pipeline then comes from `base_pipeline`. `component_files`: single-file VAE / CLIP / T5
+    weights (ComfyUI's ae, clip_l, t5xxl) instead of the folder's. `model` may also be a `ModelFiles` from
+    `urae_lite.model_files.resolve_files`, which already holds those two. `replan`: how a stage that runs out of
+    memory re-plans (urae_lite.recovery; the command passes the planner's).
     """
     GenerationSettings().replace(**{k: v for k, v in settings.items() if k != "refine_from"})  # fail before loading
     device = torch.device(device) if device is not None else default_device()
