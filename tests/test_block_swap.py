@@ -1,7 +1,8 @@
 """Block swap on the CPU (the CPU plays both sides: host copies and separate "device" copies): bit-identical
 outputs and gradients, the window (which blocks hold device storage when), fetches again in the backward recompute,
 no re-quantization, trainable parameters untouched, the pipeline and the trainer with swap, and bad input.
-The CUDA stream path (pinned memory, side-stream prefetch, peak memory) is in test_block_swap_on_cuda."""
+The CUDA stream path runs on the CPU through a stand-in in test_block_swap_streams.py; pinned memory, real streams
+and peak memory are in test_block_swap_on_cuda."""
 
 from __future__ import annotations
 
@@ -151,19 +152,22 @@ def test_training_loss_gradients_and_optimizer_step_are_identical(base_model, in
 
 # ---- the window ------------------------------------------------------------------------------------------------------
 def _watch(model, swap, monkeypatch) -> tuple[list, list]:
-    """(entries, fetches): every swapped block's entry with the window's state right after it, and each copy made."""
+    """(entries, fetches): every swapped block's entry with the window's state right after it, and the block of
+    each device copy made (seen where the swap's streams copy a block's first host tensor)."""
     entries, fetches = [], []
     for pos, b in enumerate(swap.blocks):
         b.module.register_forward_pre_hook(  # registered after the swap's own hook, so it sees its result
             lambda _m, _a, pos=pos: entries.append((pos, torch._C._current_graph_task_id() != -1, _state(swap)))
         )
-    fetch = BlockSwap._fetch
+    first = {id(b.host[0]): pos for pos, b in enumerate(swap.blocks)}
+    copy = swap.streams.copy
 
-    def counted(self, b, non_blocking):
-        fetches.append(self.blocks.index(b))
-        return fetch(self, b, non_blocking)
+    def counted(dst, src, stream):
+        if id(src) in first:
+            fetches.append(first[id(src)])
+        copy(dst, src, stream)
 
-    monkeypatch.setattr(BlockSwap, "_fetch", counted)
+    monkeypatch.setattr(swap.streams, "copy", counted)
     return entries, fetches
 
 
@@ -245,6 +249,32 @@ def test_misuse_fails_with_one_line(base_model, inputs):
         _forward(model.train(), inputs)  # with grad, without checkpointing
     with pytest.raises(UraeError, match="before converting the transformer's dtype"):
         model.to(torch.bfloat16)
+
+
+def test_adding_an_adapter_to_a_swapped_block_is_one_clear_error(base_model, inputs):
+    """The window moves only the frozen tensors it found when enabled: a slice added later would stay in host
+    memory beside device factors (on a GPU the branch's concatenation fails mid-forward). Refused on every device,
+    at once, with what to do; resident blocks and a swap-free model take adapters as before."""
+    model = copy.deepcopy(base_model)
+    swap = enable_block_swap(model, 2, CPU)
+    swapped = {id(m) for b in swap.blocks for m in b.module.modules()}
+    layers = [layer for _, layer in adapted_layers(model)]
+    inside = [layer for layer in layers if id(layer) in swapped]
+    assert inside and len(inside) < len(layers)
+    for layer in inside:
+        A, B = torch.zeros(2, layer.in_features), torch.zeros(layer.out_features, 2)
+        for add, args in ((layer.add_slice, ("late", A, B)), (layer.add_lora, ("late", 2))):
+            with pytest.raises(UraeError) as error:
+                add(*args)
+            assert "\n" not in str(error.value) and "add adapters before block swap" in str(error.value)
+        assert "late" not in layer.slices
+    resident = next(layer for layer in layers if id(layer) not in swapped)
+    resident.add_lora("late", 2)  # outside the swapped blocks: as without swap
+    disable_block_swap(model)
+    inside[0].add_lora("late", 2)  # once the swap is off, as anywhere
+    assert "late" in resident.slices and "late" in inside[0].slices
+    with torch.no_grad():
+        _forward(model, inputs)
 
 
 def test_training_config_needs_checkpointing(tiny_flux, tmp_path):
@@ -365,17 +395,25 @@ def test_a_trainer_run_with_block_swap_matches_one_without(tiny_flux, data, tmp_
 # ---- CUDA ------------------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="streams, pinned memory and GPU memory need CUDA")
 def test_block_swap_on_cuda(base_model, inputs):
-    """Side-stream prefetch from pinned memory gives the same outputs as the resident model, and the swapped
-    blocks' weights are off the GPU except for the two-block window."""
+    """Side-stream prefetch from pinned memory gives the same outputs as the resident model, the swapped blocks'
+    weights are off the GPU except for the two-block window, and their host copies take their own bytes."""
     device = torch.device("cuda")
     x = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     outputs, grads, held = {}, {}, {}
+
+    def pinned_held() -> int:  # bytes of the blocks torch's caching host allocator holds (active + cached)
+        return torch.cuda.memory.host_memory_stats_as_nested_dict()["allocated_bytes"]["current"]
+
     for n in (0, N_BLOCKS):
         model = copy.deepcopy(base_model).to(device)
+        before = pinned_held()
         swap = enable_block_swap(model, n, device)
         if swap is not None:
             assert all(h.is_pinned() for b in swap.blocks for h in b.host)
             assert all(p.is_cuda for p in model.parameters() if p.requires_grad)
+            # each host copy pinned at its own size (pinned.py), not the next power of two; cached blocks of an
+            # earlier pinned allocation may serve some, so at most
+            assert pinned_held() - before <= sum(h.numel() * h.element_size() for b in swap.blocks for h in b.host)
         with torch.no_grad():
             outputs[n] = torch.stack([_forward(model, x) for _ in range(3)])
         torch.cuda.synchronize()

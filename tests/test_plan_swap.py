@@ -101,15 +101,18 @@ def tiny_swap_model(tiny_config):
     return model
 
 
-@pytest.mark.parametrize("n", [1, 3, 4])
-def test_windows_match_block_swap_on_every_block_of_every_pass(tiny_config, tiny_swap_model, n):
+@pytest.mark.parametrize("n,every", [(1, 1), (3, 1), (4, 1), (3, 2), (4, 2), (3, 3), (4, 3)])
+def test_windows_match_block_swap_on_every_block_of_every_pass(tiny_config, tiny_swap_model, n, every):
     """Which swapped blocks have device copies while each block (resident ones too) runs, in two denoising
-    steps, then two training steps, on the real BlockSwap, against `pass_windows` carried from pass to pass."""
+    steps, then two training steps, on the real BlockSwap, against `pass_windows` carried from pass to pass;
+    `every`: checkpoint segments (training's backward replays blocks, so the window pairs blocks differently)."""
     import copy
 
     from urae_lite.block_swap import block_names, enable_block_swap, execution_blocks
+    from urae_lite.train.checkpoint_segments import enable_checkpoint_segments
 
     model = copy.deepcopy(tiny_swap_model)
+    enable_checkpoint_segments(model, every)
     swap = enable_block_swap(model, n, "cpu")
     names = block_names(tiny_config["num_layers"], tiny_config["num_single_layers"])
     swapped = names[len(names) - n :]
@@ -123,16 +126,16 @@ def test_windows_match_block_swap_on_every_block_of_every_pass(tiny_config, tiny
     inputs = transformer_inputs(tiny_config, dtype=torch.float32)
     expected, held = [], frozenset()
     for kind in ("inference", "inference"):
-        windows, held = pass_windows(names, swapped, kind, held)
-        expected += list(windows.items())
+        windows, held = pass_windows(names, swapped, kind, held, every)
+        expected += windows
     with torch.no_grad():
         for _ in range(2):
             model(**inputs, return_dict=False)
     for _ in range(2):
         model(**inputs, return_dict=False)[0].square().mean().backward()
         for kind in ("forward", "backward"):
-            windows, held = pass_windows(names, swapped, kind, held)
-            expected += list(windows.items())
+            windows, held = pass_windows(names, swapped, kind, held, every)
+            expected += windows
     assert seen == expected
     assert held == frozenset(swapped[q] for q, b in enumerate(swap.blocks) if b.copies is not None)
 

@@ -95,7 +95,19 @@ class AdaptedLinear(nn.Module):
         trainable: bool = False,
         dtype: torch.dtype = torch.bfloat16,
     ) -> LowRankSlice:
-        """Attach factors A (r, in_features), B (out_features, r); names are unique per module."""
+        """Attach factors A (r, in_features), B (out_features, r); names are unique per module.
+
+        Refused on a linear of a block-swapped block: its frozen tensors move between host and device memory with
+        the window, which knows only those it found when it was enabled, so new factors would stay where the base's
+        host copy is while the rest of the branch is on the GPU, and the concatenation would mix devices."""
+        from .block_swap import is_swapped
+        from .errors import UraeError
+
+        if is_swapped(self):
+            raise UraeError(
+                f"cannot add adapter slice '{name}' while block swap streams this layer's block: add adapters "
+                "before block swap (disable_block_swap(transformer), add them, then enable_block_swap again)"
+            )
         if A.shape[1] != self.in_features or B.shape[0] != self.out_features:
             raise ValueError(
                 f"adapter '{name}' has A {tuple(A.shape)}, B {tuple(B.shape)} but the layer is "

@@ -30,6 +30,10 @@ def apply_offload(pipe, mode: str, device: torch.device) -> None:
     elif mode == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif mode == "group":
+        if device.type == "cuda":  # the blocks wait in pinned host memory: at their own size, not a power of two
+            from .pinned import exact_pinned_sizes
+
+            exact_pinned_sizes()
         pipe.enable_group_offload(
             onload_device=device,
             offload_device=torch.device("cpu"),

@@ -116,8 +116,10 @@ class PlanConfig:
                 f"rank {self.adapter_rank}{memory}"
             )
         return (
-            f"{head}, {self.adapter_kind} rank {self.adapter_rank}, checkpointing {m.checkpointing}, "
-            f"{self.optimizer}{memory}" + ("" if self.validation else ", no validation")
+            f"{head}, {self.adapter_kind} rank {self.adapter_rank}, checkpointing {m.checkpointing}"
+            + (f" every {m.checkpoint_every} blocks" if m.checkpoint_every > 1 else "")
+            + f", {self.optimizer}{memory}"
+            + ("" if self.validation else ", no validation")
         )
 
     def as_dict(self) -> dict:
@@ -136,7 +138,8 @@ class Estimate:
     phases: tuple[str, ...]
     rows: tuple[tuple[str, tuple[int, ...]], ...]  # (component, bytes in each phase)
     notes: tuple[str, ...] = ()
-    host: int = 0  # host memory the mode parks there: offloaded weights, or checkpointed block inputs
+    host: int = 0  # host memory the mode parks there: offloaded weights, swapped blocks, checkpointed tensors
+    pinned: int = 0  # the part of `host` that is pinned: block swap's host copies and save_on_cpu's saved tensors
 
     def allocated(self) -> tuple[int, ...]:
         """Per phase: what torch allocates (comparable to torch.cuda.max_memory_allocated)."""
@@ -201,6 +204,7 @@ class Estimate:
             "peak_allocated_bytes": self.peak_allocated,
             "peak_phase": self.peak_phase,
             "host_bytes": self.host,
+            "pinned_bytes": self.pinned,
             "notes": list(self.notes),
         }
 
@@ -278,14 +282,14 @@ ROW_ORDER = (
 )
 
 
-def _build(cfg: PlanConfig, phases: dict[str, dict[str, int]], notes: list[str], host: int) -> Estimate:
+def _build(cfg: PlanConfig, phases: dict[str, dict[str, int]], notes: list[str], host: int, pinned: int) -> Estimate:
     """Rows in ROW_ORDER; a component absent from a phase is 0 there."""
     names = sorted(
         dict.fromkeys(name for parts in phases.values() for name in parts),
         key=lambda n: next(i for i, prefix in enumerate(ROW_ORDER) if n.startswith(prefix)),
     )
     rows = tuple((n, tuple(int(parts.get(n, 0)) for parts in phases.values())) for n in names)
-    return Estimate(cfg, tuple(phases), tuple(r for r in rows if any(r[1])), tuple(notes), host)
+    return Estimate(cfg, tuple(phases), tuple(r for r in rows if any(r[1])), tuple(notes), host, pinned)
 
 
 # ---- generate ----------------------------------------------------------------------------------------------------
@@ -376,7 +380,7 @@ def _generate(cfg: PlanConfig, vram_gib: float | None) -> Estimate:
             f"block swap: {cfg.memory.blocks_to_swap} blocks ({swapped_host / C.GiB:.1f} GiB) stream from pinned "
             "host memory"
         )
-    return _build(cfg, phases, notes, host)
+    return _build(cfg, phases, notes, host, swapped_host)
 
 
 def _resolve_tiling(cfg: PlanConfig, other_phases: int, held: int, vram_gib: float | None) -> tuple[bool, str]:
@@ -412,7 +416,7 @@ def _train(cfg: PlanConfig) -> Estimate:
     prec = _precision(cfg, autocast=True)
     # frozen weights and frozen slices stream through the window (none swapped: all resident); a validation's
     # first step starts from what the backward left, later ones from what a step leaves
-    swap = SwapLayout.of(arch, cfg.memory.quant, cfg.memory.blocks_to_swap, frozen_rank)
+    swap = SwapLayout.of(arch, cfg.memory.quant, cfg.memory.blocks_to_swap, frozen_rank, cfg.memory.checkpoint_every)
     rounds = swap.rounds("forward", "backward", *(("inference",) * 2 if cfg.validation else ()))
     acts = {  # per block kind: the peaks while blocks of that kind run (the window differs)
         kind: training_bytes(
@@ -464,13 +468,42 @@ def _train(cfg: PlanConfig) -> Estimate:
             "validation samples at the training size under autocast: lower validation.size (or "
             "validation.every=0) when it sets the peak"
         )
-    kept_inputs = kept_block_inputs(arch.n_blocks, cfg.memory.checkpoint_every)  # all of them at the end of the forward
-    inputs_host = kept_inputs * tok.total * arch.hidden * C.BF16 if cfg.memory.checkpointing == "cpu" else 0
-    if inputs_host:
-        notes.append(f"checkpointing cpu: {inputs_host / C.GiB:.1f} GiB of block inputs in pinned host memory")
+    saved = _saved_on_host(cfg, arch, tok, prec) if cfg.memory.checkpointing == "cpu" else 0
+    if saved:
+        notes.append(
+            f"checkpointing cpu: {saved / C.GiB:.1f} GiB of block inputs and saved tensors in pinned host memory"
+        )
     if swap.host:
         notes.append(
             f"block swap: {cfg.memory.blocks_to_swap} blocks ({swap.host / C.GiB:.1f} GiB) stream from pinned "
             "host memory"
         )
-    return _build(cfg, phases, notes, inputs_host + swap.host)
+    return _build(cfg, phases, notes, saved + swap.host, saved + swap.host)
+
+
+def _saved_on_host(cfg: PlanConfig, arch: FluxArch, tok: Tokens, prec: Precision) -> int:
+    """What `save_on_cpu(pin_memory=True)` (checkpointing `cpu`) makes torch's caching host allocator hold for a
+    training step: every tensor autograd saves is a pinned copy of its own, sized exactly (urae_lite/pinned.py), and
+    a freed copy's block serves later requests of its size. The forward ends with all of them alive:
+
+    * per block, the checkpoint's tensor inputs: the hidden states (image tokens) and encoder states (text tokens) of
+      every `checkpoint_every`-th block (the segment starts: train/checkpoint_segments.py), and every block's temb;
+    * outside the blocks, what autograd saves for diffusers' AdaLayerNormContinuous (norm_out) and proj_out: the
+      LayerNorm's input (fp32 under CUDA autocast, which runs layer_norm in fp32) with its per-token mean and rstd
+      (fp32), the (1 + scale) factor that multiplies the normalised states, and proj_out's bf16 weight (transposed:
+      the input's gradient needs it). The embedders' inputs need no gradient, and the loss runs outside
+      save_on_cpu (Trainer.forward_loss). The image rotary embeddings reach the blocks in a tuple, which checkpoint
+      does not save.
+
+    Backward pins one thing: with segments of 3 or more, a segment replay keeps the input of the block recomputed
+    next, one at a time. The first comes in the last segment (backward's first). If that segment has 3 blocks or
+    more, nothing of its size was freed yet (only norm_out's tensors, of other sizes) and the allocator adds a block;
+    otherwise the last segment's own freed input is reused, as every later one reuses the one before."""
+    a, d, n, every = prec.act, arch.hidden, arch.n_blocks, cfg.memory.checkpoint_every
+    block_input = (tok.image + tok.text) * d * a
+    blocks = kept_block_inputs(n, every) * block_input + n * d * a
+    last_segment = n - (n - 1) // every * every
+    replay = block_input if last_segment >= 3 else 0
+    out_channels = arch.in_channels  # FLUX.1: out_channels unset -> in_channels, patch size 1
+    final = tok.image * d * prec.norm + 2 * tok.image * C.FP32 + d * a + d * out_channels * C.BF16
+    return blocks + replay + final

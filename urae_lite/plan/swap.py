@@ -2,11 +2,15 @@
 blocks on the device, every swapped block's copy in pinned host memory.
 
 urae_lite/block_swap.py swaps the LAST `blocks_to_swap` blocks in execution order. Entering a swapped block makes it
-resident, prefetches the next one in the pass's direction and releases every other: the window is the running
-block + its neighbour (a double and a single block where the kinds meet), and after a pass's last swapped block it
-holds what that block left (`_next`: nothing more with grad, the first swapped block again without). Between passes
-the window keeps that; moving the transformer off the device (model offload) empties it. So the window at a
-phase's peak is the one held while the block kind with the most activations runs, not the two largest blocks.
+resident, prefetches the swapped block entered next and releases every other: the window is the running block +
+the next one. Which one is next follows the order blocks are entered in (`pass_entries`): up in a forward, down in
+a checkpointed backward, where checkpoint segments (`checkpoint_every` k >= 2) first replay the blocks from the
+segment's kept input (block_swap.backward_entries), so the window may pair a block with one that is not its
+neighbour (a recomputed segment start with the start of the segment below). After a pass's last swapped block the
+window holds what that block left: with grad, the backward's first swapped block; without, the first swapped block
+again (the next pass). Between passes the window keeps that; moving the transformer off the device (model offload)
+empties it. So the window at a phase's peak is the one held while the block kind with the most activations runs,
+not the two largest blocks.
 """
 
 from __future__ import annotations
@@ -20,11 +24,8 @@ from .activations import BLOCK_KINDS
 from .arch import FluxArch
 
 Window = frozenset[str]  # names of the swapped blocks with device copies
-PASSES = {  # (runs last block first, grad on) of each pass over the blocks
-    "inference": (False, False),  # a denoising or validation step
-    "forward": (False, True),  # a checkpointed training forward
-    "backward": (True, True),  # the checkpoint recomputes in backward
-}
+PASSES = ("inference", "forward", "backward")  # a denoising or validation step; a checkpointed training forward;
+# its backward (the checkpoint recomputes, and the segment replays with checkpoint_every >= 2)
 
 
 def swapped_blocks(arch: FluxArch, blocks_to_swap: int) -> tuple[str, ...]:
@@ -41,32 +42,48 @@ def block_kind(name: str) -> str:
     return BLOCK_KINDS[BLOCK_LISTS.index(name.split(".")[0])]
 
 
-def _prefetched(pos: int, n: int, backward: bool, grad: bool) -> int | None:
-    """BlockSwap._next: the swapped block fetched while swapped block `pos` of `n` runs."""
-    if backward:
-        return pos - 1 if pos > 0 else None
-    if pos + 1 < n:
-        return pos + 1
-    return None if grad or pos == 0 else 0
+@lru_cache(maxsize=256)
+def pass_entries(n_blocks: int, kind: str, every: int = 1) -> tuple[int, ...]:
+    """The blocks (indices in execution order) entered in one pass of `kind` (PASSES), in order; `every`: the
+    checkpoint segments' length in a training step (block_swap.backward_entries)."""
+    from ..block_swap import backward_entries
+
+    if kind == "backward":
+        return tuple(g for g, _ in backward_entries(n_blocks, every))
+    return tuple(range(n_blocks))
 
 
-def pass_windows(names: tuple[str, ...], swapped: tuple[str, ...], kind: str, before: Window) -> tuple[dict, Window]:
-    """The window while each block runs in one pass of `kind` (PASSES), and the window the pass leaves; `before`:
-    the window the pass starts with (what resident blocks run beside until the first swapped block)."""
-    backward, grad = PASSES[kind]
+def pass_windows(
+    names: tuple[str, ...], swapped: tuple[str, ...], kind: str, before: Window, every: int = 1
+) -> tuple[list[tuple[str, Window]], Window]:
+    """The window while each block runs in one pass of `kind` (PASSES): (block, window) per block entry, in order,
+    and the window the pass leaves; `before`: the window the pass starts with (what resident blocks run beside
+    until the first swapped block). Mirrors BlockSwap._enter: the window is the running swapped block and the
+    swapped block entered after it."""
     position = {name: i for i, name in enumerate(swapped)}
-    held, windows = before, {}
-    for name in reversed(names) if backward else names:
+    entries = [names[g] for g in pass_entries(len(names), kind, every)]
+    order = [name for name in entries if name in position]
+    if kind == "forward":  # after the last block, the backward's first swapped block
+        first = [names[g] for g in pass_entries(len(names), "backward", every) if names[g] in position][:1]
+        after = first[0] if first else None
+    elif kind == "inference":  # the next pass's first swapped block (none when it is the only one left)
+        after = order[0] if len(order) > 1 else None
+    else:
+        after = None
+    following = dict(zip(range(len(order)), [*order[1:], after]))
+    held, windows, seen = before, [], 0
+    for name in entries:
         if name in position:
-            nxt = _prefetched(position[name], len(swapped), backward, grad)
-            held = frozenset((name,) if nxt is None else (name, swapped[nxt]))
-        windows[name] = held
+            nxt = following[seen]
+            seen += 1
+            held = frozenset((name,) if nxt is None or nxt == name else (name, nxt))
+        windows.append((name, held))
     return windows, held
 
 
 @lru_cache(maxsize=256)
 def steady_windows(
-    names: tuple[str, ...], swapped: tuple[str, ...], passes: tuple[str, ...]
+    names: tuple[str, ...], swapped: tuple[str, ...], passes: tuple[str, ...], every: int = 1
 ) -> tuple[tuple[dict[str, tuple[Window, ...]], Window], ...]:
     """(per block kind: the windows held while a block of it runs; the window left after) of each pass of a job
     that repeats `passes` (a generation's denoising steps; a training step and its validation), from the second
@@ -75,9 +92,9 @@ def steady_windows(
     for _ in range(2):
         rounds = []
         for kind in passes:
-            windows, held = pass_windows(names, swapped, kind, held)
+            windows, held = pass_windows(names, swapped, kind, held, every)
             by_kind: dict[str, dict[Window, None]] = {}
-            for name, window in windows.items():
+            for name, window in windows:
                 by_kind.setdefault(block_kind(name), {})[window] = None
             rounds.append(({k: tuple(w) for k, w in by_kind.items()}, held))
     return tuple(rounds)
@@ -106,13 +123,16 @@ class SwapLayout:
     weights: dict[str, int]
     adapters: dict[str, int]
     other: int  # bf16 parameters outside the blocks: always resident
+    every: int = 1  # checkpoint segments' length in training (the backward's block order)
 
     @classmethod
-    def of(cls, arch: FluxArch, quant: str, blocks_to_swap: int, frozen_rank: int) -> SwapLayout:
-        """`frozen_rank`: total rank of the frozen adapter slices (0: none), streamed with their blocks."""
+    def of(cls, arch: FluxArch, quant: str, blocks_to_swap: int, frozen_rank: int, every: int = 1) -> SwapLayout:
+        """`frozen_rank`: total rank of the frozen adapter slices (0: none), streamed with their blocks; `every`:
+        memory.checkpoint_every of a training job."""
         adapters = {k: v * C.BF16 for k, v in arch.block_adapter_params(frozen_rank).items()}
         swapped = swapped_blocks(arch, blocks_to_swap)
-        return cls(arch.block_names(), swapped, arch.block_weight_bytes(quant), adapters, arch.other_params * C.BF16)
+        weights = arch.block_weight_bytes(quant)
+        return cls(arch.block_names(), swapped, weights, adapters, arch.other_params * C.BF16, every)
 
     @property
     def host(self) -> int:
@@ -140,8 +160,8 @@ class SwapLayout:
         )
 
     def rounds(self, *passes: str) -> tuple[tuple[dict[str, tuple[Window, ...]], Window], ...]:
-        """steady_windows of a job repeating `passes` (PASSES keys)."""
-        return steady_windows(self.names, self.swapped, passes)
+        """steady_windows of a job repeating `passes` (PASSES)."""
+        return steady_windows(self.names, self.swapped, passes, self.every)
 
     def peak(self, windows: dict[str, tuple[Window, ...]], activations: Callable[[str], int]) -> Placement:
         """A pass's worst moment (`windows`: a pass of `rounds`): for each block kind, its activations while one

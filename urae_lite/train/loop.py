@@ -67,6 +67,10 @@ class Trainer:
         t = self.cfg.training
         # With checkpointing, what autograd saves are mostly the block inputs (recent torch, checked on 2.13, saves a
         # checkpoint's inputs through saved-tensor hooks), so this keeps them in host memory instead of the GPU.
+        if self.cfg.memory.checkpointing == "cpu" and self.device.type == "cuda":
+            from ..pinned import exact_pinned_sizes
+
+            exact_pinned_sizes()  # each saved tensor pinned at its own size, not the next power of two (pinned.py)
         offload = (
             torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda")
             if self.cfg.memory.checkpointing == "cpu"
