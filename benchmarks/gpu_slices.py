@@ -351,10 +351,13 @@ def tiny_generate(quant: str, size: int, steps: int, **memory) -> dict:
     import urae_lite
 
     preset = "4k" if size >= 4096 else "2k"
+    swap = memory.pop("blocks_to_swap", 0)
     pipe = urae_lite.load_pipeline(
         "tiny", memory={"quant": quant, **memory}, preset=preset, device="cpu", progress=False
     )
     add_adapter_rank(pipe.transformer, 48 if size >= 4096 else 16, "urae")
+    if swap:  # the adapters first, then the swap, as a load with adapter files does
+        pipe.reconfigure(pipe.memory.replace(blocks_to_swap=swap))
     s = pipe.defaults.replace(width=TINY_SIZE[size], height=TINY_SIZE[size], steps=steps)
     ends: list[float] = []
     handle = pipe.transformer.register_forward_hook(lambda *_: ends.append(time.perf_counter()))

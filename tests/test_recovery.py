@@ -18,8 +18,8 @@ from urae_lite import pipeline as pipeline_module
 from urae_lite.block_swap import block_swap_of, execution_blocks
 from urae_lite.errors import UraeError
 from urae_lite.memory import MemorySettings
+from urae_lite.plan import PlanConfig
 from urae_lite.plan.choose import replanner
-from urae_lite.plan.estimate import PlanConfig
 from urae_lite.recovery import MAX_REPLANS, OutOfMemory, step_down
 from urae_lite.train.cache import build_cache
 from urae_lite.train.config import load_recipe

@@ -274,7 +274,7 @@ def _sync(device: torch.device) -> None:
 def planner_advice(vram_gib: float, ram_gib: float) -> list[dict]:
     """`best_config` for generate and train at 2048² and 4096² on a `vram_gib` card with `ram_gib` of host memory."""
     from .memory import searched
-    from .plan.estimate import PlanConfig
+    from .plan.job import PlanConfig
     from .plan.recipe import recipe_file_job, shipped_recipe
     from .plan.search import best_config
 

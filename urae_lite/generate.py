@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> None:
     replan = step_down
     if vram is not None or device.type == "cuda":  # the planner picks, and re-plans after an out-of-memory error
         from .plan.choose import apply_vram, model_fields, replanner
-        from .plan.estimate import PlanConfig
+        from .plan.job import PlanConfig
 
         size = load_preset(args.preset, files.variant, args.overrides).replace(**settings)
         job = PlanConfig(task="generate", width=size.width, height=size.height, memory=memory, **model_fields(files))

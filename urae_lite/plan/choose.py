@@ -20,7 +20,7 @@ from .search import best_config, options
 
 if TYPE_CHECKING:
     from ..model_files import ModelFiles
-    from .estimate import PlanConfig
+    from .job import PlanConfig
 
 HOST_SHARE = 0.75  # of this machine's RAM, for offloaded weights, swapped blocks and checkpoints: the rest runs the OS
 

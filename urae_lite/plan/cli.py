@@ -11,7 +11,7 @@ from ..flux_configs import VARIANTS
 from ..memory import TASKS, MemorySettings, overridden, searched
 from . import constants as C
 from .choose import model_fields
-from .estimate import ADAPTERS, OPTIMIZERS, PlanConfig
+from .job import ADAPTERS, OPTIMIZERS, PlanConfig
 
 if TYPE_CHECKING:
     from .search import PlanResult

@@ -26,7 +26,7 @@ from ..config import PROFILES_KEY, read_yaml
 from ..memory import searched
 from ..presets import RECIPES, load_preset, preset_memory
 from .constants import HOST_RAM_GIB
-from .estimate import PlanConfig
+from .job import PlanConfig
 from .recipe import recipe_file_job
 from .search import PlanResult, best_config
 

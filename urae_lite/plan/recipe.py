@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..presets import RECIPES
 from ..train.config import TrainConfig, load_recipe
-from .estimate import PlanConfig
+from .job import PlanConfig
 
 RECIPE_2K_LORA = "train_2k_lora.yaml"
 RECIPE_4K_MINOR = "train_4k_minor.yaml"

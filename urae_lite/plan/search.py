@@ -18,7 +18,8 @@ from ..memory import MemorySettings, searched
 from . import constants as C
 from .activations import kept_block_inputs
 from .arch import FluxArch, t5_params, vae_params
-from .estimate import BASE_ADAPTER_RANK, Estimate, PlanConfig, estimate
+from .estimate import Estimate, estimate
+from .job import BASE_ADAPTER_RANK, PlanConfig
 from .swap import transfer_seconds
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..memory import searched
 from .constants import HOST_RAM_GIB
-from .estimate import PlanConfig, estimate
+from .estimate import estimate
+from .job import PlanConfig
 from .recipe import recipe_file_job, shipped_recipe
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (the page and the README are not installed)
