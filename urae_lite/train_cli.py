@@ -70,12 +70,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _plan_peak_gib(job) -> float | None:
-    """The planner's peak for the run (the progress bar shows it beside the measured peak), or None."""
+    """The planner's peak allocated by torch for the run (the progress bar shows it beside the measured
+    `torch.cuda.max_memory_allocated`), or None."""
     from .errors import UraeError
     from .plan.estimate import estimate
 
     try:
-        return estimate(job).peak / 2**30
+        return estimate(job).peak_allocated / 2**30
     except UraeError:
         return None
 
