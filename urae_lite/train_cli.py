@@ -51,6 +51,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     cuda = cfg.device != "cpu" and torch.cuda.is_available()
     vram = auto_vram(args.vram, user_set, "cuda" if cuda else "cpu")
     files, replan = None, step_down  # files: resolved by `train` after its output check, or here for the planner
+    plan_peak = None
     if vram is not None or cuda:
         from .destinations import check_output_dir
         from .plan.choose import apply_vram, model_fields, replanner
@@ -64,7 +65,31 @@ def _cmd_train(args: argparse.Namespace) -> None:
             cfg = load_recipe(args.recipe, [*picked, *overrides])
             job = recipe_job(cfg, **model_fields(files))
         replan = replanner(job, user_set, args.ram)
-    train(cfg, resume=args.resume, files=files, replan=replan)
+        plan_peak = _plan_peak_gib(job)
+    train(cfg, resume=args.resume, files=files, replan=replan, plan_peak_gib=plan_peak, command=_command(args))
+
+
+def _plan_peak_gib(job) -> float | None:
+    """The planner's peak allocated by torch for the run (the progress bar shows it beside the measured
+    `torch.cuda.max_memory_allocated`), or None."""
+    from .errors import UraeError
+    from .plan.estimate import estimate
+
+    try:
+        return estimate(job).peak_allocated / 2**30
+    except UraeError:
+        return None
+
+
+def _command(args: argparse.Namespace) -> str:
+    """This `urae-lite train` command line as typed (without --resume): what a stopped run prints to continue."""
+    import shlex
+
+    words = ["urae-lite", "train", args.recipe, *args.overrides]
+    for option, value in (("--vram", args.vram), ("--ram", args.ram), ("--format", args.format)):
+        if value is not None:
+            words += [option, str(value)]
+    return shlex.join(words)
 
 
 def vram_overrides(picked) -> list[str]:

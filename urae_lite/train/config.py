@@ -54,6 +54,7 @@ class TrainingConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     precision: str = "bf16"  # bf16: bf16 weights + autocast | fp32: full precision (CPU tests; big and slow on GPUs)
+    log_with: str | None = None  # tensorboard: also log to output_dir/tensorboard (extra urae-lite[tensorboard])
 
 
 @dataclass
@@ -64,7 +65,8 @@ class CheckpointConfig:
 
 @dataclass
 class ValidationConfig:
-    every: int = 0  # 0 = off
+    every: int = 0  # steps; 0 = off
+    every_minutes: float = 0  # also every this many minutes (0 = off); output_dir/SAMPLE_NOW: after the next step
     prompts: list[str] = field(default_factory=list)
     steps: int = 28
     guidance: float = 3.5
@@ -150,6 +152,7 @@ def check_config(cfg: TrainConfig, require_paths: bool = True) -> None:
         "adapter.targets": (cfg.adapter.targets, TARGET_CHOICES),
         "training.timesteps": (cfg.training.timesteps, ("uniform", "logit_normal")),
         "training.precision": (cfg.training.precision, ("bf16", "fp32")),
+        "training.log_with": (cfg.training.log_with, (None, "tensorboard")),
         "device": (cfg.device, (None, "cpu", "cuda")),
     }
     for key, (value, allowed) in choices.items():
@@ -165,6 +168,8 @@ def check_config(cfg: TrainConfig, require_paths: bool = True) -> None:
     for key, value in positive.items():
         if value < 1:
             raise UraeError(f"{key} must be at least 1, got {value}")
+    if cfg.validation.every < 0 or cfg.validation.every_minutes < 0:
+        raise UraeError("validation.every and validation.every_minutes must be 0 (off) or positive")
     if cfg.data.resolution % 16:
         raise UraeError(f"data.resolution must be a multiple of 16, got {cfg.data.resolution}")
     from .data import CAPTION_COLUMNS

@@ -34,14 +34,24 @@ from .config import TrainConfig
 from .data import SkipLog
 from .flow import flow_loss
 from .model import build_model, export_adapters, load_trainable, save_trainable, trainable_parameters
+from .monitor import RunMonitor, require_tensorboard, step_record
 from .optim import build_optimizer
-from .resume import find_checkpoint, list_checkpoints, load_checkpoint, partial_dir, publish, set_rng_state, write_rng
+from .resume import (
+    checkpoint_root,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    partial_dir,
+    publish,
+    set_rng_state,
+    step_name,
+    write_rng,
+)
 from .samples import SampleSource, TrainSample, vae_factors
+from .steering import ValidationSchedule, safe_stop
 from .validation import run_validation, validation_embeddings
 
 logger = logging.getLogger("urae_lite.train")
-
-# Test hook: the process exits abruptly (no cleanup, like SIGKILL) in the middle of this optimizer step.
 
 
 class Trainer:
@@ -239,22 +249,6 @@ def _restore(path: Path, trainer: Trainer, cfg: TrainConfig, items: list[str], a
     return state["step"]
 
 
-def _log_record(trainer: Trainer, step: int, loss: float, grad_norm: float, seconds: float) -> dict:
-    group = trainer.optimizer.param_groups[0]
-    record = {
-        "step": step,
-        "loss": loss,
-        "lr": trainer.scheduler.get_last_lr()[0],
-        "grad_norm": grad_norm,
-        "seconds": round(seconds, 4),
-    }
-    if "d" in group:  # Prodigy's adapted step size: the LR it actually applies is d·lr
-        record["prodigy_d"] = group["d"]
-    if trainer.device.type == "cuda":
-        record["peak_vram_gib"] = round(torch.cuda.max_memory_allocated(trainer.device) / GiB, 3)
-    return record
-
-
 def train(
     cfg: TrainConfig,
     resume: str | None = None,
@@ -262,18 +256,24 @@ def train(
     on_step: Callable[[int], None] | None = None,
     files: ModelFiles | None = None,
     replan: Replanner = step_down,
+    plan_peak_gib: float | None = None,
+    command: str | None = None,
 ) -> Path:
     """Run the recipe; returns the folder holding the final adapter. `resume`: `auto` or a checkpoint folder.
 
     `on_step(step)` is called before each optimizer step's work, with its 1-based number (progress hooks; tests
     use it to kill a run mid-way). `files`: the recipe's model files if already resolved (`cfg.model_files()`).
-    `replan`: how a step that runs out of memory re-plans (urae_lite.recovery; the command passes the planner's)."""
+    `replan`: how a step that runs out of memory re-plans (urae_lite.recovery; the command passes the planner's).
+    `plan_peak_gib`: the planner's peak for this run, shown beside the measured one. `command`: the command line
+    that started the run, printed with `--resume` when Ctrl-C / SIGTERM stops it (urae_lite/train/steering.py)."""
     check_output_dir(cfg.output_dir, "output_dir")
     out = Path(cfg.output_dir)
     if resume is None and list_checkpoints(out):  # destination errors come before the model is resolved (fetched)
         raise UraeError(
             f"{out} already holds checkpoints: pass --resume to continue that run, or choose another output_dir"
         )
+    if cfg.training.log_with == "tensorboard":
+        require_tensorboard()  # before anything is loaded
     checkpoint = None if resume is None else find_checkpoint(out, resume)
     files = files if files is not None else cfg.model_files()  # once per run: cache, model and validation share it
     n_blocks = files.config["num_layers"] + files.config["num_single_layers"]
@@ -287,7 +287,8 @@ def train(
     with report.stage("open cache"):
         dataset = open_cache(cfg.data.dir, files, cfg.data.resolution, cfg.data.cache, skips=skips)
         source = SampleSource(dataset, cfg, *vae_factors(root), skips)
-    validate = bool(cfg.validation.every and cfg.validation.prompts)
+    v = cfg.validation
+    validate = bool((v.every or v.every_minutes) and v.prompts)
     embeds = []
     if validate and main:  # before the transformer is on the device: T5 needs it alone
         with report.stage("validation prompts"), oom_guard(cfg, device, "prompt encoding"):
@@ -299,14 +300,18 @@ def train(
     trainer = Trainer(model, optimizer, scheduler, cfg, device, accelerator)
     items = [item.name for item in dataset.items]
     step = 0 if checkpoint is None else _restore(checkpoint, trainer, cfg, items, accelerator)
+    monitor = None
     if main:
         out.mkdir(parents=True, exist_ok=True)
         _truncate_log(out / "log.jsonl", step)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        monitor = RunMonitor(out, cfg.training.log_with, step, v.prompts, plan_peak_gib)
+    schedule = ValidationSchedule(v, out, validate)
     t = cfg.training
     per_step = world * t.gradient_accumulation
     bar = tqdm(total=t.steps, initial=step, desc="training", unit="step", disable=not (progress and main))
-    with report.stage("train"):
+    stopped = None
+    with report.stage("train"), safe_stop() as stop:
         while step < t.steps:
             start = time.perf_counter()
             if device.type == "cuda":
@@ -317,25 +322,62 @@ def train(
             losses, grad_norm = trainer.step(source, indices, f"training step {step + 1}", replan, n_blocks)
             step += 1
             loss = accelerator.reduce(torch.tensor(sum(losses) / len(losses), device=device), reduction="mean").item()
+            if main:
+                seconds = time.perf_counter() - start
+                record = step_record(optimizer, scheduler, device, step, loss, grad_norm, seconds)
+                monitor.step(record, write=step % cfg.log_every == 0 or step == t.steps)
+                bar.set_postfix(monitor.postfix(record), refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if main and (step % cfg.log_every == 0 or step == t.steps):
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(_log_record(trainer, step, loss, grad_norm, time.perf_counter() - start)) + "\n")
-            if cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == t.steps):
+            saved = cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == t.steps)
+            if saved:
                 _save_checkpoint(trainer, cfg, step, items, accelerator)
-            if validate and step % cfg.validation.every == 0:
+            run_now, stop_now = _agree(accelerator, main and schedule.due(step) is not None, stop.requested)
+            if run_now:
                 if main:
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
                     with oom_guard(cfg, device, "validation"):
-                        run_validation(model, cfg, root, embeds, step, device)
+                        images = run_validation(model, cfg, root, embeds, step, device)
+                    monitor.validation(step, images, _cuda_peak(device)[0])
+                schedule.done()
                 accelerator.wait_for_everyone()
+            if stop_now and step < t.steps:
+                if not saved:
+                    _save_checkpoint(trainer, cfg, step, items, accelerator)
+                stopped = stop.signal or "a stop request"
+                break
     bar.close()
-    if main:
+    if monitor is not None:
+        monitor.close()
+    if main and stopped is not None:
+        print(
+            f"stopped by {stopped} after step {step} of {t.steps}: checkpoint "
+            f"{checkpoint_root(out) / step_name(step)}\ncontinue with: {_resume_command(command, out)}"
+        )
+    elif main:
         export_adapters(model, cfg, out, {"urae_lite.steps": str(step)})
         print(f"wrote {out / 'adapter.safetensors'}; {skips.summary()}")
+    if main:
         print(report.format())
     accelerator.wait_for_everyone()
     return out
+
+
+def _agree(accelerator, validate: bool, stop: bool) -> tuple[bool, bool]:
+    """Every process takes the same decisions: validate when the main process says so (its timer and its
+    SAMPLE_NOW), stop when any process got the signal."""
+    if accelerator.num_processes == 1:
+        return validate, stop
+    flags = torch.tensor([float(validate), float(stop)], device=accelerator.device)
+    total = accelerator.reduce(flags, reduction="sum")
+    return bool(total[0] > 0), bool(total[1] > 0)
+
+
+def _resume_command(command: str | None, out: Path) -> str:
+    """The command that started the run with `--resume` (once), or its Python form."""
+    if command is None:
+        return f"train(load_recipe(...), resume='auto')  # or: urae-lite train RECIPE output_dir={out} ... --resume"
+    return command if "--resume" in command.split() else f"{command} --resume"
 
 
 def _save_checkpoint(trainer: Trainer, cfg: TrainConfig, step: int, items: list[str], accelerator) -> Path | None:
