@@ -183,7 +183,7 @@ def check_config(cfg: TrainConfig, require_paths: bool = True) -> None:
             raise UraeError(f"{key} must be at least 1, got {value}")
     if cfg.data.resolution % 16:
         raise UraeError(f"data.resolution must be a multiple of 16, got {cfg.data.resolution}")
-    from .data import CAPTION_COLUMNS
+    from .captions import CAPTION_COLUMNS
 
     unknown = sorted(set(cfg.data.caption_mix) - set(CAPTION_COLUMNS))
     if unknown:
