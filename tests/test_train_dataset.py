@@ -34,6 +34,7 @@ def kohya_tree(folder: Path) -> Path:
         "10_cat/a.png": (96, 96, CAT, ".txt"),
         "10_cat/mild.png": (56, 56, "a cat, close", ".txt"),  # upscaled 64/56 = 1.14x: not worth a warning
         "10_cat/small.png": (40, 40, "a small cat", ".txt"),  # 1.6x
+        "10_cat/2_extra/e.png": (64, 64, "an extra cat", ".txt"),  # the innermost N_name folder counts: 2 repeats
         "5_dog/close/b.jpg": (120, 90, "a dog", ".caption"),
         "misc/c.png": (64, 128, "txt caption", ".txt"),
         "misc/nocap.png": (80, 80, None, None),
@@ -63,16 +64,18 @@ def test_kohya_tree_gives_samples_repeats_prefixes_buckets_and_skips(tree):
     report = survey(tree, RESOLUTION, _data(tree))
     by_name = {s.name: s for s in report.samples}
     small = [f"4_small/s{side}" for side in (36, 40, 44, 48)]
-    assert sorted(by_name) == sorted(["10_cat/a", "10_cat/mild", "10_cat/small", "5_dog/close/b", "misc/c", *small])
+    cats = ["10_cat/a", "10_cat/mild", "10_cat/small", "10_cat/2_extra/e"]
+    assert sorted(by_name) == sorted([*cats, "5_dog/close/b", "misc/c", *small])
     assert {n: s.repeats for n, s in by_name.items()} == {
         "10_cat/a": 10,
         "10_cat/mild": 10,
         "10_cat/small": 10,
-        "5_dog/close/b": 5,  # the innermost N_name folder above the image
+        "10_cat/2_extra/e": 2,  # the innermost N_name folder above the image
+        "5_dog/close/b": 5,
         "misc/c": 1,
         **dict.fromkeys(small, 4),
     }
-    assert report.samples_per_epoch == 3 * 10 + 5 + 1 + 4 * 4
+    assert report.samples_per_epoch == 3 * 10 + 2 + 5 + 1 + 4 * 4
     assert by_name["10_cat/a"].captions == {"prompt": f"ohwx, {CAT}"}
     assert (by_name["5_dog/close/b"].source, by_name["5_dog/close/b"].captions) == (
         ".caption",
@@ -81,15 +84,16 @@ def test_kohya_tree_gives_samples_repeats_prefixes_buckets_and_skips(tree):
     c = by_name["misc/c"]  # .txt and .json: the authors' JSON wins, both columns kept for the 20/80 mix
     assert (c.source, c.shadowed) == (".json", (".txt",))
     assert c.captions == {"prompt": "ohwx, json caption", "generated_prompt": "ohwx, long, json"}
-    assert report.sources() == {".txt": 7, ".caption": 1, ".json": 1}
+    assert report.sources() == {".txt": 8, ".caption": 1, ".json": 1}
     assert {n: s.bucket for n, s in by_name.items() if not n.startswith("4_")} == {
         "10_cat/a": SQUARE,
         "10_cat/mild": SQUARE,
         "10_cat/small": SQUARE,
+        "10_cat/2_extra/e": SQUARE,
         "5_dog/close/b": WIDE,
         "misc/c": TALL,
     }
-    assert report.histogram() == {SQUARE: (7, 46), WIDE: (1, 5), TALL: (1, 1)}
+    assert report.histogram() == {SQUARE: (8, 48), WIDE: (1, 5), TALL: (1, 1)}
     assert report.skips.reasons == {"without caption": 1, "smaller than data.min_side": 1}
     assert report.skips.names == {"without caption": ["misc/nocap.png"], "smaller than data.min_side": ["tiny.png"]}
     # more than 1.25x: 10_cat/small (1.6x) and 4_small's 36, 40, 44 (48 is 1.33x too); mild (1.14x) is not
@@ -114,18 +118,21 @@ def test_check_prints_the_report(tree, tiny_flux, capsys):
     assert main([*args, "--model", str(tiny_flux)]) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
-    assert lines[0] == f"dataset {tree}: 9 image(s), 52 sample(s) per epoch with repeats"
-    assert "captions: 1 .caption, 1 .json, 7 .txt" in lines
+    assert lines[0] == f"dataset {tree}: 10 image(s), 54 sample(s) per epoch with repeats"
+    assert "captions: 1 .caption, 1 .json, 8 .txt" in lines
     assert "  misc/c: .json wins over .txt" in lines
-    assert "repeats: 10_cat x10 (3 image(s)), 4_small x4 (4 image(s)), 5_dog/close x5 (1 image(s))" in lines
+    assert (
+        "repeats: 10_cat x10 (3 image(s)), 10_cat/2_extra x2 (1 image(s)), 4_small x4 (4 image(s)), 5_dog/close x5 (1 image(s))"
+        in lines
+    )
     assert "skipped 2 item(s): 1 smaller than data.min_side, 1 without caption" in lines
     assert "  without caption: misc/nocap.png" in lines
     histogram = lines[lines.index("buckets at resolution 64 (images, samples per epoch):") + 1 :][:3]
-    assert [line.split()[:3] for line in histogram] == [["64x64", "7", "46"], ["80x48", "1", "5"], ["48x96", "1", "1"]]
+    assert [line.split()[:3] for line in histogram] == [["64x64", "8", "48"], ["80x48", "1", "5"], ["48x96", "1", "1"]]
     assert sum(line.startswith("warning: ") and "upscaled more than 1.25x" in line for line in lines) == 2
-    # the tiny model's shapes: 10 caption embeddings (misc/c has two columns) of T5 512x64 + CLIP 32
+    # the tiny model's shapes: 11 caption embeddings (misc/c has two columns) of T5 512x64 + CLIP 32
     assert (
-        lines[-1].startswith("estimated cache size:") and "10 caption embedding(s) of T5 512x64 + CLIP 32" in lines[-1]
+        lines[-1].startswith("estimated cache size:") and "11 caption embedding(s) of T5 512x64 + CLIP 32" in lines[-1]
     )
     assert err == ""  # the skips are in the report, not logged twice
 
