@@ -122,8 +122,8 @@ def test_check_prints_the_report(tree, tiny_flux, capsys):
     assert "captions: 1 .caption, 1 .json, 8 .txt" in lines
     assert "  misc/c: .json wins over .txt" in lines
     assert (
-        "repeats: 10_cat x10 (3 image(s)), 10_cat/2_extra x2 (1 image(s)), 4_small x4 (4 image(s)), 5_dog/close x5 (1 image(s))"
-        in lines
+        "repeats: 10_cat x10 (3 image(s)), 10_cat/2_extra x2 (1 image(s)), 4_small x4 (4 image(s)), "
+        "5_dog/close x5 (1 image(s))" in lines
     )
     assert "skipped 2 item(s): 1 smaller than data.min_side, 1 without caption" in lines
     assert "  without caption: misc/nocap.png" in lines
