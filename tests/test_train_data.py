@@ -97,3 +97,37 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
         scan_dataset(tmp_path, SkipLog())
     with pytest.raises(UraeError, match="not found"):
         scan_dataset(tmp_path / "missing", SkipLog())
+
+
+def test_header_size_is_upright_as_the_cache_decodes_it(tmp_path):
+    """A portrait stored sideways (EXIF orientation 6): `--check` reads the size from the header and must pick the
+    bucket the cache's full decode (EXIF applied) gives."""
+    from PIL import Image
+
+    from urae_lite.train.cache import _open_image
+    from urae_lite.train.data import image_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    make_image(120, 90, 0).save(tmp_path / "p.jpg", exif=exif)
+    make_image(120, 90, 0).save(tmp_path / "l.jpg")
+    for name in ("p.jpg", "l.jpg"):
+        assert image_size(tmp_path / name) == _open_image(tmp_path / name).size
+    assert image_size(tmp_path / "p.jpg") == (90, 120)
+
+
+def test_caption_files_precedence_and_plain_text(tmp_path):
+    image = make_image(32, 32, 0)
+    for name in ("a", "b", "c", "d"):
+        image.save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_text("  a cat,\n  on a mat \n")
+    (tmp_path / "b.caption").write_text("a dog")
+    (tmp_path / "b.txt").write_text("a dog from the txt")
+    (tmp_path / "c.json").write_text("{broken")  # the JSON wins, even broken: skipped with its reason, no fallback
+    (tmp_path / "c.txt").write_text("a caption the user may have forgotten")
+    (tmp_path / "d.txt").write_text(" \n")
+    skips = SkipLog()
+    samples = {s.name: s for s in scan_dataset(tmp_path, skips)}
+    assert samples["a"].captions == {"prompt": "a cat, on a mat"} and samples["a"].source == ".txt"
+    assert (samples["b"].source, samples["b"].shadowed) == (".txt", (".caption",))
+    assert sorted(samples) == ["a", "b"] and skips.names == {"without caption": ["c.png", "d.png"]}

@@ -12,18 +12,65 @@ from .vae_memory import VAE_TILING_MODES
 from .vram_options import add_vram_options
 
 
+def _cache_data(args: argparse.Namespace):
+    """The data.* settings of `cache`: the recipe's (--recipe), the key=value overrides on top, DATA as data.dir."""
+    from .config import apply_overrides, build, read_yaml
+    from .errors import UraeError
+    from .train.config import DataConfig, check_data
+
+    other = [o for o in args.overrides if not o.split("=", 1)[0].strip().startswith("data.")]
+    if other:
+        raise UraeError(f"`urae-lite cache` takes data.* keys only, not {other[0]}")
+    tree = dict((read_yaml(args.recipe, "recipe").get("data") or {}) if args.recipe else {})
+    tree = apply_overrides({"data": tree}, args.overrides)["data"]
+    data = build(DataConfig, {**tree, "dir": args.data}, "data.")
+    check_data(data)
+    if args.resolution is None:
+        if not (args.recipe or any(o.startswith("data.resolution=") for o in args.overrides)):
+            raise UraeError("cache needs --resolution (or a --recipe whose data.resolution to use)")
+        args.resolution = data.resolution
+    return data
+
+
+def _check_dims(args: argparse.Namespace):
+    """The cache's shapes for `--check`, from the model's configs when they are on this machine (nothing is
+    fetched or loaded), else FLUX.1's."""
+    from pathlib import Path
+
+    from .model_files import TINY, resolve_model
+    from .train.cache_layout import CacheDims
+
+    if args.model and (args.model in TINY or (Path(args.model) / "vae" / "config.json").is_file()):
+        return CacheDims.of_model(resolve_model(args.model), args.max_sequence_length)
+    return CacheDims(max_sequence_length=args.max_sequence_length)
+
+
 def _cmd_cache(args: argparse.Namespace) -> None:
     from .component_files import component_files
+    from .errors import UraeError
     from .report import RunReport
     from .train.cache import build_cache
 
+    data = _cache_data(args)
+    if args.check:
+        from .train.data import SkipLog
+        from .train.dataset_report import survey
+
+        dataset = survey(args.data, args.resolution, data, _check_dims(args), args.skip_small, SkipLog(quiet=True))
+        if not dataset.samples:
+            raise UraeError(f"empty dataset: every image in {args.data} is skipped ({dataset.skips.summary()})")
+        print("\n".join(dataset.lines()))
+        return
+    if not args.model:
+        raise UraeError("cache needs --model (only --check works without one)")
     report = RunReport()
     with report.stage("cache"):
         folder, skips = build_cache(
             args.data,
             args.model,
             args.resolution,
-            out=args.out,
+            data=data,
+            out=args.out if args.out is not None else data.cache,
             device=args.device,
             max_sequence_length=args.max_sequence_length,
             skip_small=args.skip_small,
@@ -101,10 +148,25 @@ def vram_overrides(picked) -> list[str]:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("cache", help="cache T5/CLIP embeddings and VAE posteriors of a training dataset")
-    p.add_argument("data", help="dataset folder: name.jpg|png|webp + name.json with prompt / generated_prompt")
+    p.add_argument(
+        "data",
+        help="dataset folder: images + name.txt|caption|json captions, nested, N_name folders (docs/datasets.md)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="data.key=value",
+        help="data.* recipe keys: caption_prefix, default_caption, shuffle_caption_parts, keep_parts, "
+        "shuffle_variants, folder_repeats, min_side (give train the same)",
+    )
+    p.add_argument("--recipe", help="read the data.* keys (and data.resolution) from this training recipe")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="print what would be cached (captions, skips, buckets, upscaling, size on disk) without loading a model",
+    )
     p.add_argument(
         "--model",
-        required=True,
         help="diffusers FLUX folder, hub id, single FLUX transformer .safetensors (with --base-pipeline), or 'tiny'",
     )
     p.add_argument(
@@ -113,7 +175,7 @@ def register(subparsers) -> None:
         "whose VAE and text encoders to use (default: the matching FLUX.1 from the Hugging Face cache)",
     )
     add_component_options(p)
-    p.add_argument("--resolution", type=int, required=True, help="target side: buckets have about this area²")
+    p.add_argument("--resolution", type=int, help="target side: buckets have about this area² (or the --recipe's)")
     p.add_argument("--out", default=None, help="cache folder (default DATA/.urae_cache/RESOLUTION)")
     p.add_argument("--device", default=None, help="where the encoders run (default cuda when available)")
     p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens (dev 512, schnell 256)")

@@ -4,8 +4,11 @@ At 2K/4K the text encoders and the VAE cannot share a 24 GB card with the transf
 these files instead. Layout of a cache folder (default `DATA/.urae_cache/<resolution>`):
 
     manifest.json                   identity (model fingerprint, resolution, format) + the finished item list
+                                    (bucket, caption keys, repeats, caption source) + the data.* caption settings
     latents/<name>.safetensors      `mean`, `std` (16, H/8, W/8) of the VAE posterior at the item's bucket
-    text/<name>.<column>.safetensors `t5` (L, 4096), `pooled` (768)
+    text/<name>.<key>.safetensors   `t5` (L, 4096), `pooled` (768); key: a caption column or a shuffled `column~v`
+
+`<name>` is the image's path under the dataset folder without its suffix (cache_layout.py owns the layout).
 
 Every file is written atomically and carries what it was made from (image size + mtime, caption hash), so an
 interrupted run resumes where it stopped and an edited image or caption is recomputed. A cache made for another
@@ -17,11 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
@@ -31,24 +36,17 @@ from ..errors import UraeError
 from ..model_files import ModelFiles, as_model_files
 from ..safetensors_io import atomic_save_file, load_file_checked, write_json
 from ..vae_tiling import VAE_TILING_MODES
-from .data import (
-    CAPTION_COLUMNS,
-    Bucket,
-    Sample,
-    SkipLog,
-    fit_to_bucket,
-    make_buckets,
-    nearest_bucket,
-    needs_upscale,
-    scan_dataset,
-)
+from .cache_layout import CACHE_DTYPE, CacheDims, check_shapes, latent_path, text_path
+from .captions import CAPTION_COLUMNS, CaptionSettings, column_of
+from .config import DataConfig
+from .data import Bucket, Sample, SkipLog, fit_to_bucket
+from .dataset_report import survey
 from .encoders import clip_pooled, free_device_memory, iter_t5, load_vae
 
 logger = logging.getLogger("urae_lite.train")
 
 CACHE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-CACHE_DTYPE = torch.bfloat16
 FINGERPRINTED = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 VOLATILE_KEYS = ("_name_or_path", "_diffusers_version", "transformers_version", "_commit_hash")
 
@@ -94,11 +92,32 @@ def _file_line(root: Path, path: Path) -> str:
     return f"{rel}:{path.stat().st_size}\n"
 
 
-def rebuild_command(data_dir: str | Path, model: ModelFiles, resolution: int, cache: str | Path | None = None) -> str:
+def rebuild_command(
+    data_dir: str | Path, model: ModelFiles, resolution: int, cache: str | Path | None = None, data=None
+) -> str:
+    defaults = recorded_settings(None)
+    keys = "".join(
+        " " + shlex.quote(f"data.{k}={yaml_value(v)}") for k, v in recorded_settings(data).items() if v != defaults[k]
+    )
     extra = f" --out {cache}" if cache is not None and Path(cache) != default_cache_dir(data_dir, resolution) else ""
     extra += f" --base-pipeline {model.base_pipeline}" if model.base_pipeline else ""
     extra += "".join(f" --{k} {v}" for k, v in vars(model.component_files).items() if v is not None)
-    return f"urae-lite cache {data_dir} --model {model.model} --resolution {resolution}{extra} --overwrite"
+    return f"urae-lite cache {data_dir}{keys} --model {model.model} --resolution {resolution}{extra} --overwrite"
+
+
+def recorded_settings(data) -> dict:
+    """The data.* keys that change what a cache holds (caption texts, repeats, which images): the manifest records
+    them, and training refuses a cache made with others."""
+    data = data if data is not None else DataConfig()
+    captions = CaptionSettings.of(data).as_dict()
+    if not data.shuffle_caption_parts:  # then these change nothing
+        captions.update(keep_parts=0, shuffle_variants=DataConfig.shuffle_variants)
+    return {**captions, "folder_repeats": data.folder_repeats, "min_side": data.min_side}
+
+
+def yaml_value(value) -> str:
+    """`value` as a `key=value` override spells it."""
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
 
 
 def _identity(model: str, fingerprint: str, resolution: int, max_sequence_length: int) -> dict:
@@ -150,14 +169,6 @@ def _caption_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _latent_path(cache: Path, name: str) -> Path:
-    return cache / "latents" / f"{name}.safetensors"
-
-
-def _text_path(cache: Path, name: str, column: str) -> Path:
-    return cache / "text" / f"{name}.{column}.safetensors"
-
-
 def _open_image(path: Path):
     """The decoded RGB image, upright (EXIF orientation applied: cameras store portraits sideways), or
     ValueError for anything PIL cannot read completely."""
@@ -182,19 +193,19 @@ def _encode_images(
     cache: Path,
     samples: list[Sample],
     root: Path,
-    buckets: list[Bucket],
+    dims: CacheDims,
+    resolution: int,
     device,
     dtype,
     vae_tiling: str,
-    skip_small: bool,
     skips: SkipLog,
     progress: bool,
     files: ComponentFiles | None = None,
 ) -> list[tuple[Sample, Bucket]]:
-    """VAE posterior (mean, std) per image; returns the usable samples with their buckets."""
+    """VAE posterior (mean, std) per image at the bucket the survey chose; returns the usable samples."""
     usable, todo = [], []
     for s in samples:
-        meta = _meta(_latent_path(cache, s.name))
+        meta = _meta(latent_path(cache, s.name))
         if meta is not None and meta.get("source") == _source_stamp(s.image):
             usable.append((s, Bucket(int(meta["width"]), int(meta["height"]))))
         else:
@@ -202,7 +213,6 @@ def _encode_images(
     if not todo:
         return usable
     vae = load_vae(root, dtype, files).to(device)
-    resolution = max(b.width * b.height for b in buckets) ** 0.5
     if vae_tiling == "on" or (vae_tiling == "auto" and resolution > 2048):
         logger.info("VAE encode uses diffusers' blended tiling (close to, not exactly, the untiled encode)")
         vae.enable_tiling()
@@ -212,28 +222,16 @@ def _encode_images(
         except ValueError as e:
             skips.skip(s.image.name, "corrupt image", str(e))
             continue
-        bucket = nearest_bucket(image.width, image.height, buckets)
-        if needs_upscale(image.width, image.height, bucket):
-            if skip_small:
-                skips.skip(
-                    s.image.name,
-                    "smaller than its bucket",
-                    f"{image.width}x{image.height} < {bucket.width}x{bucket.height}",
-                )
-                continue
-            skips.warn(
-                s.image.name,
-                "upscaled",
-                f"{image.width}x{image.height} to fill {bucket.width}x"
-                f"{bucket.height}; upscaled real data hurts quality, --skip-small drops such images",
-            )
+        bucket = s.bucket
         pixels = _image_tensor(fit_to_bucket(image, bucket)).to(device, dtype)
         with torch.no_grad():
             posterior = vae.encode(pixels).latent_dist
         moments = {"mean": posterior.mean[0].to("cpu", CACHE_DTYPE), "std": posterior.std[0].to("cpu", CACHE_DTYPE)}
+        shape = dims.latent_shape(bucket)
+        check_shapes(moments, {"mean": shape, "std": shape}, f"VAE latents of {s.name}")
         atomic_save_file(
             moments,
-            _latent_path(cache, s.name),
+            latent_path(cache, s.name),
             {"source": _source_stamp(s.image), "width": str(bucket.width), "height": str(bucket.height)},
         )
         usable.append((s, bucket))
@@ -246,9 +244,9 @@ def _encode_texts(
     cache: Path,
     samples: list[Sample],
     root: Path,
+    dims: CacheDims,
     device,
     dtype,
-    max_sequence_length: int,
     progress: bool,
     files: ComponentFiles | None = None,
 ) -> None:
@@ -257,19 +255,21 @@ def _encode_texts(
         (s.name, column, text)
         for s in samples
         for column, text in s.captions.items()
-        if (_meta(_text_path(cache, s.name, column)) or {}).get("caption") != _caption_hash(text)
+        if (_meta(text_path(cache, s.name, column)) or {}).get("caption") != _caption_hash(text)
     ]
     if not todo:
         return
     texts = [t for _, _, t in todo]
     pooled = clip_pooled(root, texts, device, dtype, files=files)
-    t5 = iter_t5(root, texts, device, dtype, max_sequence_length, files=files)
+    t5 = iter_t5(root, texts, device, dtype, dims.max_sequence_length, files=files)
     for (name, column, text), p, e in tqdm(
         zip(todo, pooled, t5), total=len(todo), desc="T5 + CLIP encode", unit="caption", disable=not progress
     ):
+        tensors = {"t5": e.to(CACHE_DTYPE), "pooled": p.to(CACHE_DTYPE)}
+        check_shapes(tensors, dims.text_shapes(), f"text embeddings of {name}")
         atomic_save_file(
-            {"t5": e.to(CACHE_DTYPE), "pooled": p.to(CACHE_DTYPE)},
-            _text_path(cache, name, column),
+            tensors,
+            text_path(cache, name, column),
             {"caption": _caption_hash(text)},
         )
 
@@ -292,11 +292,13 @@ def build_cache(
     progress: bool = True,
     base_pipeline: str | None = None,
     files: ComponentFiles | None = None,
+    data=None,
 ) -> tuple[Path, SkipLog]:
     """Cache everything training needs from DATA_DIR; resumable, and refuses to mix models or resolutions.
 
     `files`: single-file VAE / CLIP / T5 used instead of the pipeline folder's (which still gives configs and
-    tokenizers). `model` may be a resolved `ModelFiles` instead of the three."""
+    tokenizers). `model` may be a resolved `ModelFiles` instead of the three. `data`: the recipe's DataConfig
+    (captions, repeats, data.min_side; default: its defaults), recorded in the manifest."""
     if resolution % 16:
         raise UraeError(f"--resolution must be a multiple of 16, got {resolution}")
     if vae_tiling not in VAE_TILING_MODES:
@@ -321,35 +323,48 @@ def build_cache(
         if reason:
             shutil.rmtree(cache)
     write_json(cache / MANIFEST, {**identity, "complete": False})
-    skips = SkipLog()
-    samples = scan_dataset(data_dir, skips)
+    dims = CacheDims.of_model(root, max_sequence_length)
+    report = survey(data_dir, resolution, data, dims, skip_small)
+    skips = report.skips
+    for line in report.upscale_lines():
+        logger.warning(line.removeprefix("warning: "))
+    upscaled = sum(len(v) for v in report.upscaled().values())
+    if upscaled:
+        skips.warnings["upscaled"] += upscaled
     try:
         usable = _encode_images(
-            cache,
-            samples,
-            root,
-            make_buckets(resolution),
-            device,
-            dtype,
-            vae_tiling,
-            skip_small,
-            skips,
-            progress,
-            files,
+            cache, report.samples, root, dims, resolution, device, dtype, vae_tiling, skips, progress, files
         )
-        _encode_texts(cache, [s for s, _ in usable], root, device, dtype, max_sequence_length, progress, files)
+        _encode_texts(cache, [s for s, _ in usable], root, dims, device, dtype, progress, files)
     except torch.cuda.OutOfMemoryError:
         tiling = "" if vae_tiling == "on" else "--vae-tiling on (VAE), or "
         raise UraeError(
             f"CUDA out of memory while caching at {resolution}: what is done is kept; run again with "
             f"{tiling}--device cpu (slow, but any size fits)"
         ) from None
-    items = {s.name: {"width": b.width, "height": b.height, "columns": sorted(s.captions)} for s, b in usable}
+    items = {
+        s.name: {
+            "width": b.width,
+            "height": b.height,
+            "columns": sorted(s.captions),
+            "repeats": s.repeats,
+            "source": s.source,
+        }
+        for s, b in usable
+    }
     if not items:
         raise UraeError(f"no usable image in {data_dir}: {skips.summary()}")
+    settings = recorded_settings(data)
     write_json(
         cache / MANIFEST,
-        {**identity, "complete": True, "items": items, "skipped": dict(skips.reasons), "warned": dict(skips.warnings)},
+        {
+            **identity,
+            "complete": True,
+            "data": settings,
+            "items": items,
+            "skipped": dict(skips.reasons),
+            "warned": dict(skips.warnings),
+        },
     )
     return cache, skips
 
@@ -372,11 +387,11 @@ class CachedDataset:
         return len(self.items)
 
     def latent(self, item: CachedItem) -> tuple[torch.Tensor, torch.Tensor]:
-        tensors, _ = load_file_checked(_latent_path(self.cache, item.name))
+        tensors, _ = load_file_checked(latent_path(self.cache, item.name))
         return tensors["mean"], tensors["std"]
 
     def text(self, item: CachedItem, column: str) -> tuple[torch.Tensor, torch.Tensor]:
-        tensors, _ = load_file_checked(_text_path(self.cache, item.name, column))
+        tensors, _ = load_file_checked(text_path(self.cache, item.name, column))
         return tensors["t5"], tensors["pooled"]
 
 
@@ -389,11 +404,15 @@ def open_cache(
     skips: SkipLog | None = None,
     base_pipeline: str | None = None,
     files: ComponentFiles | None = None,
+    data=None,
 ) -> CachedDataset:
-    """The cache for (model, resolution), checked: a stale or unfinished one is refused with the fix."""
+    """The cache for (model, resolution), checked: a stale or unfinished one is refused with the fix.
+
+    Each item appears `repeats` times (kohya's `N_name` folders). `data`: the recipe's DataConfig; when given, a
+    cache made with other caption / repeat / size settings is refused (without it, the cache's own are used)."""
     folder = Path(cache) if cache is not None else default_cache_dir(data_dir, resolution)
     resolved = as_model_files(model, base_pipeline, files)
-    fix = rebuild_command(data_dir, resolved, resolution, cache)
+    fix = rebuild_command(data_dir, resolved, resolution, cache, data)
     manifest = _read_manifest(folder)
     if manifest is None:
         raise UraeError(f"no cache at {folder}: build it first with `{fix.removesuffix(' --overwrite')}`")
@@ -404,16 +423,27 @@ def open_cache(
         raise UraeError(f"cache {folder} does not fit this run: {reason}. Rebuild it with `{fix}`")
     if not manifest.get("complete"):
         raise UraeError(f"cache {folder} is unfinished: run `{fix.removesuffix(' --overwrite')}` again to finish it")
+    if data is not None:
+        made, wanted = manifest.get("data", recorded_settings(None)), recorded_settings(data)
+        differ = [k for k in wanted if made.get(k) != wanted[k]]
+        if differ:
+            k = differ[0]
+            raise UraeError(
+                f"cache {folder} was made with data.{k}={yaml_value(made.get(k))}, the recipe has "
+                f"data.{k}={yaml_value(wanted[k])}: update it with `{fix.removesuffix(' --overwrite')}`"
+            )
     skips = skips if skips is not None else SkipLog()
     items = []
     for name, info in sorted(manifest.get("items", {}).items()):
-        cols = tuple(c for c in info["columns"] if c in columns and _meta(_text_path(folder, name, c)) is not None)
-        if _meta(_latent_path(folder, name)) is None:
-            skips.skip(name, "missing or corrupt cache file", str(_latent_path(folder, name)))
+        cols = tuple(
+            c for c in info["columns"] if column_of(c) in columns and _meta(text_path(folder, name, c)) is not None
+        )
+        if _meta(latent_path(folder, name)) is None:
+            skips.skip(name, "missing or corrupt cache file", str(latent_path(folder, name)))
         elif not cols:
             skips.skip(name, "missing or corrupt cache file", f"no readable caption embedding for {name}")
         else:
-            items.append(CachedItem(name, Bucket(info["width"], info["height"]), cols))
+            items += [CachedItem(name, Bucket(info["width"], info["height"]), cols)] * int(info.get("repeats", 1))
     if not items:
         raise UraeError(f"cache {folder} has no usable item ({skips.summary()}); rebuild it with `{fix}`")
     return CachedDataset(folder, items)

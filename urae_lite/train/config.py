@@ -23,10 +23,18 @@ __all__ = ["REQUIRED", "TrainConfig", "check_config", "instantiate", "load_recip
 
 @dataclass
 class DataConfig:
-    dir: str = REQUIRED  # dataset folder: name.jpg|png|webp + name.json
+    dir: str = REQUIRED  # images + name.json|txt|caption captions, nested folders (docs/datasets.md)
     resolution: int = 2048  # buckets have an area of about resolution²
     cache: str | None = None  # default: <dir>/.urae_cache/<resolution>
     caption_mix: dict[str, float] = field(default_factory=lambda: {"prompt": 0.2, "generated_prompt": 0.8})
+    # The keys below are applied by `urae-lite cache` (pass them to it too); the cache records them.
+    folder_repeats: bool = True  # kohya's `N_name` folder: its images N times per epoch
+    caption_prefix: str | None = None  # trigger word(s), the first comma-separated part of every caption
+    default_caption: str | None = None  # caption of images without a caption file (unset: they are skipped)
+    shuffle_caption_parts: bool = False  # comma-separated parts shuffled, the first keep_parts kept in place
+    keep_parts: int = 0
+    shuffle_variants: int = 4  # shuffled copies embedded per caption (each costs one T5 embedding on disk)
+    min_side: int = 0  # skip images whose shorter side is below this (pixels); 0 = keep all
 
 
 @dataclass
@@ -140,6 +148,14 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), require_path
     return cfg
 
 
+def check_data(data: DataConfig) -> None:
+    """The data.* keys that `urae-lite cache` reads too."""
+    if data.keep_parts < 0 or data.min_side < 0:
+        raise UraeError("data.keep_parts and data.min_side must be 0 or more")
+    if data.shuffle_variants < 1:
+        raise UraeError(f"data.shuffle_variants must be at least 1, got {data.shuffle_variants}")
+
+
 def check_config(cfg: TrainConfig, require_paths: bool = True) -> None:
     """Reject values that would fail later, with the accepted choices. The memory settings check themselves
     (urae_lite.memory); their rules that need the model's block count run when `train` has resolved the model."""
@@ -172,7 +188,7 @@ def check_config(cfg: TrainConfig, require_paths: bool = True) -> None:
         raise UraeError("validation.every and validation.every_minutes must be 0 (off) or positive")
     if cfg.data.resolution % 16:
         raise UraeError(f"data.resolution must be a multiple of 16, got {cfg.data.resolution}")
-    from .data import CAPTION_COLUMNS
+    from .captions import CAPTION_COLUMNS
 
     unknown = sorted(set(cfg.data.caption_mix) - set(CAPTION_COLUMNS))
     if unknown:
@@ -181,6 +197,7 @@ def check_config(cfg: TrainConfig, require_paths: bool = True) -> None:
         )
     if any(w < 0 for w in cfg.data.caption_mix.values()) or sum(cfg.data.caption_mix.values()) <= 0:
         raise UraeError("data.caption_mix needs at least one caption column with a positive weight")
+    check_data(cfg.data)
     if require_paths and cfg.adapter.kind == "minor" and not cfg.adapter.base_adapters:
         raise UraeError("adapter.kind=minor trains on base + a 2K adapter: set adapter.base_adapters=[PATH]")
     for section in ("optimizer", "lr_scheduler"):

@@ -1,24 +1,32 @@
-"""Dataset folder (the authors' layout), aspect-ratio buckets and caption choice.
+"""Dataset folders as hobbyists have them, and the aspect-ratio buckets.
 
-Layout: `name.jpg|jpeg|png|webp` beside `name.json` holding `prompt` and/or `generated_prompt`. Bad items are
-skipped with a warning and counted, never fatal: one broken file must not cost a night of caching.
+Layout: `name.jpg|jpeg|png|webp` anywhere under the folder (read recursively, hidden folders such as the cache
+skipped) beside a caption file (urae_lite/train/captions.py: `.json`, `.txt`, `.caption`). A folder named `N_name`
+(kohya) repeats its images N times per epoch. Bad items are skipped with a warning and counted, never fatal: one
+broken file must not cost a night of caching.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections import Counter
+import os
+import re
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UraeError
+from .captions import CAPTION_COLUMNS, CaptionSettings, caption_texts, choose_caption, find_caption
+
+__all__ = ["CAPTION_COLUMNS", "choose_caption"]  # re-exported: config.py and samples.py read them here
 
 logger = logging.getLogger("urae_lite.train")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-CAPTION_COLUMNS = ("prompt", "generated_prompt")
+REPEATS_FOLDER = re.compile(r"^([1-9][0-9]*)_(.+)$")  # kohya: `10_cat` = the images inside, 10 times per epoch
+# Upscaling an image by more than this to fill its bucket is reported (at 2K/4K the common silent quality loss).
+UPSCALE_WARNING = 1.25
 # Aspect ratios (width:height) of the buckets: the authors' 1:1, 4:3, 2:1, 4:1 and their transposes.
 BUCKET_RATIOS = ((1, 1), (4, 3), (3, 4), (2, 1), (1, 2), (4, 1), (1, 4))
 # Bucket sides are multiples of 16: the VAE downsamples 8x and FLUX packs 2x2 latent patches into one token.
@@ -66,18 +74,9 @@ def needs_upscale(width: int, height: int, bucket: Bucket) -> bool:
     return width < bucket.width or height < bucket.height
 
 
-def choose_caption(available: list[str], mix: dict[str, float], u: float) -> str:
-    """Pick a caption column with probability ∝ its weight among those this item has; `u` is uniform [0, 1)."""
-    weighted = [(c, mix.get(c, 0.0)) for c in available if mix.get(c, 0.0) > 0]
-    if not weighted:
-        return available[0]
-    total = sum(w for _, w in weighted)
-    edge = 0.0
-    for column, weight in weighted:
-        edge += weight / total
-        if u < edge:
-            return column
-    return weighted[-1][0]
+def upscale_factor(width: int, height: int, bucket: Bucket) -> float:
+    """How much `fit_to_bucket` enlarges the image (1.0 or less: no upscaling)."""
+    return max(bucket.width / width, bucket.height / height)
 
 
 # ---- scanning the folder ------------------------------------------------------------------------------------------
@@ -87,10 +86,14 @@ class SkipLog:
 
     reasons: Counter = field(default_factory=Counter)
     warnings: Counter = field(default_factory=Counter)
+    names: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # reason -> skipped items
+    quiet: bool = False  # `cache --check` lists the skips in its report instead
 
     def skip(self, name: str, reason: str, detail: str = "") -> None:
         self.reasons[reason] += 1
-        logger.warning("skipping %s: %s%s", name, reason, f" ({detail})" if detail else "")
+        self.names[reason].append(name)
+        if not self.quiet:
+            logger.warning("skipping %s: %s%s", name, reason, f" ({detail})" if detail else "")
 
     def warn(self, name: str, reason: str, detail: str = "") -> None:
         self.warnings[reason] += 1
@@ -113,48 +116,93 @@ class SkipLog:
 
 @dataclass
 class Sample:
-    name: str
+    name: str  # path under the dataset folder without the suffix: the cache's file name
     image: Path
-    captions: dict[str, str]
+    captions: dict[str, str]  # cache key -> the text to embed (prefixed; shuffled variants under `column~v`)
+    source: str = ".json"  # the caption file's suffix, or captions.DEFAULT_SOURCE
+    shadowed: tuple[str, ...] = ()  # caption files that lost to `source`
+    repeats: int = 1
+    size: tuple[int, int] | None = None  # upright (width, height), read from the header
+    bucket: Bucket | None = None
+
+    @property
+    def folder(self) -> str:
+        """The folder (relative, "." for the top) the image is in: its class in kohya's sense."""
+        return Path(self.name).parent.as_posix()
 
 
-def read_captions(path: Path, columns: tuple[str, ...] = CAPTION_COLUMNS) -> dict[str, str]:
-    """The non-empty caption columns of `name.json`; raises ValueError with the reason otherwise."""
+def image_size(path: Path) -> tuple[int, int]:
+    """Upright (width, height) from the file's header, without decoding the pixels; ValueError if unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError("no caption file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"unreadable caption file: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError("caption file is not a JSON object")
-    captions = {c: data[c].strip() for c in columns if isinstance(data.get(c), str) and data[c].strip()}
-    if not captions:
-        raise ValueError(f"caption file has none of {', '.join(columns)}")
-    return captions
+        with Image.open(path) as im:
+            width, height = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(str(e) or type(e).__name__) from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)  # EXIF: stored sideways
 
 
-def scan_dataset(folder: str | Path, skips: SkipLog, columns: tuple[str, ...] = CAPTION_COLUMNS) -> list[Sample]:
-    """Images with a usable caption, sorted by name; items without one are skipped and counted."""
-    folder = Path(folder)
+def folder_repeats(relative: Path) -> int:
+    """N of the innermost `N_name` folder the image is in (under the dataset folder), else 1."""
+    for part in reversed(relative.parent.parts):
+        match = REPEATS_FOLDER.match(part)
+        if match:
+            return int(match.group(1))
+    return 1
+
+
+def iter_images(folder: Path):
+    """Image files under `folder`, recursively and in a fixed order; hidden folders (the cache) are skipped."""
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = Path(root) / name
+            if path.suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
+                yield path
+
+
+def scan_dataset(folder: str | Path, skips: SkipLog, data=None, resolution: int | None = None) -> list[Sample]:
+    """Images with a usable caption, with their repeats; items without one are skipped and counted.
+
+    `data`: the recipe's DataConfig (captions, repeats, data.min_side); default: its defaults. With `resolution`,
+    each image's size is read from its header and its bucket chosen (unreadable images are skipped here)."""
+    from .config import DataConfig
+
+    folder, data = Path(folder), data if data is not None else DataConfig()
     if not folder.is_dir():
         raise UraeError(f"dataset folder not found: {folder}")
+    settings = CaptionSettings.of(data)
+    buckets = make_buckets(resolution) if resolution else None
     samples: dict[str, Sample] = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
-            continue
-        if path.stem in samples:
-            skips.skip(path.name, "duplicate name", f"{samples[path.stem].image.name} has the same stem")
+    for path in iter_images(folder):
+        relative = path.relative_to(folder)
+        name = relative.with_suffix("").as_posix()
+        if name in samples:
+            skips.skip(relative.as_posix(), "duplicate name", f"{samples[name].image.name} has the same name")
             continue
         try:
-            captions = read_captions(path.with_suffix(".json"), columns)
+            found = find_caption(path, data.default_caption)
         except ValueError as e:
-            skips.skip(path.name, "without caption", str(e))
+            skips.skip(relative.as_posix(), "without caption", str(e))
             continue
-        samples[path.stem] = Sample(path.stem, path, captions)
+        repeats = folder_repeats(relative) if data.folder_repeats else 1
+        sample = Sample(name, path, caption_texts(name, found.columns, settings), found.source, found.shadowed, repeats)
+        if buckets is not None:
+            try:
+                sample.size = image_size(path)
+            except ValueError as e:
+                skips.skip(relative.as_posix(), "corrupt image", str(e))
+                continue
+            if data.min_side and min(sample.size) < data.min_side:
+                skips.skip(relative.as_posix(), "smaller than data.min_side", "x".join(map(str, sample.size)))
+                continue
+            sample.bucket = nearest_bucket(*sample.size, buckets)
+        samples[name] = sample
     if not samples:
         raise UraeError(
-            f"empty dataset: {folder} has no {'/'.join(IMAGE_SUFFIXES)} image with a name.json caption "
-            f"({skips.summary()})"
+            f"empty dataset: {folder} has no {'/'.join(IMAGE_SUFFIXES)} image with a caption "
+            f"(name.json, name.txt or name.caption, or set data.default_caption) ({skips.summary()})"
         )
     return list(samples.values())
