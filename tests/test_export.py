@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -231,3 +232,156 @@ def test_converted_4k_kohya_file_loads_in_diffusers_as_the_authors_adapters(
         bound = (2**-7 + 2**-16) * (B0.double().abs() @ A0.double().abs()) + 1e-12
         assert ((kohya[name] - expected).abs() <= bound).all(), name
         assert (expected - B2.double() @ A2.double()).abs().max() > 10 * bound.max()  # the 4K part is there
+
+
+# ---- mixed scales inside one fused module ------------------------------------------------------------------------
+U_BF16, U_FP32, U_FP64 = 2.0**-8, 2.0**-24, 2.0**-53  # unit roundoff (round to nearest) of 8, 24, 53-bit significands
+# (rank, alpha) per block-relative module; every alpha is exact in fp32, the default is (4, 4): scale 1
+MIXED = {
+    "transformer_blocks.0.attn.to_q": (4, 4.0),  # img qkv: 1, 0.75, 0.5 -- the ratio 0.75 is not a power of two
+    "transformer_blocks.0.attn.to_k": (4, 3.0),
+    "transformer_blocks.0.attn.to_v": (2, 1.0),
+    "transformer_blocks.0.attn.add_q_proj": (4, 8.0),  # txt qkv: 2, 0.5, 1 -- all powers of two
+    "transformer_blocks.0.attn.add_k_proj": (2, 1.0),
+    "transformer_blocks.1.attn.to_q": (4, 3.0),  # img qkv: one shared scale 0.75 (kept in alpha), ranks 4, 2, 4
+    "transformer_blocks.1.attn.to_k": (2, 1.5),
+    "transformer_blocks.1.attn.to_v": (4, 3.0),
+    "transformer_blocks.1.attn.add_q_proj": (4, 6.0),  # txt qkv: 1.5, 0.75, 3 -- ratios powers of two, scales not
+    "transformer_blocks.1.attn.add_k_proj": (4, 3.0),
+    "transformer_blocks.1.attn.add_v_proj": (2, 6.0),
+    "transformer_blocks.1.ff.net.2": (2, 3.0),  # a single-part module at 1.5
+    "single_transformer_blocks.0.attn.to_q": (3, 1.0),  # linear1: 1/3, 1, (no v), 2; ranks 3, 2, -, 4
+    "single_transformer_blocks.0.attn.to_k": (2, 2.0),
+    "single_transformer_blocks.0.attn.to_v": None,
+    "single_transformer_blocks.0.proj_mlp": (4, 8.0),
+    **{f"single_transformer_blocks.1.{p}": (4, 8.0) for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")},
+}
+FP32_GROUPS = {"double_blocks.0.img_attn.qkv", "double_blocks.1.txt_attn.qkv", "single_blocks.0.linear1"}
+
+
+def _mixed_scales_lora(path, config, seed=0):
+    """diffusers-keyed LoRA on every block linear with the ranks and alphas of MIXED."""
+    from diffusers import FluxTransformer2DModel
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(config)
+    state = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear) or not name.startswith(("transformer_blocks", "single_transformer")):
+            continue
+        if (spec := MIXED.get(name, (4, 4.0))) is None:
+            continue
+        rank, alpha = spec
+        state[f"transformer.{name}.lora_A.weight"] = (torch.randn(rank, m.in_features, generator=g) * 0.1).bfloat16()
+        state[f"transformer.{name}.lora_B.weight"] = (torch.randn(m.out_features, rank, generator=g) * 0.1).bfloat16()
+        state[f"transformer.{name}.alpha"] = torch.tensor(alpha)
+    save_file(state, str(path))
+    return path
+
+
+def _bfl_rows(name: str, hidden: int) -> tuple[str, int, int | None]:
+    """diffusers module -> (kohya key, its rows in that fused module), written from the BFL layout by hand."""
+    from bfl_files import DOUBLE_RENAMES
+
+    kind, index, rest = name.split(".", 2)
+    if kind == "transformer_blocks":
+        for stream, fmt in (("img", "attn.to_{}"), ("txt", "attn.add_{}_proj")):
+            for j, x in enumerate("qkv"):
+                if rest == fmt.format(x):
+                    return f"lora_unet_double_blocks_{index}_{stream}_attn_qkv", j * hidden, (j + 1) * hidden
+        bfl = DOUBLE_RENAMES[rest]
+        return f"lora_unet_double_blocks_{index}_{bfl.replace('.', '_')}", 0, None
+    for j, x in enumerate("qkv"):
+        if rest == f"attn.to_{x}":
+            return f"lora_unet_single_blocks_{index}_linear1", j * hidden, (j + 1) * hidden
+    bfl = {"proj_mlp": "linear1", "proj_out": "linear2", "norm.linear": "modulation_lin"}[rest]
+    return f"lora_unet_single_blocks_{index}_{bfl}", 3 * hidden if rest == "proj_mlp" else 0, None
+
+
+def _reference(f) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adapter's own update scale·B·A in float64, and scale·|B|·|A| (what the rounding bounds scale with)."""
+    B, A = f.B.double(), f.A.double()
+    return f.scale * B @ A, abs(f.scale) * B.abs() @ A.abs()
+
+
+def test_kohya_export_mixed_scales_is_exact(tmp_path, tiny_config):
+    """Per original module, the kohya file's alpha/rank · up·down (float64 from the stored tensors) is the adapter's
+    scale·B·A: bit-exact arithmetic where the factors stay bf16, one fp32 rounding of scale·B where a fused module's
+    scales differ by a ratio that is not a power of two. Unmixed and power-of-two groups keep today's bf16 bytes."""
+    from urae_lite.adapter_io import read_adapter
+
+    src = _mixed_scales_lora(tmp_path / "mixed.safetensors", tiny_config)
+    out = tmp_path / "kohya.safetensors"
+    assert main(["export", str(src), "--format", "kohya", "--out", str(out)]) == 0
+    sd, adapter = load_file(str(out)), read_adapter(src)
+    hidden = tiny_config["num_attention_heads"] * tiny_config["attention_head_dim"]
+    assert {f.scale for f in adapter.modules.values()} == {1.0, 0.75, 0.5, 2.0, 1.5, 3.0, 1 / 3}
+    off = []
+    for name, f in adapter.modules.items():
+        key, start, stop = _bfl_rows(name, hidden)
+        down, up, alpha = sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"], sd[f"{key}.alpha"]
+        up = up[start : start + f.B.shape[0]]
+        assert stop is None or stop - start == f.B.shape[0]
+        got = (alpha.double() / down.shape[0]) * up.double() @ down.double()
+        ref, mag = _reference(f)
+        # stored bf16: the factors are the adapter's own (times a power of two at most), so only float64's summation
+        # of ≤ rank products differs (≤ rank·u64·Σ|s·b·a|); stored fp32: scale·B rounds once (≤ u32·|s·b|)
+        u = (U_FP32 if down.dtype == torch.float32 else 0.0) + down.shape[0] * U_FP64
+        if not ((got - ref).abs() <= u * mag).all():  # reported as a fraction of the update
+            off.append(f"{name} (scale {f.scale:.4g}): off by {((got - ref).abs().max() / ref.abs().max()):.1e}")
+        if down.dtype == torch.float32:  # a mixed group: scale 1, which every reader applies without arithmetic
+            assert alpha.item() == down.shape[0], name
+        if down.dtype == torch.bfloat16 and key.startswith(
+            ("lora_unet_single_blocks_1_", "lora_unet_double_blocks_1_img")
+        ):
+            # unmixed groups as before: the parts' own bf16 factors bit for bit, the shared scale in alpha
+            rows = up.abs().sum(0).nonzero().flatten()
+            assert torch.equal(up[:, rows], f.B) and torch.equal(down[rows], f.A), name
+            assert alpha.item() == f.scale * down.shape[0], name
+    assert not off, "\n".join(off)
+    weights = {k: t for k, t in sd.items() if k.endswith(("lora_down.weight", "lora_up.weight"))}
+    fp32 = {k.rsplit(".", 2)[0] for k, t in weights.items() if t.dtype == torch.float32}
+    assert fp32 == {"lora_unet_" + g.replace(".", "_") for g in FP32_GROUPS}  # only where bf16 cannot be exact
+    assert all(t.dtype == torch.bfloat16 for k, t in weights.items() if k.rsplit(".", 2)[0] not in fp32)
+
+
+def _reader_bound(sd: dict[str, torch.Tensor], key: str) -> float:
+    """Rounding diffusers' kohya reader adds: it multiplies alpha/rank into the stored factors (down, and up too for
+    alpha/rank < 1/2), in their dtype: each rounds at most once, (1 + u)² − 1 = 2u + u² of the update."""
+    down, alpha = sd[f"{key}.lora_down.weight"], sd[f"{key}.alpha"].item()
+    exact = abs(math.frexp(alpha / down.shape[0])[0]) == 0.5  # a power of two moves exponents only
+    u = U_FP32 if down.dtype == torch.float32 else U_BF16
+    return 0.0 if exact else 2 * u + u * u
+
+
+def test_mixed_scales_kohya_loads_in_diffusers_and_back(tmp_path, tiny_flux, tiny_config, tiny_kohya_reader):
+    """diffusers' own kohya reader (`load_lora_weights`) puts the same update scale·B·A on every module as it does
+    from our diffusers-format file, and `read_adapter` (through that reader) gives back the adapter's factors'
+    update: the kohya file round-trips."""
+    from urae_lite.adapter_io import read_adapter
+
+    src = _mixed_scales_lora(tmp_path / "mixed.safetensors", tiny_config)
+    kohya, plain = tmp_path / "kohya.safetensors", tmp_path / "plain.safetensors"
+    assert main(["export", str(src), "--format", "kohya", "--out", str(kohya)]) == 0
+    assert main(["export", str(src), "--format", "diffusers", "--out", str(plain)]) == 0
+    sd, adapter, back = load_file(str(kohya)), read_adapter(src), read_adapter(kohya)
+    from_kohya, from_plain = _loaded_deltas(tiny_flux, kohya), _loaded_deltas(tiny_flux, plain)
+    hidden = tiny_config["num_attention_heads"] * tiny_config["attention_head_dim"]
+    assert set(from_plain) == set(adapter.modules) and set(adapter.modules) <= set(from_kohya) == set(back.modules)
+    # a part without a LoRA (single block 0's to_v) comes back as zeros: the fused file's zero block
+    from_back = {n: _reference(g)[0] for n, g in back.modules.items()}
+    assert all(
+        from_kohya[n].abs().max() == 0 == from_back[n].abs().max() for n in set(back.modules) - set(adapter.modules)
+    )
+    for name, f in adapter.modules.items():
+        ref, mag = _reference(f)
+        key = _bfl_rows(name, hidden)[0]
+        # the file's own rounding (fp32 groups: u32, else none; see the test above), the reader's fold of alpha/rank
+        # into down (none for a power of two: every mixed group has alpha = rank), float64 sums of ≤ 16 products;
+        # `load_lora_weights` holds the factors in fp32 (the pipeline's dtype), which bf16 and fp32 values pass exactly;
+        # for the diffusers file it holds scale = alpha / r in fp32: exact but for 1/3, which only an fp32 group has
+        u = (U_FP32 if sd[f"{key}.lora_down.weight"].dtype == torch.float32 else 0.0) + _reader_bound(sd, key)
+        u += 16 * U_FP64
+        for got in (from_kohya[name], from_back[name], from_plain[name]):
+            assert ((got - ref).abs() <= u * mag).all(), name

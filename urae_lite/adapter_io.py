@@ -218,12 +218,14 @@ def collect_factors(model: nn.Module, slice_names: list[str] | None = None) -> d
 
 
 def lora_state_dict(factors: dict[str, LoraFactors], dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """diffusers FLUX LoRA keys; `alpha` only where the scale is not 1 (diffusers reads scale = alpha / r)."""
+    """diffusers FLUX LoRA keys; `alpha` on every module unless all scales are 1 (diffusers reads scale = alpha / r,
+    and gives a module without alpha the most common alpha of the others, not its rank)."""
     state: dict[str, torch.Tensor] = {}
+    with_alpha = any(f.scale != 1.0 for f in factors.values())
     for module, f in factors.items():
         state[f"transformer.{module}.lora_A.weight"] = f.A.to("cpu", dtype).contiguous()
         state[f"transformer.{module}.lora_B.weight"] = f.B.to("cpu", dtype).contiguous()
-        if f.scale != 1.0:
+        if with_alpha:
             state[f"transformer.{module}.alpha"] = torch.tensor(f.scale * f.rank, dtype=torch.float32)
     return state
 

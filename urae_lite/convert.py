@@ -26,6 +26,8 @@ from .loader import fused_like_authors
 from .minor import minor_components
 from .model_files import ModelFiles, as_model_files, open_weights
 
+STORED_DTYPE = torch.bfloat16  # the converted factors on disk, in either format
+
 
 def convert_urae_4k(
     model: str | os.PathLike | ModelFiles,
@@ -68,7 +70,9 @@ def convert_urae_4k(
     for name, f2 in lora.modules.items():  # 2K-only modules keep their LoRA
         factors.setdefault(name, LoraFactors(f2.A.float(), f2.B.float() * f2.scale, 1.0))
     meta = {"converted_from": f"{Path(lora.path).name} + {Path(minor.path).name}", "base": files.model}
-    if fmt == "kohya":  # ComfyUI / Forge keys on the original (fused) module names, bf16 like the diffusers file
-        stored = {n: LoraFactors(f.A.to(torch.bfloat16), f.B.to(torch.bfloat16), f.scale) for n, f in factors.items()}
+    # both formats store the same bf16 factors at scale 1 (one rounding each); kohya's layout is export.py's, where a
+    # fused module of one scale keeps its parts' factors bit for bit, so the kohya file is the diffusers file exactly
+    stored = {n: LoraFactors(f.A.to(STORED_DTYPE), f.B.to(STORED_DTYPE), f.scale) for n, f in factors.items()}
+    if fmt == "kohya":  # ComfyUI / Forge keys on the original (fused) module names
         return write_lora(stored, out, fmt, meta)
-    return write_with_fallback(out, lambda path: save_adapter(factors, path, metadata=meta), "converted adapter")
+    return write_with_fallback(out, lambda path: save_adapter(stored, path, metadata=meta), "converted adapter")

@@ -12,6 +12,8 @@ back into the original per-projection LoRAs instead of copying `down` to every p
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import os
 from pathlib import Path
 
@@ -43,8 +45,20 @@ def _group_by_bfl(modules: dict[str, LoraFactors]) -> dict[str, tuple[tuple[str,
     return groups
 
 
+def _power_of_two(x: float) -> bool:
+    """x = ±2^k: multiplying a float by it only moves the exponent, so no rounding."""
+    return abs(math.frexp(x)[0]) == 0.5
+
+
 def fuse_parts(parts: tuple[str, ...], present: dict[int, LoraFactors]) -> LoraFactors:
-    """One exact LoRA for a fused module: stacked down, block-diagonal up (zero blocks for parts without a LoRA)."""
+    """One exact LoRA for a fused module: stacked down, block-diagonal up (zero blocks for parts without a LoRA).
+
+    The fused module has one alpha, so parts of different scales fold their scale into their up block. Powers of two
+    fold exactly in any dtype; any other mix is stored in fp32 (B·scale rounds once, ≤ 2^-24 relative) instead of
+    rounding bf16 a second time. Mixed groups get alpha = rank (scale 1), which every reader applies without
+    arithmetic: ComfyUI and Forge compute alpha/rank · up·down in fp32 from any stored dtype, while diffusers' kohya
+    reader multiplies alpha/rank into the stored factors.
+    """
     if len(parts) == 1:
         return present[0]
     rank = max(f.rank for f in present.values())
@@ -52,6 +66,10 @@ def fuse_parts(parts: tuple[str, ...], present: dict[int, LoraFactors]) -> LoraF
     hidden, dtype = first.A.shape[1], first.A.dtype
     scales = {f.scale for f in present.values()}
     keep = scales.pop() if len(scales) == 1 else 1.0  # a shared scale stays in alpha; mixed ones go into up
+    if not all(_power_of_two(f.scale / keep) for f in present.values()):
+        dtype = functools.reduce(
+            torch.promote_types, [t.dtype for f in present.values() for t in (f.A, f.B)], torch.float32
+        )
     rows = [
         present[i].B.shape[0] if i in present else MLP_RATIO * hidden if p.endswith("proj_mlp") else hidden
         for i, p in enumerate(parts)
@@ -63,7 +81,7 @@ def fuse_parts(parts: tuple[str, ...], present: dict[int, LoraFactors]) -> LoraF
         if i in present:
             f = present[i]
             down[i * rank : i * rank + f.rank] = f.A.to(dtype)
-            B = f.B if f.scale == keep else (f.B.float() * (f.scale / keep)).to(dtype)
+            B = f.B if f.scale == keep else f.B.double() * (f.scale / keep)  # one rounding, into `dtype`
             up[start : start + n, i * rank : i * rank + f.rank] = B.to(dtype)
         start += n
     return LoraFactors(down, up, keep)
