@@ -285,7 +285,7 @@ def train(
     report, skips, root = RunReport(), SkipLog(), files.pipeline_root()
     check_fits(files.component_files, root)
     with report.stage("open cache"):
-        dataset = open_cache(cfg.data.dir, files, cfg.data.resolution, cfg.data.cache, skips=skips)
+        dataset = open_cache(cfg.data.dir, files, cfg.data.resolution, cfg.data.cache, skips=skips, data=cfg.data)
         source = SampleSource(dataset, cfg, *vae_factors(root), skips)
     v = cfg.validation
     validate = bool((v.every or v.every_minutes) and v.prompts)
