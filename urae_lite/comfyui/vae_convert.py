@@ -58,6 +58,11 @@ def ldm_to_autoencoder(
 
     config = diffusers_vae_config(ldm, norm_num_groups)
     state = convert_ldm_vae_checkpoint(dict(ldm), config)
+    if len(state) != len(ldm):  # the converter maps names one to one and skips what it does not know
+        raise UraeError(
+            f"{len(ldm) - len(state)} of the VAE's {len(ldm)} weights have no diffusers AutoencoderKL counterpart: "
+            "use VAEDecode for this VAE"
+        )
     with torch.device("meta"):
         vae = AutoencoderKL(**config)
     missing, unexpected = vae.load_state_dict(state, strict=False, assign=True)
