@@ -14,7 +14,7 @@ import torch
 
 from ..errors import UraeError
 from .patches import PROBES, find_model_file, model_probes, with_proportional_attention
-from .settings import PRESET_CHOICES, flux_sampling_mu, hires_settings
+from .settings import PRESET_CHOICES, SIGMA_TABLE, flux_sampling_mu, hires_settings
 
 CATEGORY = "URAE"
 MIB = 2**20
@@ -98,13 +98,13 @@ class UraeHighResolution:
             m.model_options["transformer_options"] = with_proportional_attention(
                 m.model_options.get("transformer_options", {})
             )
-        if s.shift is not None:  # as ComfyUI's ModelSamplingFlux node builds it, with μ = ln(s)
+        if s.shift is not None:  # as ComfyUI's ModelSamplingFlux node builds it, with μ = ln(s), finer table
 
             class ModelSamplingStatic(comfy.model_sampling.ModelSamplingFlux, comfy.model_sampling.CONST):
                 pass
 
             sampling = ModelSamplingStatic(m.model.model_config)
-            sampling.set_parameters(shift=flux_sampling_mu(s.shift))
+            sampling.set_parameters(shift=flux_sampling_mu(s.shift), timesteps=SIGMA_TABLE)
             m.add_object_patch("model_sampling", sampling)
         return (m,)
 

@@ -18,6 +18,11 @@ from ..presets import PRESETS, GenerationSettings, load_preset
 #: The node's preset choices: "<variant> <preset>" for every recipe, plus "custom" (explicit values only)
 PRESET_CHOICES: tuple[str, ...] = (*(f"{v} {p}" for v in VARIANTS for p in PRESETS), "custom")
 CUSTOM = "custom"
+# Entries of the node's σ table. ComfyUI's 'simple' scheduler picks entry int(i·T/N) of a table of σ(k/T), which is
+# exactly t = 1 − i/N (diffusers' FlowMatchEuler linspace) only when N divides T; with ComfyUI's 10000 a 28-step
+# schedule is off by up to 1e-4 in t. 277200 = 2^4·3^2·5^2·7·11 is divisible by every step count 1–12 and 14, 15,
+# 16, 18, 20, 21, 22, 24, 25, 28, 30, 33, 35, 36, 40, 42, 44, 45, 48, 50, ...; other counts stay within 1/T in t.
+SIGMA_TABLE = 277200
 
 
 @dataclass(frozen=True)
