@@ -1,0 +1,12 @@
+"""URAE inside ComfyUI: the 2K/4K settings as nodes, the 4K adapter as a LoRA, the exact tiled VAE decode.
+
+`urae-lite comfyui install COMFYUI_DIR` writes a two-line `custom_nodes/urae_lite/__init__.py` that re-exports the
+mappings below. The pure parts (settings, patches, vae_convert, workflows) import without ComfyUI; the node
+methods import ComfyUI's modules when ComfyUI calls them. See docs/comfyui.md.
+"""
+
+from __future__ import annotations
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
