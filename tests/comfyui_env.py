@@ -86,3 +86,25 @@ def comfyui_root() -> Path:
 
     comfy.cli_args.args.cpu = True  # before comfy.model_management reads it: the suite runs on the CPU
     return root
+
+
+def detect_tiny_flux(mp: pytest.MonkeyPatch, tiny_config: dict) -> None:
+    """ComfyUI's FLUX detection hard-codes FLUX.1's widths (hidden 3072, 24 heads, text 4096, RoPE axes 16/56/56):
+    give it the tiny model's; depths, in/out widths and guidance still come from its own detection."""
+    import comfy.model_detection
+
+    detect = comfy.model_detection.detect_unet_config
+    hidden = tiny_config["num_attention_heads"] * tiny_config["attention_head_dim"]
+
+    def tiny_widths(state_dict, key_prefix, metadata=None):
+        config = detect(state_dict, key_prefix, metadata=metadata)
+        if config is not None and config.get("image_model") == "flux":
+            config.update(
+                hidden_size=hidden,
+                num_heads=tiny_config["num_attention_heads"],
+                context_in_dim=tiny_config["joint_attention_dim"],
+                axes_dim=list(tiny_config["axes_dims_rope"]),
+            )
+        return config
+
+    mp.setattr(comfy.model_detection, "detect_unet_config", tiny_widths)

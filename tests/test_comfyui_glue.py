@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from comfyui_env import BUILTIN_WIDGETS, comfyui_root, read_workflow, to_api_prompt, widget_names
+from comfyui_env import BUILTIN_WIDGETS, comfyui_root, detect_tiny_flux, read_workflow, to_api_prompt, widget_names
 
 U32 = 2.0**-24  # fp32 unit roundoff
 
@@ -55,22 +55,8 @@ def env(tmp_path_factory, tiny_flux, tiny_config):
         assert await nodes.load_custom_node(str(shim.parent))
 
     asyncio.run(register())
-    hidden = tiny_config["num_attention_heads"] * tiny_config["attention_head_dim"]
-    detect = comfy.model_detection.detect_unet_config
-
-    def tiny_widths(state_dict, key_prefix, metadata=None):
-        config = detect(state_dict, key_prefix, metadata=metadata)
-        if config is not None and config.get("image_model") == "flux":
-            config.update(
-                hidden_size=hidden,
-                num_heads=tiny_config["num_attention_heads"],
-                context_in_dim=tiny_config["joint_attention_dim"],
-                axes_dim=list(tiny_config["axes_dims_rope"]),
-            )
-        return config
-
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(comfy.model_detection, "detect_unet_config", tiny_widths)
+        detect_tiny_flux(mp, tiny_config)
         yield {"root": root, "unet": unet, "loras": folders["loras"], "nodes": nodes.NODE_CLASS_MAPPINGS}
 
 

@@ -1,52 +1,31 @@
 """Glue test against a real ComfyUI: our kohya export applied with ComfyUI's own LoRA path on a BFL single file.
 
 ComfyUI is not on the package index; set URAE_LITE_COMFYUI=/path/to/ComfyUI (a checkout, with its requirements in
-this environment) to run it. ComfyUI's model detection hard-codes FLUX.1's widths (hidden 3072, 24 heads, text
-4096, RoPE axes 16/56/56); the fixture reads the tiny widths from the file instead, nothing else changes.
+this environment) to run it (tests/comfyui_env.py).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 import pytest
 import torch
 from bfl_files import write_bfl_file
+from comfyui_env import comfyui_root, detect_tiny_flux
 from safetensors.torch import load_file
 from test_export import U_FP32, _bfl_rows, _mixed_scales_lora, _reference
 
 from urae_lite.cli import main
 
-COMFYUI = os.environ.get("URAE_LITE_COMFYUI")
-pytestmark = pytest.mark.skipif(not COMFYUI, reason="set URAE_LITE_COMFYUI=/path/to/ComfyUI to run the ComfyUI glue")
-
 
 @pytest.fixture
 def comfy(monkeypatch, tiny_config):
-    """ComfyUI's modules, on the CPU, with its FLUX detection given the tiny widths."""
-    monkeypatch.syspath_prepend(str(Path(COMFYUI).resolve()))
-    from comfy.cli_args import args
-
-    monkeypatch.setattr(args, "cpu", True)
-    import comfy.model_detection as detection
+    """ComfyUI's modules, on the CPU, with its FLUX detection given the tiny widths (skips without ComfyUI)."""
+    comfyui_root()
+    detect_tiny_flux(monkeypatch, tiny_config)
     import comfy.sd
     import comfy.utils
 
-    detect = detection.detect_unet_config
-
-    def tiny_widths(state_dict, key_prefix, metadata=None):
-        config = detect(state_dict, key_prefix, metadata=metadata)
-        config.update(
-            hidden_size=state_dict[f"{key_prefix}img_in.weight"].shape[0],
-            num_heads=tiny_config["num_attention_heads"],
-            context_in_dim=state_dict[f"{key_prefix}txt_in.weight"].shape[1],
-            axes_dim=list(tiny_config["axes_dims_rope"]),
-        )
-        return config
-
-    monkeypatch.setattr(detection, "detect_unet_config", tiny_widths)
     return comfy
 
 
