@@ -7,6 +7,14 @@ methods import ComfyUI's modules when ComfyUI calls them. See docs/comfyui.md.
 
 from __future__ import annotations
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+import importlib
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+
+
+def __getattr__(name: str):
+    """The mappings on first use: `urae-lite comfyui install` imports this package, and must not load diffusers (and
+    Triton with it) before a command such as `doctor` has chosen how Triton runs."""
+    if name in __all__:
+        return getattr(importlib.import_module(".nodes", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
