@@ -60,6 +60,7 @@ FEATURE_MODULES: tuple[str, ...] = (
     "urae_lite.plan.cli",
     "urae_lite.export",
     "urae_lite.doctor",
+    "urae_lite.ui.cli",
 )
 
 
