@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from train_utils import make_dataset
+from train_utils import SIZES, make_dataset
 
 from urae_lite.cli import main
 from urae_lite.errors import UraeError
@@ -174,9 +174,9 @@ def test_paths_outside_the_folders_are_refused(server, client):
         with pytest.raises(AppError, match="is outside the folders this page may use"):
             client.predict(run=run, api_name="/train_watch")
     with pytest.raises(AppError, match="is outside the folders this page may use"):
-        client.predict(dataset="data", run=str(outside), api_name="/train_start")
+        client.predict(dataset="data", run=str(outside), overrides="", api_name="/train_start")
     with pytest.raises(AppError, match="is outside the folders this page may use"):
-        client.predict(dataset="../outputs", run="r", api_name="/train_start")
+        client.predict(dataset="../outputs", run="r", overrides="", api_name="/train_start")
     assert not outside.exists()
 
 
@@ -206,7 +206,7 @@ def _wait(client, run: str, done, timeout: float = 90):
 def test_a_training_run_from_the_page_logs_and_stops(server, client):
     from urae_lite.train.cache import build_cache
 
-    data = make_dataset(server.folder("datasets") / "flowers")
+    data = make_dataset(server.folder("datasets") / "flowers", SIZES[:2])  # two images: the run only has to start
     build_cache(data, "tiny", 64, max_sequence_length=32, progress=False)
     overrides = "\n".join(["data.resolution=64", "device=cpu", "validation.every=0", "checkpoint.every=0",
                            "training.steps=100000", "training.precision=fp32"])  # fmt: skip
@@ -244,12 +244,13 @@ def test_the_page_in_a_browser(server, tmp_path):
         page.goto(server.url)
         page.locator("#prompt textarea").fill("a lighthouse on a cliff at dusk")
         page.get_by_label("width x height").check()
-        page.locator("input[aria-label='Width']").fill("256")
-        page.locator("input[aria-label='Height']").fill("256")
-        page.locator('input[aria-label="Steps (empty: the preset\'s)"]').fill("2")
+        page.get_by_label("Width", exact=True).fill("256")
+        page.get_by_label("Height", exact=True).fill("256")
+        page.get_by_label("Steps (empty: the preset's)").fill("2")
         page.locator("#generate").click()
         page.locator("#image img").wait_for(timeout=90_000)
         page.locator("#report textarea").wait_for()
+        page.evaluate("window.scrollTo(0, 0)")
         shot = Path(os.environ.get("URAE_UI_SCREENSHOT", tmp_path / "ui_generate.png"))
         page.screenshot(path=str(shot), full_page=False)
         browser.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .context import UiContext
 
 TITLE = "urae-lite"
+CSS = ".mono textarea { font-family: ui-monospace, monospace; }"  # the CLI's tables keep their columns
 
 
 def build_app(ctx: UiContext):

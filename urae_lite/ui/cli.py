@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> None:
         import gradio  # noqa: F401
     except ImportError:
         raise UraeError(f"the web page needs Gradio: {INSTALL}") from None
-    from .app import build_app
+    from .app import CSS, build_app
     from .context import UiContext
     from .paths import Folders
 
@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> None:
         ssr_mode=False,
         mcp_server=False,
         footer_links=["api"],
+        css=CSS,
     )
     shown = local_url if not args.listen else f"{local_url} (listening on every interface)"
     print(f"urae-lite ui: {shown}", flush=True)

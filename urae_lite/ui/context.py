@@ -54,9 +54,27 @@ def one_line_errors(fn: Callable) -> Callable:
 
 def blank(value):
     """A page field left empty (None, "", or the `preset` / `pick for me` choice) -> None."""
+    if isinstance(value, str):
+        value = value.strip()
     return None if value in (None, "", "preset", "pick for me") else value
 
 
-def whole(value) -> int | None:
+def number(value, name: str) -> float | None:
+    """An optional number field (a text box: a browser sends an empty number box as 0, which is a value here)."""
     value = blank(value)
-    return None if value is None else int(value)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UraeError(f"{name}: expected a number, got {value!r}") from None
+
+
+def whole(value, name: str = "value") -> int | None:
+    """An optional whole-number field."""
+    x = number(value, name)
+    if x is None:
+        return None
+    if not x.is_integer():
+        raise UraeError(f"{name}: expected a whole number, got {value!r}")
+    return int(x)

@@ -9,7 +9,7 @@ import time
 from ..plan import constants as C
 from ..presets import PRESETS
 from .commands import command_line, parse
-from .context import UiContext, blank, one_line_errors, whole
+from .context import UiContext, blank, number, one_line_errors, whole
 from .generate_form import ASPECTS, PRESET, SIZE_MODES, GenerateForm, new_output, png_settings
 from .session import ProgressReport
 
@@ -37,13 +37,13 @@ def _form(ctx: UiContext, prompt, model, preset, quant, size_mode, aspect, long_
         preset=preset or "2k",
         size_mode=size_mode or "preset",
         aspect=aspect or "1:1",
-        long_side=whole(long_side) or 2048,
-        width=whole(width),
-        height=whole(height),
-        seed=whole(seed) or 0,
+        long_side=whole(long_side, "long side") or 2048,
+        width=whole(width, "width"),
+        height=whole(height, "height"),
+        seed=whole(seed, "seed") or 0,
         randomize=bool(randomize),
-        steps=whole(steps),
-        guidance=blank(guidance),
+        steps=whole(steps, "steps"),
+        guidance=number(guidance, "guidance"),
         adapters=list(adapters or []),
         quant=quant or PRESET,
         advanced=advanced,
@@ -52,9 +52,11 @@ def _form(ctx: UiContext, prompt, model, preset, quant, size_mode, aspect, long_
 
 def _advanced(t5_quant, offload, blocks_to_swap, token_chunks, vae_tiling, ntk, shift, proportional_attention,
               max_sequence_length, refine_from, strength) -> dict:  # fmt: skip
-    values = [t5_quant, offload, whole(blocks_to_swap), whole(token_chunks), vae_tiling, blank(ntk), blank(shift)]
+    values = [t5_quant, offload, whole(blocks_to_swap, "blocks to swap"), whole(token_chunks, "token chunks"),
+              vae_tiling, number(ntk, "NTK"), number(shift, "time shift")]  # fmt: skip
     attention = {"on": True, "off": False}.get(proportional_attention)
-    values += [attention, whole(max_sequence_length), whole(refine_from), blank(strength)]
+    values += [attention, whole(max_sequence_length, "T5 tokens"), whole(refine_from, "refine from"),
+               number(strength, "refine strength")]  # fmt: skip
     return {name: blank(v) if not isinstance(v, bool) else v for name, v in zip(ADVANCED, values)}
 
 
@@ -65,7 +67,7 @@ def plan_line(ctx: UiContext, form: GenerateForm, vram, ram) -> str:
     from ..plan.search import best_config, options
 
     job = resolve_job(parse(form.argv(ctx.folders, ctx.folders.outputs / "plan.png", 0)))
-    vram = blank(vram)
+    vram = number(vram, "card memory")
     if vram is None:
         if not ctx.cuda:
             return (
@@ -73,8 +75,8 @@ def plan_line(ctx: UiContext, form: GenerateForm, vram, ram) -> str:
                 "the plan `--vram` would pick for it."
             )
         vram = free_gib()
-    ram = blank(ram) or this_machine_ram_gib()
-    result = best_config(job.plan_config(), float(vram), float(ram), job.user_set)
+    ram = number(ram, "host memory") or this_machine_ram_gib()
+    result = best_config(job.plan_config(), vram, ram, job.user_set)
     if result.best is None:
         return f"🔴 **does not fit**: {result.impossible()}"
     best = result.best
@@ -101,13 +103,13 @@ def build(ctx: UiContext) -> None:
                 aspect = gr.Dropdown(list(ASPECTS), value="1:1", label="Aspect ratio (W:H)")
                 long_side = gr.Number(2048, precision=0, label="Long side (px; snapped to multiples of 16)")
             with gr.Row():
-                width = gr.Number(None, precision=0, label="Width")
-                height = gr.Number(None, precision=0, label="Height")
+                width = gr.Number(1024, precision=0, label="Width")
+                height = gr.Number(1024, precision=0, label="Height")
             with gr.Row():
                 seed = gr.Number(0, precision=0, label="Seed")
                 randomize = gr.Checkbox(False, label="Randomize seed")
-                steps = gr.Number(None, precision=0, label="Steps (empty: the preset's)")
-                guidance = gr.Number(None, label="Guidance (empty: the preset's)")
+                steps = gr.Textbox(label="Steps (empty: the preset's)")
+                guidance = gr.Textbox(label="Guidance (empty: the preset's)")
             with gr.Row():
                 adapters = gr.Dropdown(
                     ctx.folders.listing("adapters", "**/*.safetensors"),
@@ -120,26 +122,28 @@ def build(ctx: UiContext) -> None:
                     t5_quant = gr.Dropdown([PRESET, "bf16", "nf4"], value=PRESET, label="T5 format")
                     offload = gr.Dropdown([PRESET, "none", "model", "group", "sequential"], value=PRESET,
                                           label="Offload")  # fmt: skip
-                    blocks_to_swap = gr.Number(None, precision=0, label="Blocks to swap")
-                    token_chunks = gr.Number(None, precision=0, label="Token chunks")
+                    blocks_to_swap = gr.Textbox(label="Blocks to swap")
+                    token_chunks = gr.Textbox(label="Token chunks")
                     vae_tiling = gr.Dropdown([PRESET, "auto", "on", "off"], value=PRESET, label="VAE tiling")
                 with gr.Row():
-                    ntk = gr.Number(None, label="NTK (RoPE base multiplier)")
-                    shift = gr.Number(None, label="Time shift")
+                    ntk = gr.Textbox(label="NTK (RoPE base multiplier)")
+                    shift = gr.Textbox(label="Time shift")
                     attention = gr.Dropdown([PRESET, "on", "off"], value=PRESET, label="Proportional attention")
-                    max_len = gr.Number(None, precision=0, label="T5 tokens")
-                    refine_from = gr.Number(None, precision=0, label="Refine from (px)")
-                    strength = gr.Number(None, label="Refine strength")
+                    max_len = gr.Textbox(label="T5 tokens")
+                    refine_from = gr.Textbox(label="Refine from (px)")
+                    strength = gr.Textbox(label="Refine strength")
                 with gr.Row():
-                    vram = gr.Number(None, label="Card memory to plan for (GiB; empty: this CUDA card's free memory)")
-                    ram = gr.Number(None, label="Host memory for the plan (GiB; empty: 3/4 of this machine's)")
+                    vram = gr.Textbox(label="Card memory to plan for (GiB; empty: this CUDA card's free memory)")
+                    ram = gr.Textbox(label="Host memory for the plan (GiB; empty: 3/4 of this machine's)")
             plan = gr.Markdown(elem_id="plan")
             with gr.Row():
                 check = gr.Button("Check the plan")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(scale=4):
             image = gr.Image(label="Image", type="filepath", format="png", elem_id="image", interactive=False)
-            report = gr.Textbox(label="Time per stage and peak memory", lines=9, elem_id="report")
+            report = gr.Textbox(
+                label="Time per stage and peak memory", lines=9, elem_id="report", elem_classes=["mono"]
+            )
             command = gr.Textbox(label="The same as", elem_id="command")
             details = gr.JSON(label="Details")
             gallery = gr.Gallery(label="This session's images", columns=4, format="png", elem_id="gallery")
@@ -163,10 +167,11 @@ def build(ctx: UiContext) -> None:
         form = _form(ctx, prompt, model, preset, quant, size_mode, aspect, long_side, width, height, seed, randomize,
                      steps, guidance, adapters, advanced)  # fmt: skip
         use_seed = form.pick_seed()
-        card = None if not ctx.cuda or blank(vram) is None else f"{float(vram):g}"
+        card, host = number(vram, "card memory"), number(ram, "host memory")
+        card = None if not ctx.cuda or card is None else f"{card:g}"  # on the CPU the plan is only shown
         argv = form.argv(ctx.folders, new_output(ctx.folders, use_seed), use_seed, card)
-        if card is not None and blank(ram) is not None:
-            argv[-2:-2] = ["--ram", f"{float(ram):g}"]
+        if card is not None and host is not None:
+            argv[-2:-2] = ["--ram", f"{host:g}"]
         report = ProgressReport(on_stage=lambda name: progress(None, desc=name))
         done = ctx.session.generate(argv, report)
         images = [*(images or []), str(done.path)]

@@ -8,7 +8,7 @@ import json
 
 from ..memory import TASKS
 from .commands import command_line, run_command
-from .context import blank, one_line_errors, whole
+from .context import blank, number, one_line_errors, whole
 
 GiB = 2**30
 MEMORY_FIELDS = (  # (option, choices; None = a whole number)
@@ -27,18 +27,18 @@ PICK = "pick for me"
 def plan_argv(task, resolution, width, height, variant, vram, ram, memory: dict) -> list[str]:
     """`plan ...` for the tab's fields (`--json` left to the caller)."""
     argv = ["plan", "--task", task or "generate"]
-    for option, value in (("resolution", whole(resolution)), ("width", whole(width)), ("height", whole(height))):
-        if value is not None:
-            argv += [f"--{option}", str(value)]
+    for option, value in (("resolution", resolution), ("width", width), ("height", height)):
+        if whole(value, option) is not None:
+            argv += [f"--{option}", str(whole(value, option))]
     if blank(variant) is not None:
         argv += ["--variant", variant]
-    if blank(vram) is not None:
-        argv += ["--vram", f"{float(vram):g}"]
-        if blank(ram) is not None:
-            argv += ["--ram", f"{float(ram):g}"]
+    card, host = number(vram, "card memory"), number(ram, "host memory")
+    if card is not None:
+        argv += ["--vram", f"{card:g}"] + (["--ram", f"{host:g}"] if host is not None else [])
     for option, value in memory.items():
         if blank(value) is not None:
-            argv += [f"--{option}", str(int(value) if isinstance(value, float) else value)]
+            choices = dict(MEMORY_FIELDS)[option]
+            argv += [f"--{option}", str(value if choices else whole(value, option.replace("-", " ")))]
     return argv
 
 
@@ -77,12 +77,12 @@ def build(ctx) -> None:
             task = gr.Radio(list(TASKS), value="generate", label="Task")
             with gr.Row():
                 resolution = gr.Number(2048, precision=0, label="Resolution (side, px)")
-                width = gr.Number(None, precision=0, label="Width (overrides)")
-                height = gr.Number(None, precision=0, label="Height (overrides)")
+                width = gr.Textbox(label="Width (overrides)")
+                height = gr.Textbox(label="Height (overrides)")
                 variant = gr.Dropdown([PICK, "dev", "schnell"], value=PICK, label="FLUX.1")
             with gr.Row():
-                vram = gr.Number(None, label="Card memory (GiB; empty: the table only)")
-                ram = gr.Number(None, label="Host memory (GiB)")
+                vram = gr.Textbox(label="Card memory (GiB; empty: the table only)")
+                ram = gr.Textbox(label="Host memory (GiB)")
             with gr.Accordion("Memory settings (pick for me: the planner searches them)", open=False):
                 fields = []
                 for option, choices in MEMORY_FIELDS:
@@ -90,12 +90,12 @@ def build(ctx) -> None:
                     fields.append(
                         gr.Dropdown([PICK, *choices], value=PICK, label=label)
                         if choices
-                        else gr.Number(None, precision=0, label=f"{label} (empty: pick for me)")
+                        else gr.Textbox(label=f"{label} (empty: pick for me)")
                     )
             go = gr.Button("Plan", variant="primary")
         with gr.Column(scale=3):
             bars = gr.HTML()
-            table = gr.Textbox(label="urae-lite plan", lines=18, elem_id="plan-table")
+            table = gr.Textbox(label="urae-lite plan", lines=18, elem_id="plan-table", elem_classes=["mono"])
             numbers = gr.JSON(label="plan --json")
 
     @one_line_errors

@@ -73,7 +73,7 @@ def build(ctx: UiContext) -> None:
             with gr.Row():
                 loss = gr.Image(label="loss.png", type="filepath", interactive=False)
                 samples = gr.Image(label="samples.png", type="filepath", interactive=False)
-            log = gr.Textbox(label="log.jsonl (last lines)", lines=8)
+            log = gr.Textbox(label="log.jsonl (last lines)", lines=8, elem_classes=["mono"])
     timer = gr.Timer(3.0)
 
     @one_line_errors
