@@ -150,6 +150,27 @@ def test_plan_endpoint_returns_the_planners_numbers(client):
     assert numbers["totals"] == list(estimate(job).totals()) and estimate(job).table() in text
 
 
+def test_the_plan_before_a_run_is_the_planners_pick(client):
+    from urae_lite.model_files import resolve_files
+    from urae_lite.plan.choose import model_fields
+    from urae_lite.plan.search import options
+
+    tiny = model_fields(resolve_files("tiny"))  # the page plans for its model's own transformer
+    job = PlanConfig(task="generate", width=512, height=512, memory=preset_memory("2k", "dev"), **tiny)
+    fields = {
+        **EMPTY_GENERATE,
+        "prompt": "a fox",
+        "size_mode": "width x height",
+        "width": 512,
+        "height": 512,
+        "steps": 2,
+    }
+    line = client.predict(**{**fields, "vram": "12", "ram": "32"}, api_name="/plan_preview")
+    assert line.startswith("🟢") and f"picks {options(best_config(job, 12, 32).best.config)}," in line
+    line = client.predict(**{**fields, "vram": "0.5", "ram": "32"}, api_name="/plan_preview")
+    assert line.startswith("🔴") and line.endswith(best_config(job, 0.5, 32).impossible())
+
+
 def test_a_bad_size_is_one_line_and_the_server_goes_on(client):
     with pytest.raises(UraeError) as expected:
         check_size(500, 512)
@@ -180,10 +201,13 @@ def test_paths_outside_the_folders_are_refused(server, client):
     assert not outside.exists()
 
 
-def test_listen_needs_auth_and_gradio_is_named(capsys, monkeypatch):
-    assert main(["ui", "--listen"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("urae-lite: error: --listen") and "--auth USER:PASSWORD" in err and "\n" not in err
+def test_listen_needs_auth_and_gradio_is_named(tmp_path, capsys, monkeypatch):
+    # a subprocess with a time limit: a page that served anyway would block, not return
+    command = [sys.executable, "-m", "urae_lite.cli", "ui", "--listen", "--port", str(_free_port())]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and err.startswith("urae-lite: error: --listen") and "\n" not in err
+    assert "--auth USER:PASSWORD" in err and not list(tmp_path.iterdir())  # refused before any folder is made
     monkeypatch.setitem(sys.modules, "gradio", None)  # as without the extra: `import gradio` raises ImportError
     assert main(["ui", "--port", "0"]) == 2
     assert capsys.readouterr().err.strip() == 'urae-lite: error: the web page needs Gradio: pip install "urae-lite[ui]"'

@@ -170,6 +170,26 @@ def fit_memory(job: GenerateJob) -> tuple[MemorySettings, Replanner]:
     return memory, replanner(plan, job.user_set, args.ram)
 
 
+def plan_on_card(job: GenerateJob, vram_gib: float | None, ram_gib: float | None = None) -> tuple[bool, str]:
+    """Whether `job` fits a card of `vram_gib` GiB (None: this CUDA device's free memory, as `--vram auto`) and
+    `ram_gib` GiB of host memory (None: `--ram`'s default), with one line: the planner's pick, its peak against the
+    card and its host memory; or why nothing fits. What `--vram` would do, shown before anything loads."""
+    from .plan import constants as C
+    from .plan.choose import free_gib, this_machine_ram_gib
+    from .plan.search import best_config, options
+
+    vram = free_gib(str(job.device)) if vram_gib is None else vram_gib
+    ram = this_machine_ram_gib() if ram_gib is None else ram_gib
+    result = best_config(job.plan_config(), vram, ram, job.user_set)
+    if result.best is None:
+        return False, result.impossible()
+    best = result.best
+    return True, (
+        f"fits a {vram:.1f} GiB card: the planner picks {options(best.config)}, peak {best.peak / C.GiB:.1f} GiB "
+        f"(in {best.estimate.peak_phase}), host memory {best.estimate.host / C.GiB:.1f} of {ram:.0f} GiB"
+    )
+
+
 def load(job: GenerateJob, memory: MemorySettings, replan: Replanner, report: RunReport) -> UraePipeline:
     """The pipeline for `job`: out of memory while loading is one line with the settings that load less."""
     from .errors import UraeError

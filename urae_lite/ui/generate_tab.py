@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 
-from ..plan import constants as C
 from ..presets import PRESETS
 from .commands import command_line, parse
 from .context import UiContext, blank, number, one_line_errors, whole
@@ -62,29 +61,17 @@ def _advanced(t5_quant, offload, blocks_to_swap, token_chunks, vae_tiling, ntk, 
 
 def plan_line(ctx: UiContext, form: GenerateForm, vram, ram) -> str:
     """The planner's pick for this generation on the card: peak against the card, host memory, fit or not."""
-    from ..generate import resolve_job
-    from ..plan.choose import free_gib, this_machine_ram_gib
-    from ..plan.search import best_config, options
+    from ..generate import plan_on_card, resolve_job
 
     job = resolve_job(parse(form.argv(ctx.folders, ctx.folders.outputs / "plan.png", 0)))
     vram = number(vram, "card memory")
-    if vram is None:
-        if not ctx.cuda:
-            return (
-                "No CUDA device here: images are made on the CPU. Type a card's memory (GiB) under Advanced to see "
-                "the plan `--vram` would pick for it."
-            )
-        vram = free_gib()
-    ram = number(ram, "host memory") or this_machine_ram_gib()
-    result = best_config(job.plan_config(), vram, ram, job.user_set)
-    if result.best is None:
-        return f"🔴 **does not fit**: {result.impossible()}"
-    best = result.best
-    return (
-        f"🟢 **fits** a {vram:.1f} GiB card: the planner picks `{options(best.config)}`, peak "
-        f"{best.peak / C.GiB:.1f} of {vram:.1f} GiB (in {best.estimate.peak_phase}), host memory "
-        f"{best.estimate.host / C.GiB:.1f} of {ram:.0f} GiB"
-    )
+    if vram is None and not ctx.cuda:
+        return (
+            "No CUDA device here: images are made on the CPU. Type a card's memory (GiB) under Advanced to see "
+            "the plan `--vram` would pick for it."
+        )
+    fits, line = plan_on_card(job, vram, number(ram, "host memory"))
+    return f"🟢 **{line}**" if fits else f"🔴 **does not fit**: {line}"
 
 
 def build(ctx: UiContext) -> None:
