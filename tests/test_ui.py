@@ -22,8 +22,10 @@ from train_utils import SIZES, make_dataset
 from urae_lite.cli import main
 from urae_lite.errors import UraeError
 from urae_lite.plan import PlanConfig, best_config, estimate
-from urae_lite.presets import check_size, preset_memory
+from urae_lite.presets import RECIPES, check_size, preset_memory
 from urae_lite.train.resume import list_checkpoints
+from urae_lite.ui.paths import KINDS, Folders
+from urae_lite.ui.train_runs import TrainRuns
 
 pytest.importorskip("gradio", reason="the ui extra (gradio) is not installed")
 Client = pytest.importorskip("gradio_client", reason="gradio_client is not installed").Client
@@ -249,6 +251,12 @@ def test_a_training_run_from_the_page_logs_and_stops(server, client):
     assert (run / "log.jsonl").is_file() and code in (0, 130)
     if code != 130:  # 130: training without the safe stop (KeyboardInterrupt); the safe stop exits 0 with a checkpoint
         assert list_checkpoints(run)
+    # the command the page ran is the CLI's, and Resume is that command with --resume
+    started = message.split("`urae-lite ", 1)[1].split("`", 1)[0].split(" ")
+    assert started == ["train", str(RECIPES / "train_2k_lora.yaml"), f"data.dir={data.resolve()}",
+                       f"output_dir={run}", "model=tiny", *overrides.splitlines()]  # fmt: skip
+    folders = Folders.create(**{kind: server.folder(kind) for kind in KINDS})
+    assert TrainRuns(folders).resume_argv(run) == [*started, "--resume"]
     client.predict(run="run1", api_name="/train_sample_now")
     assert (run / "SAMPLE_NOW").is_file()
     with pytest.raises(AppError, match="nothing to stop"):
