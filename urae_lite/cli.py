@@ -61,6 +61,7 @@ FEATURE_MODULES: tuple[str, ...] = (
     "urae_lite.export",
     "urae_lite.doctor",
     "urae_lite.comfyui.install",
+    "urae_lite.ui.cli",
 )
 
 

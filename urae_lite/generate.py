@@ -4,13 +4,25 @@ time/memory report. Options left out come from the preset (`recipes/generate_<de
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
 
 from .component_files import add_component_options
 from .destinations import check_output_file, write_with_fallback
 from .memory import MemorySettings, overridden
-from .presets import PRESETS
-from .recovery import step_down
+from .presets import PRESETS, GenerationSettings
+from .recovery import Replanner, step_down
+from .report import RunReport
 from .vram_options import add_vram_options, auto_vram
+
+if TYPE_CHECKING:
+    from .model_files import ModelFiles
+    from .output import GenerationResult
+    from .pipeline import UraePipeline
+    from .plan.job import PlanConfig
 
 # CLI option -> GenerationSettings field, for the options that override the preset
 SETTING_OPTIONS = (
@@ -103,15 +115,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> None:
-    import torch
+@dataclass
+class GenerateJob:
+    """What `generate` resolved from its command line before any weights are read; the web page (urae_lite.ui)
+    runs the same steps from the same parsed arguments, so the two cannot drift apart."""
 
+    args: argparse.Namespace
+    files: ModelFiles
+    memory: MemorySettings  # the preset's, with the memory options given (before `--vram` picks the rest)
+    user_set: set[str]  # the memory settings the user chose (`--vram` keeps them)
+    image: GenerationSettings  # the preset with the options given: everything that decides the image
+    device: torch.device
+
+    def plan_config(self) -> PlanConfig:
+        """The planner's job for this generation (`--vram` and the out-of-memory re-plan plan it)."""
+        from .plan.choose import model_fields
+        from .plan.job import PlanConfig
+
+        i = self.image
+        return PlanConfig(
+            task="generate", width=i.width, height=i.height, memory=self.memory, **model_fields(self.files)
+        )
+
+
+def resolve_job(args: argparse.Namespace) -> GenerateJob:
+    """The destination checked, the model's files resolved (a hub id is fetched here), the settings checked."""
     from .component_files import component_files
-    from .errors import UraeError
     from .model_files import resolve_files
-    from .pipeline import load_pipeline
     from .presets import load_preset, preset_memory
-    from .report import RunReport
 
     check_output_file(args.out)
     settings = {k: getattr(args, k) for k in SETTING_OPTIONS if getattr(args, k) is not None}
@@ -119,41 +150,85 @@ def run(args: argparse.Namespace) -> None:
         settings["shift"] = None
     files = resolve_files(args.model, args.base_pipeline, component_files(args))  # once: a hub id is fetched here
     given = MemorySettings.given(args)
-    user_set = set(given) | overridden(args.overrides)
     memory = preset_memory(args.preset, files.variant, args.overrides).replace(**given)
+    image = load_preset(args.preset, files.variant, args.overrides).replace(**settings)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vram = auto_vram(args.vram, user_set, device.type)
-    replan = step_down
-    if vram is not None or device.type == "cuda":  # the planner picks, and re-plans after an out-of-memory error
-        from .plan.choose import apply_vram, model_fields, replanner
-        from .plan.job import PlanConfig
+    return GenerateJob(args, files, memory, set(given) | overridden(args.overrides), image, device)
 
-        size = load_preset(args.preset, files.variant, args.overrides).replace(**settings)
-        job = PlanConfig(task="generate", width=size.width, height=size.height, memory=memory, **model_fields(files))
-        if vram is not None:
-            memory = apply_vram(job, user_set, vram, args.ram, args.device)
-        replan = replanner(job, user_set, args.ram)
-    report = RunReport()
+
+def fit_memory(job: GenerateJob) -> tuple[MemorySettings, Replanner]:
+    """The memory settings to load with (`--vram`, or `auto` on CUDA: the planner's pick) and the re-plan after an
+    out-of-memory error (the planner's on CUDA or with `--vram`, else the library's step-down)."""
+    args = job.args
+    vram = auto_vram(args.vram, job.user_set, job.device.type)
+    if vram is None and job.device.type != "cuda":
+        return job.memory, step_down
+    from .plan.choose import apply_vram, replanner
+
+    plan = job.plan_config()
+    memory = job.memory if vram is None else apply_vram(plan, job.user_set, vram, args.ram, args.device)
+    return memory, replanner(plan, job.user_set, args.ram)
+
+
+def plan_on_card(job: GenerateJob, vram_gib: float | None, ram_gib: float | None = None) -> tuple[bool, str]:
+    """Whether `job` fits a card of `vram_gib` GiB (None: this CUDA device's free memory, as `--vram auto`) and
+    `ram_gib` GiB of host memory (None: `--ram`'s default), with one line: the planner's pick, its peak against the
+    card and its host memory; or why nothing fits. What `--vram` would do, shown before anything loads."""
+    from .plan import constants as C
+    from .plan.choose import free_gib, this_machine_ram_gib
+    from .plan.search import best_config, options
+
+    vram = free_gib(str(job.device)) if vram_gib is None else vram_gib
+    ram = this_machine_ram_gib() if ram_gib is None else ram_gib
+    result = best_config(job.plan_config(), vram, ram, job.user_set)
+    if result.best is None:
+        return False, result.impossible()
+    best = result.best
+    return True, (
+        f"fits a {vram:.1f} GiB card: the planner picks {options(best.config)}, peak {best.peak / C.GiB:.1f} GiB "
+        f"(in {best.estimate.peak_phase}), host memory {best.estimate.host / C.GiB:.1f} of {ram:.0f} GiB"
+    )
+
+
+def load(job: GenerateJob, memory: MemorySettings, replan: Replanner, report: RunReport) -> UraePipeline:
+    """The pipeline for `job`: out of memory while loading is one line with the settings that load less."""
+    from .errors import UraeError
+    from .pipeline import load_pipeline
+
+    args = job.args
     try:
-        pipe = load_pipeline(
-            files,
+        return load_pipeline(
+            job.files,
             memory=memory,
             adapters=args.adapter,
             preset=args.preset,
             preset_overrides=args.overrides,
-            device=device,
+            device=job.device,
             svd_device=args.svd_device,
             report=report,
             replan=replan,
-            **settings,
+            **job.image.as_dict(),
         )
     except torch.cuda.OutOfMemoryError as e:
         raise UraeError(
             f"CUDA out of memory while loading the model ({memory.describe('generate', ['quant', 'offload'])}); "
             f"try --quant nf4 and --offload model"
         ) from e
-    result = pipe(args.prompt, seed=args.seed, report=report)
+
+
+def make_image(pipe: UraePipeline, job: GenerateJob, report: RunReport) -> tuple[GenerationResult, Path]:
+    """One image with `job`'s prompt, seed and settings, saved as `--out` (with its metadata)."""
+    result = pipe(job.args.prompt, seed=job.args.seed, report=report, **job.image.as_dict())
     with report.stage("save png"):
-        out = write_with_fallback(args.out, result.save, "image")
+        out = write_with_fallback(job.args.out, result.save, "image")
+    return result, out
+
+
+def run(args: argparse.Namespace) -> None:
+    job = resolve_job(args)
+    memory, replan = fit_memory(job)
+    report = RunReport()
+    pipe = load(job, memory, replan, report)
+    result, out = make_image(pipe, job, report)
     print(f"wrote {out} ({result.settings.width}x{result.settings.height}, seed {args.seed})")
     print(report.format())
