@@ -121,3 +121,20 @@ def test_the_training_package_does_not_import_the_planner():
     graph = _urae_graph()
     train = [m for m in graph if _in(m, "urae_lite.train")]
     assert train and not [m for m in train if any(_in(t, "urae_lite.plan") for t in graph[m])]
+
+
+def test_the_command_line_parser_loads_no_heavy_library():
+    """Building `urae-lite`'s parser imports every command module: none may load diffusers (which loads Triton),
+    Gradio, matplotlib or our kernels at import time. Besides start-up time, `doctor` must choose Triton's
+    interpreter before Triton is first imported (a command module that loaded diffusers broke it once)."""
+    import subprocess
+    import sys
+
+    heavy = ("diffusers", "triton", "transformers", "bitsandbytes", "gradio", "matplotlib", "tensorboard",
+             "urae_lite.kernels")  # fmt: skip
+    code = (
+        "import sys; from urae_lite.cli import build_parser; build_parser(); "
+        f"print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == ""
