@@ -190,8 +190,11 @@ def plan_on_card(job: GenerateJob, vram_gib: float | None, ram_gib: float | None
     )
 
 
-def load(job: GenerateJob, memory: MemorySettings, replan: Replanner, report: RunReport) -> UraePipeline:
-    """The pipeline for `job`: out of memory while loading is one line with the settings that load less."""
+def load(
+    job: GenerateJob, memory: MemorySettings, replan: Replanner, report: RunReport, reuse: dict | None = None
+) -> UraePipeline:
+    """The pipeline for `job` (`reuse`: an earlier pipeline's text encoders and VAE, see `load_pipeline`): out of
+    memory while loading is one line with the settings that load less."""
     from .errors import UraeError
     from .pipeline import load_pipeline
 
@@ -207,6 +210,7 @@ def load(job: GenerateJob, memory: MemorySettings, replan: Replanner, report: Ru
             svd_device=args.svd_device,
             report=report,
             replan=replan,
+            reuse=reuse,
             **job.image.as_dict(),
         )
     except torch.cuda.OutOfMemoryError as e:

@@ -40,6 +40,9 @@ from .vae_tiling import decode as vae_decode
 Embeds = tuple[torch.Tensor, torch.Tensor]  # T5 (1, L, 4096), pooled CLIP (1, 768) for FLUX.1
 
 
+SHARED_COMPONENTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae")
+
+
 class UraePipeline:
     """Callable: `pipe(prompt, seed=0, **settings) -> GenerationResult`; settings override the preset's."""
 
@@ -64,6 +67,11 @@ class UraePipeline:
     @property
     def transformer(self) -> torch.nn.Module:
         return self.flux.transformer
+
+    def shared_components(self) -> dict[str, object]:
+        """Everything but the transformer and scheduler, for `load_pipeline(reuse=...)`: a pipeline that differs only
+        in base format or adapters needs no second read of the text encoders and VAE."""
+        return {name: getattr(self.flux, name) for name in SHARED_COMPONENTS}
 
     def __call__(self, prompt: str, seed: int = 0, report: RunReport | None = None, **settings) -> GenerationResult:
         """One image. Out of memory in a stage re-plans the memory settings (`self.replan`), puts them on the loaded
@@ -220,6 +228,7 @@ def load_pipeline(
     base_pipeline: str | os.PathLike | None = None,
     component_files: ComponentFiles | None = None,
     replan: Replanner = step_down,
+    reuse: Mapping[str, object] | None = None,
     **settings,
 ) -> UraePipeline:
     """FLUX with an NF4/FP8/bf16 base carrying `adapters`, ready to generate at 2K/4K.
@@ -271,7 +280,7 @@ def load_pipeline(
 
         t5_nf4 = memory.t5_quant == "nf4"
         # passed components: diffusers skips their weights
-        extra = pipeline_components(files.component_files, root, dtype, t5_nf4=t5_nf4)
+        extra = dict(reuse) if reuse else pipeline_components(files.component_files, root, dtype, t5_nf4=t5_nf4)
         if t5_nf4 and "text_encoder_2" not in extra:
             extra["text_encoder_2"] = load_t5_nf4(root, dtype)
         flux = FluxPipeline.from_pretrained(root, transformer=transformer, dtype=dtype, **extra)

@@ -1,6 +1,6 @@
 """The pipeline the page loads once and keeps between requests: the next request reuses it, puts new memory settings
-on it in place (`UraePipeline.reconfigure`, the out-of-memory recovery's own path), and loads again only when what
-the loaded weights are made of changed (model, base or T5 format, adapters, device)."""
+on it in place (`UraePipeline.reconfigure`, the out-of-memory recovery's own path), loads only the transformer again
+when the base format or the adapters changed, and everything when the model, T5 format or device did."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class Generated:
     result: GenerationResult
     path: Path
     printed: str
-    pipeline: str  # loaded | reused | reconfigured
+    pipeline: str  # loaded | loaded transformer | reused | reconfigured
     report: RunReport = field(repr=False, default_factory=RunReport)
 
 
@@ -86,14 +86,8 @@ class Session:
 
     def _pipeline(self, job, memory: MemorySettings, replan, report: RunReport):
         memory = memory.replace(offload=memory.resolved_offload(job.device.type))  # as load_pipeline resolves it
-        key = (
-            job.files,
-            memory.quant,
-            memory.t5_quant,
-            _adapter_stamps(job.args.adapter),
-            str(job.device),
-            job.args.svd_device,
-        )
+        shared_key = (job.files, memory.t5_quant, str(job.device))  # what the text encoders and VAE are made of
+        key = (*shared_key, memory.quant, _adapter_stamps(job.args.adapter), job.args.svd_device)
         if self.pipe is not None and key == self.key:
             self.pipe.replan = replan  # the planner's re-plan is for this request's size
             if memory == self.pipe.memory:
@@ -102,10 +96,12 @@ class Session:
             memory.check("generate", config["num_layers"] + config["num_single_layers"])
             self.pipe.reconfigure(memory)
             return self.pipe, "reconfigured"
-        self.unload()
-        self.pipe = load(job, memory, replan, report)
+        # a new base format or new adapters: only the transformer is loaded again
+        reuse = self.pipe.shared_components() if self.pipe is not None and self.key[:3] == shared_key else None
+        self.unload()  # the old transformer goes before the new one loads
+        self.pipe = load(job, memory, replan, report, reuse=reuse)
         self.key = key
-        return self.pipe, "loaded"
+        return self.pipe, "loaded transformer" if reuse else "loaded"
 
     def unload(self) -> None:
         """Free the loaded pipeline (before another is loaded, or before a training run takes the device)."""
