@@ -75,6 +75,21 @@ def test_overrides_are_typed_and_checked():
         load_recipe(REPO / "recipes" / "nope.yaml")
 
 
+@pytest.mark.parametrize("size", [100, 0, -16])
+def test_a_bad_validation_size_stops_train_before_anything_loads(size, capsys, tmp_path):
+    """The rule of image sides (urae_lite.presets) checks validation.size with the recipe, not at the first
+    validation after training ran: the command ends in one line, nothing made (no output_dir)."""
+    from urae_lite.cli import main
+
+    out = tmp_path / "out"
+    args = ["train", str(RECIPE_2K), f"data.dir={tmp_path}", f"output_dir={out}", f"validation.size={size}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"validation.size {size} is not a positive multiple of 16" in err
+    assert not out.exists()
+    assert load_recipe(RECIPE_2K, REQUIRED + ["validation.size=48"]).validation.size == 48
+
+
 def test_instantiate_builds_components():
     import torch
 

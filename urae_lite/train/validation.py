@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import UraeError
 from ..safetensors_io import atomic_save_file, load_file_checked
 from ..timeshift import shifted_sigmas
 from .config import TrainConfig
@@ -102,9 +101,7 @@ def run_validation(
     from ..vae_tiling import decode
 
     v = cfg.validation
-    size = v.size or cfg.data.resolution
-    if size % 16:
-        raise UraeError(f"validation.size must be a multiple of 16, got {size}")
+    size = v.size or cfg.data.resolution  # checked by the recipe (train.config.check_config)
     shift_factor, scaling_factor = vae_factors(root)
     latents = [
         sample_latents(
