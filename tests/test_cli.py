@@ -78,3 +78,26 @@ def test_key_value_overrides_are_accepted_after_options(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_code:
             main(["cache", str(tmp_path), "--check", "--resolution", "64", "data.min_side=1", stray])
         assert exit_code.value.code == 2 and f"unrecognized arguments: {stray}" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`urae-lite cache DIR --check | head`: the reader has gone (here: the pipe's read end is closed before the
+    command starts, so its first write fails by construction), and the command stops without a traceback."""
+    import os
+
+    from train_utils import make_dataset
+
+    data = make_dataset(tmp_path / "data", sizes=[(64, 64)])
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "urae_lite.cli", "cache", str(data), "--check", "--resolution", "64"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1 and proc.stderr == ""

@@ -147,8 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the subcommand
     console.setup(debug)
-    args = _parse([a for a in argv if a != "--debug"])
     try:
+        args = _parse([a for a in argv if a != "--debug"])
         args.func(args)
         sys.stdout.flush()  # here, so a closed pipe is caught below and not at interpreter exit
     except BrokenPipeError:  # `urae-lite ... | head`: the reader left; stop quietly (CPython's signal docs)
