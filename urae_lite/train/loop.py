@@ -331,8 +331,10 @@ def train(
             saved = cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == t.steps)
             if saved:
                 _save_checkpoint(trainer, cfg, step, items, accelerator)
-            run_now, stop_now = _agree(accelerator, main and schedule.due(step) is not None, stop.requested)
-            if run_now:
+            # a stop skips a due validation (the checkpoint is what matters) and keeps SAMPLE_NOW for the resumed run
+            due = main and not stop.requested and schedule.due(step) is not None
+            run_now, stop_now = _agree(accelerator, due, stop.requested)
+            if run_now and not stop_now:
                 if main:
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
