@@ -100,3 +100,19 @@ def test_instantiate_builds_components():
         instantiate({"_component_": "no_such_module.Thing"})
     with pytest.raises(UraeError, match="does not accept"):
         instantiate({"_component_": "torch.optim.AdamW", "bogus": 1}, [p])
+
+
+@pytest.mark.parametrize(
+    "validation,on",
+    [
+        (["validation.every=10"], True),
+        (["validation.every_minutes=5"], True),  # the loop samples on the timer: the plan counts its memory
+        (["validation.every=0", "validation.every_minutes=0"], False),
+        (["validation.every=10", "validation.prompts=[]"], False),
+    ],
+)
+def test_the_planner_and_the_loop_agree_when_validation_runs(validation, on):
+    from urae_lite.plan.recipe import recipe_job
+
+    cfg = load_recipe(RECIPE_2K, [*REQUIRED, "validation.prompts=[a cat]", "validation.every=0", *validation])
+    assert cfg.validation.enabled is on and recipe_job(cfg).validation is on

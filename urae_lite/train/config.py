@@ -83,6 +83,11 @@ class ValidationConfig:
     size: int | None = None  # default: data.resolution
     seed: int = 0
 
+    @property
+    def enabled(self) -> bool:
+        """Validation runs at all (a schedule in steps or minutes, and prompts): the loop's and the planner's test."""
+        return bool((self.every or self.every_minutes) and self.prompts)
+
 
 @dataclass
 class TrainConfig:

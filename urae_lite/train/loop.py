@@ -288,9 +288,8 @@ def train(
         dataset = open_cache(cfg.data.dir, files, cfg.data.resolution, cfg.data.cache, skips=skips, data=cfg.data)
         source = SampleSource(dataset, cfg, *vae_factors(root), skips)
     v = cfg.validation
-    validate = bool((v.every or v.every_minutes) and v.prompts)
     embeds = []
-    if validate and main:  # before the transformer is on the device: T5 needs it alone
+    if v.enabled and main:  # before the transformer is on the device: T5 needs it alone
         with report.stage("validation prompts"), oom_guard(cfg, device, "prompt encoding"):
             manifest = json.loads((dataset.cache / "manifest.json").read_text())
             embeds = validation_embeddings(cfg, root, device, manifest["max_sequence_length"])
@@ -306,7 +305,7 @@ def train(
         _truncate_log(out / "log.jsonl", step)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         monitor = RunMonitor(out, cfg.training.log_with, step, v.prompts, plan_peak_gib)
-    schedule = ValidationSchedule(v, out, validate)
+    schedule = ValidationSchedule(v, out, v.enabled)
     t = cfg.training
     per_step = world * t.gradient_accumulation
     bar = tqdm(total=t.steps, initial=step, desc="training", unit="step", disable=not (progress and main))
