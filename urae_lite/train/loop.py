@@ -303,7 +303,7 @@ def train(
     if main:
         out.mkdir(parents=True, exist_ok=True)
         _truncate_log(out / "log.jsonl", step)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         monitor = RunMonitor(out, cfg.training.log_with, step, v.prompts, plan_peak_gib)
     schedule = ValidationSchedule(v, out, v.enabled)
     t = cfg.training
