@@ -33,7 +33,7 @@ def recipe_plan_config(cfg) -> PlanConfig:
         adapter=cfg.adapter.kind,
         rank=cfg.adapter.rank,
         optimizer=optimizer,
-        validation=bool(cfg.validation.every and cfg.validation.prompts),
+        validation=bool((cfg.validation.every or cfg.validation.every_minutes) and cfg.validation.prompts),
         memory=MemorySettings(
             quant=m.quant,
             checkpointing=m.checkpointing,

@@ -61,3 +61,43 @@ def test_unknown_quant_is_rejected_with_the_valid_values():
 def test_debug_shows_the_traceback(tmp_path):
     proc = _run("prepare", "--model", "/nonexistent/flux", "--out", str(tmp_path / "x"), "--debug")
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "UraeError" in proc.stderr
+
+
+def test_key_value_overrides_are_accepted_after_options(tmp_path, capsys):
+    """argparse gives `overrides` only the words before the first option; those after it are the same overrides
+    (each one below is wrong on purpose: its error shows it was read), and other stray words stay errors."""
+    from train_utils import REPO
+
+    recipe = str(REPO / "recipes" / "train_2k_lora.yaml")
+    train = ["train", recipe, f"data.dir={tmp_path}", "--format", "kohya", f"output_dir={tmp_path / 'o'}"]
+    assert main([*train, "validation.size=100"]) == 2
+    assert "validation.size 100 is not" in capsys.readouterr().err
+    assert main(["cache", str(tmp_path), "--check", "--resolution", "64", "data.min_side=-1"]) == 2
+    assert "data.min_side must be 0 or more" in capsys.readouterr().err
+    for stray in ("--nope", "nope"):
+        with pytest.raises(SystemExit) as exit_code:
+            main(["cache", str(tmp_path), "--check", "--resolution", "64", "data.min_side=1", stray])
+        assert exit_code.value.code == 2 and f"unrecognized arguments: {stray}" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """`urae-lite cache DIR --check | head`: the reader has gone (here: the pipe's read end is closed before the
+    command starts, so its first write fails by construction), and the command stops without a traceback."""
+    import os
+
+    from train_utils import make_dataset
+
+    data = make_dataset(tmp_path / "data", sizes=[(64, 64)])
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "urae_lite.cli", "cache", str(data), "--check", "--resolution", "64"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1 and proc.stderr == ""

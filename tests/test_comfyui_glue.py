@@ -163,7 +163,8 @@ def test_sampler_sigmas_are_the_static_shift_schedule(env, flux, preset):
     for steps in sorted({g.steps, 4, 28, 50}):
         sampler = comfy.samplers.KSampler(patched, steps, "cpu", sampler="euler", scheduler="simple", denoise=1.0)
         want = torch.tensor(shifted_sigmas(steps, g.shift), dtype=torch.float64)
-        # ComfyUI tabulates σ(t) at t = k/10000 in fp32 and the 'simple' scheduler picks t = 1 − i/N from it:
+        # the node's model sampling tabulates σ(t) at t = k/SIGMA_TABLE (277200, urae_lite/comfyui/settings.py) in
+        # fp32 and the 'simple' scheduler picks t = 1 − i/N from it, exactly since these N divide 277200:
         # a few fp32 roundings of values <= 1
         torch.testing.assert_close(sampler.sigmas.double(), want, rtol=0, atol=8 * U32)
     plain = comfy.samplers.KSampler(flux, 28, "cpu", sampler="euler", scheduler="simple", denoise=1.0).sigmas

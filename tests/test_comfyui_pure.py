@@ -276,6 +276,10 @@ def test_install_and_uninstall(tmp_path, capsys):
     capsys.readouterr()
     assert main(["comfyui", "uninstall", str(root)]) == 2
     assert "nothing of urae-lite is installed" in capsys.readouterr().err
+    (flows / "urae_2k.json").unlink()
+    install(root)
+    uninstall(root)  # the folders install made are gone once empty; ComfyUI's own stay
+    assert sorted(p.name for p in root.iterdir()) == ["comfy", "custom_nodes", "nodes.py"]
 
 
 def test_install_errors(tmp_path, capsys):

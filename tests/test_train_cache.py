@@ -152,3 +152,35 @@ def test_stale_cache_is_refused_with_the_rebuild_command(dataset, tiny_flux, tmp
     assert open_cache(data, str(other), RESOLUTION).items
     with pytest.raises(UraeError, match="no cache at"):
         open_cache(data, str(other), 128)
+
+
+def test_the_rebuild_command_keeps_the_data_keys_and_t5_length(dataset, tiny_flux, tmp_path, capsys):
+    """The command a refused cache prints, when run, builds a cache the training accepts: it carries the user's
+    data.* keys and T5 length (a command without them builds another cache, which training then refuses)."""
+    import re
+    import shlex
+
+    from urae_lite.train.config import DataConfig
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_flux, other)
+    vae_config = json.loads((other / "vae" / "config.json").read_text())
+    (other / "vae" / "config.json").write_text(json.dumps({**vae_config, "scaling_factor": 0.5}))
+    wanted = ["data.caption_prefix=sks", "--resolution", str(RESOLUTION), "--max-sequence-length", "32"]
+    assert main(["cache", str(data), "--model", str(tiny_flux), *wanted]) == 0
+    recipe_data = DataConfig(dir=str(data), caption_prefix="sks")
+
+    assert main(["cache", str(data), "--model", str(other), *wanted]) == 2  # refused: made with another model
+    building = re.search(r"Rebuild it with `(.*?)`", capsys.readouterr().err).group(1)
+    with pytest.raises(UraeError, match="Rebuild it with `(.*?)`") as training:  # training refuses it too
+        open_cache(data, str(other), RESOLUTION, data=recipe_data)
+    opening = re.search(r"Rebuild it with `(.*?)`", str(training.value)).group(1)
+    for command in (building, opening):
+        words = shlex.split(command)
+        assert words[:2] == ["urae-lite", "cache"] and "data.caption_prefix=sks" in words
+        assert words[words.index("--max-sequence-length") + 1] == "32"
+    assert main(shlex.split(building)[1:]) == 0
+    assert open_cache(data, str(other), RESOLUTION, data=recipe_data).items
+    assert json.loads((default_cache_dir(data, RESOLUTION) / "manifest.json").read_text())["max_sequence_length"] == 32

@@ -75,6 +75,21 @@ def test_overrides_are_typed_and_checked():
         load_recipe(REPO / "recipes" / "nope.yaml")
 
 
+@pytest.mark.parametrize("size", [100, 0, -16])
+def test_a_bad_validation_size_stops_train_before_anything_loads(size, capsys, tmp_path):
+    """The rule of image sides (urae_lite.presets) checks validation.size with the recipe, not at the first
+    validation after training ran: the command ends in one line, nothing made (no output_dir)."""
+    from urae_lite.cli import main
+
+    out = tmp_path / "out"
+    args = ["train", str(RECIPE_2K), f"data.dir={tmp_path}", f"output_dir={out}", f"validation.size={size}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"validation.size {size} is not a positive multiple of 16" in err
+    assert not out.exists()
+    assert load_recipe(RECIPE_2K, REQUIRED + ["validation.size=48"]).validation.size == 48
+
+
 def test_instantiate_builds_components():
     import torch
 
@@ -85,3 +100,19 @@ def test_instantiate_builds_components():
         instantiate({"_component_": "no_such_module.Thing"})
     with pytest.raises(UraeError, match="does not accept"):
         instantiate({"_component_": "torch.optim.AdamW", "bogus": 1}, [p])
+
+
+@pytest.mark.parametrize(
+    "validation,on",
+    [
+        (["validation.every=10"], True),
+        (["validation.every_minutes=5"], True),  # the loop samples on the timer: the plan counts its memory
+        (["validation.every=0", "validation.every_minutes=0"], False),
+        (["validation.every=10", "validation.prompts=[]"], False),
+    ],
+)
+def test_the_planner_and_the_loop_agree_when_validation_runs(validation, on):
+    from urae_lite.plan.recipe import recipe_job
+
+    cfg = load_recipe(RECIPE_2K, [*REQUIRED, "validation.prompts=[a cat]", "validation.every=0", *validation])
+    assert cfg.validation.enabled is on and recipe_job(cfg).validation is on

@@ -148,6 +148,18 @@ def test_check_on_an_empty_dataset_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and "empty dataset" in err[0] and "1 smaller than data.min_side" in err[0]
 
 
+@pytest.mark.parametrize("resolution", [0, -16, 100])
+def test_a_bad_resolution_is_one_line_for_check_and_cache_alike(resolution, tiny_flux, tmp_path, capsys):
+    """--check refuses what the cache refuses, with the same line (presets.check_side), before it reads a file."""
+    make_image(80, 80, 0).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a")
+    for extra in (["--check"], ["--model", str(tiny_flux)]):
+        assert main(["cache", str(tmp_path), "--resolution", str(resolution), *extra]) == 2
+        out, err = capsys.readouterr()
+        line = f"urae-lite: error: --resolution {resolution} is not a positive multiple of 16: use "
+        assert out == "" and err.startswith(line) and err.count("\n") == 1, err
+
+
 def test_shuffle_keeps_the_first_parts_and_permutes_the_rest():
     parts = CAT.split(", ")
     for keep in (0, 1, 2):

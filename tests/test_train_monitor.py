@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -77,6 +78,8 @@ def test_a_watched_run_logs_tensorboard_draws_charts_and_samples_on_request(
         return result
 
     monkeypatch.setattr(validation, "sample_latents", spy)
+    published, replace = [], os.replace  # an atomic write is a rename of a finished temp file (safetensors_io)
+    monkeypatch.setattr(os, "replace", lambda src, dst: published.append(Path(dst)) or replace(src, dst))
 
     def on_step(step: int) -> None:
         if step == 1:
@@ -86,6 +89,8 @@ def test_a_watched_run_logs_tensorboard_draws_charts_and_samples_on_request(
     steps = [1, 2, 4]
     assert sorted(p.name for p in (out / "validation").glob("step-*")) == [f"step-{s:08d}" for s in steps]
     assert not (out / "SAMPLE_NOW").exists()
+    pictures = [out / "validation" / f"step-{s:08d}" / f"{i:02d}.png" for s in steps for i in range(len(PROMPTS))]
+    assert {out / "config.yaml", out / "loss.png", out / "samples.png", *pictures} <= set(published)
     # part 3: every validation image sampled by the model with the recipe's NTK, attention and token chunks
     assert len(seen) == len(steps) * len(PROMPTS)
     for theta, processors, size, chunked in seen:
@@ -194,3 +199,32 @@ def test_log_with_tensorboard_missing_is_one_line(tiny_flux, small_data, tmp_pat
     with pytest.raises(UraeError, match="training.log_with=wandb is not one of tensorboard"):
         load_recipe(RECIPE_2K, [*overrides, "training.log_with=wandb"])
     assert not Path(tmp_path / "run").exists()
+
+
+def test_loss_chart_draws_the_logged_smoothing_on_whole_steps():
+    """The smoothed line is the log's `loss_smoothed` (made by the monitor, the one smoothing), not a second
+    computation; three steps get whole-number ticks, not 1.25, 1.5, ..."""
+    from urae_lite.train.charts import loss_figure
+
+    records = [{"step": s, "loss": 0.5 + 0.1 * s, "loss_smoothed": 2.0 - 0.3 * s} for s in (1, 2, 3)]
+    figure = loss_figure(records, [2])
+    loss, smoothed = figure.axes[0].lines[:2]
+    assert list(loss.get_ydata()) == [r["loss"] for r in records]
+    assert list(smoothed.get_xdata()) == [1, 2, 3] and list(smoothed.get_ydata()) == [
+        r["loss_smoothed"] for r in records
+    ]
+    figure.canvas.draw()
+    assert all(tick == int(tick) for tick in figure.axes[0].get_xticks())
+
+
+def test_without_matplotlib_loss_png_is_skipped_with_one_warning(tmp_path, monkeypatch, caplog):
+    from urae_lite.train.monitor import RunMonitor
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` does when not installed
+    monitor = RunMonitor(tmp_path, None, 0, ["p"])
+    for step in (1, 2):
+        monitor.step({"step": step, "loss": 1.0}, write=True)
+        monitor.validation(step, [])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and 'pip install "urae-lite[train]"' in warnings[0]
+    assert not (tmp_path / "loss.png").exists()

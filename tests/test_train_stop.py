@@ -113,3 +113,26 @@ def test_sigterm_to_the_command_exits_0_and_its_printed_command_resumes(tiny_flu
 
     assert main(words[1:]) == 0
     _same_adapter(straight, tmp_path / "run")
+
+
+def test_a_stop_on_a_validation_step_skips_the_validation(tiny_flux, small_data, tmp_path, capsys):
+    """Ctrl-C during a step after which validation is due (validation.every, and SAMPLE_NOW): the checkpoint is
+    written and the run stops as usual, without first sampling the validation images."""
+    validation = {
+        "validation.every": STOP,
+        "validation.prompts": ["a cat"],
+        "validation.size": 48,
+        "validation.steps": 2,
+    }
+    overrides = recipe_overrides(tiny_flux, small_data, tmp_path / "run", **EXTRA, **validation)
+
+    def interrupt(step: int) -> None:
+        if step == STOP:
+            (tmp_path / "run" / "SAMPLE_NOW").touch()
+            os.kill(os.getpid(), signal.SIGINT)
+
+    train(load_recipe(RECIPE_2K, overrides), progress=False, on_step=interrupt)
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == [f"step-{STOP:08d}"]
+    assert f"stopped by SIGINT after step {STOP} of 4" in capsys.readouterr().out
+    assert list((tmp_path / "run").glob("validation/step-*")) == []  # validation/ holds the prompts' embeddings
+    assert (tmp_path / "run" / "SAMPLE_NOW").exists()  # the request is left for the resumed run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -128,13 +129,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The command line, with `key=value` overrides accepted after options too (`cache DIR --check data.x=y`):
+    argparse gives a positional list only the words before the first option."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+        args.overrides += overrides
+        extra = [a for a in extra if a not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the subcommand
     console.setup(debug)
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
+        args = _parse([a for a in argv if a != "--debug"])
         args.func(args)
+        sys.stdout.flush()  # here, so a closed pipe is caught below and not at interpreter exit
+    except BrokenPipeError:  # `urae-lite ... | head`: the reader left; stop quietly (CPython's signal docs)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the final flush at exit writes to /dev/null, not the closed pipe
+        return 1
     except UraeError as e:
         if debug:
             raise

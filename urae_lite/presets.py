@@ -82,8 +82,14 @@ def _nearest(n: int) -> str:
 def check_size(width: int, height: int) -> None:
     """Both sides positive multiples of 16, or one UraeError naming the nearest valid sizes."""
     for name, value in (("width", width), ("height", height)):
-        if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
-            raise UraeError(f"{name} {value} is not a positive multiple of {SIZE_MULTIPLE}: use {_nearest(value)}")
+        check_side(name, value)
+
+
+def check_side(name: str, value: int) -> None:
+    """One image side (a size, a training resolution) is a positive multiple of 16, or one UraeError naming the
+    nearest valid values: the rule of every image size the package takes."""
+    if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
+        raise UraeError(f"{name} {value} is not a positive multiple of {SIZE_MULTIPLE}: use {_nearest(value)}")
 
 
 def preset_path(preset: str | os.PathLike, variant: str) -> Path:

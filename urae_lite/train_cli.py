@@ -48,10 +48,12 @@ def _check_dims(args: argparse.Namespace):
 def _cmd_cache(args: argparse.Namespace) -> None:
     from .component_files import component_files
     from .errors import UraeError
+    from .presets import check_side
     from .report import RunReport
     from .train.cache import build_cache
 
     data = _cache_data(args)
+    check_side("--resolution", args.resolution)  # once, for --check and the cache alike
     if args.check:
         from .train.data import SkipLog
         from .train.dataset_report import survey

@@ -2,8 +2,8 @@
 
 The node pack is the installed `urae_lite.comfyui` package; ComfyUI only needs a folder in custom_nodes/ whose
 __init__.py re-exports its mappings. The example workflows are copied to ComfyUI's user workflow folder (the
-Workflows sidebar). Uninstall removes exactly what install wrote: the shim (recognised by its first line) and the
-workflow files that still hold our content.
+Workflows sidebar). Uninstall removes exactly what install wrote: the shim (recognised by its first line), the
+workflow files that still hold our content, and the workflow folders if that leaves them empty.
 """
 
 from __future__ import annotations
@@ -81,6 +81,10 @@ def uninstall(path: str | os.PathLike) -> list[Path]:
         if target.is_file() and target.read_text() == text:
             target.unlink()
             removed.append(target)
+    for folder in (root / WORKFLOW_FOLDER, *(root / WORKFLOW_FOLDER).parents):  # the folders install made, if empty
+        if folder == root or not folder.is_dir() or any(folder.iterdir()):
+            break
+        folder.rmdir()
     if not removed:
         raise UraeError(f"nothing of urae-lite is installed in {root}")
     return removed

@@ -39,7 +39,7 @@ def recipe_job(cfg: TrainConfig, **changes) -> PlanConfig:
         adapter=cfg.adapter.kind,
         rank=cfg.adapter.rank,
         optimizer=planner_optimizer(str(cfg.optimizer["_component_"])),
-        validation=bool(cfg.validation.every and cfg.validation.prompts),
+        validation=cfg.validation.enabled,
         memory=cfg.memory,
     )
     return job.replace(**changes)

@@ -34,9 +34,10 @@ from ..component_files import ComponentFiles, check_fits, file_identity
 from ..destinations import check_output_dir
 from ..errors import UraeError
 from ..model_files import ModelFiles, as_model_files
+from ..presets import check_side
 from ..safetensors_io import atomic_save_file, load_file_checked, write_json
 from ..vae_tiling import VAE_TILING_MODES
-from .cache_layout import CACHE_DTYPE, CacheDims, check_shapes, latent_path, text_path
+from .cache_layout import CACHE_DTYPE, DEFAULT_MAX_SEQUENCE_LENGTH, CacheDims, check_shapes, latent_path, text_path
 from .captions import CAPTION_COLUMNS, CaptionSettings, column_of
 from .config import DataConfig
 from .data import Bucket, Sample, SkipLog, fit_to_bucket
@@ -93,13 +94,22 @@ def _file_line(root: Path, path: Path) -> str:
 
 
 def rebuild_command(
-    data_dir: str | Path, model: ModelFiles, resolution: int, cache: str | Path | None = None, data=None
+    data_dir: str | Path,
+    model: ModelFiles,
+    resolution: int,
+    cache: str | Path | None = None,
+    data=None,
+    max_sequence_length: int | None = None,
 ) -> str:
+    """The `urae-lite cache` command that (re)builds this cache with these settings: the data.* keys and T5
+    length that differ from the defaults included, so running it gives a cache the training accepts."""
     defaults = recorded_settings(None)
     keys = "".join(
         " " + shlex.quote(f"data.{k}={yaml_value(v)}") for k, v in recorded_settings(data).items() if v != defaults[k]
     )
     extra = f" --out {cache}" if cache is not None and Path(cache) != default_cache_dir(data_dir, resolution) else ""
+    if max_sequence_length not in (None, DEFAULT_MAX_SEQUENCE_LENGTH):
+        extra += f" --max-sequence-length {max_sequence_length}"
     extra += f" --base-pipeline {model.base_pipeline}" if model.base_pipeline else ""
     extra += "".join(f" --{k} {v}" for k, v in vars(model.component_files).items() if v is not None)
     return f"urae-lite cache {data_dir}{keys} --model {model.model} --resolution {resolution}{extra} --overwrite"
@@ -285,7 +295,7 @@ def build_cache(
     out: str | Path | None = None,
     device: str | None = None,
     dtype: torch.dtype | None = None,
-    max_sequence_length: int = 512,
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
     skip_small: bool = False,
     vae_tiling: str = "auto",
     overwrite: bool = False,
@@ -299,8 +309,7 @@ def build_cache(
     `files`: single-file VAE / CLIP / T5 used instead of the pipeline folder's (which still gives configs and
     tokenizers). `model` may be a resolved `ModelFiles` instead of the three. `data`: the recipe's DataConfig
     (captions, repeats, data.min_side; default: its defaults), recorded in the manifest."""
-    if resolution % 16:
-        raise UraeError(f"--resolution must be a multiple of 16, got {resolution}")
+    check_side("--resolution", resolution)
     if vae_tiling not in VAE_TILING_MODES:
         raise UraeError(f"--vae-tiling must be one of {', '.join(VAE_TILING_MODES)}")
     device = torch.device(device) if device else default_device()
@@ -317,7 +326,7 @@ def build_cache(
         if reason and not overwrite:
             raise UraeError(
                 f"cache {cache} cannot be extended: {reason}. Rebuild it with "
-                f"`{rebuild_command(data_dir, resolved, resolution, out)}` or pass "
+                f"`{rebuild_command(data_dir, resolved, resolution, out, data, max_sequence_length)}` or pass "
                 f"another --out"
             )
         if reason:
@@ -412,8 +421,9 @@ def open_cache(
     cache made with other caption / repeat / size settings is refused (without it, the cache's own are used)."""
     folder = Path(cache) if cache is not None else default_cache_dir(data_dir, resolution)
     resolved = as_model_files(model, base_pipeline, files)
-    fix = rebuild_command(data_dir, resolved, resolution, cache, data)
     manifest = _read_manifest(folder)
+    length = manifest.get("max_sequence_length") if manifest is not None else None
+    fix = rebuild_command(data_dir, resolved, resolution, cache, data, length)
     if manifest is None:
         raise UraeError(f"no cache at {folder}: build it first with `{fix.removesuffix(' --overwrite')}`")
     reason = _stale_reason(

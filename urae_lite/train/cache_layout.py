@@ -22,6 +22,7 @@ LATENT_TENSORS = ("mean", "std")  # the VAE posterior's moments, each (C, H/8, W
 # under 110 characters each) and the metadata (image size:mtime stamp and bucket sides, or a 16-hex caption hash:
 # under 120 characters), so it stays below 8 + 2·110 + 120 + braces + 7 < 512 bytes.
 FILE_OVERHEAD_BOUND = 512
+DEFAULT_MAX_SEQUENCE_LENGTH = 512  # T5 tokens: FLUX.1-dev's (schnell uses 256, passed explicitly)
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,10 @@ class CacheDims:
     vae_scale: int = 8  # pixels per latent side
     t5_dim: int = 4096
     pooled_dim: int = 768  # CLIP-L's pooled output
-    max_sequence_length: int = 512
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
 
     @classmethod
-    def of_model(cls, root: Path, max_sequence_length: int = 512) -> CacheDims:
+    def of_model(cls, root: Path, max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH) -> CacheDims:
         """From a pipeline folder's configs (no weights are read)."""
 
         def config(sub: str) -> dict:

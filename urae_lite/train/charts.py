@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 from pathlib import Path
 
-from ..safetensors_io import publish, temp_file_beside
+from ..safetensors_io import atomic_write_bytes
 
-SMOOTHING = 0.9  # the weight of the running average: TensorBoard's default smoothing slider, debiased the same way
 STEP_FOLDER = re.compile(r"^step-(\d{8})$")
 MAX_COLUMNS = 12  # a sheet of a long run shows 12 evenly spaced validations, the first and the last among them
 MAX_CELL = 256  # cells are at most this many pixels a side (2K/4K validation images are shrunk to fit)
@@ -25,25 +23,13 @@ LINE_HEIGHT = 14
 BACKGROUND, INK = (255, 255, 255), (0, 0, 0)
 
 
-def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
-    """Exponential moving average with the zero-start bias removed (TensorBoard's smoothing)."""
-    out, average = [], 0.0
-    for i, value in enumerate(values, 1):
-        average = weight * average + (1 - weight) * value
-        out.append(average / (1 - weight**i))
-    return out
-
-
-def write_bytes_atomically(path: Path, data: bytes) -> Path:
-    fd, tmp = temp_file_beside(path)
+def matplotlib_missing() -> bool:
+    """loss.png needs matplotlib (the `train` extra); samples.png only pillow."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return True
+    return False
 
 
 def read_log(path: Path, upto: int) -> list[dict]:
@@ -68,32 +54,39 @@ def validation_steps(folder: Path, upto: int) -> list[int]:
     return sorted(s for s in steps if s <= upto)
 
 
-def loss_chart(records: list[dict], marks: list[int], path: Path) -> Path | None:
-    """`path` <- loss per step (faint), its smoothed line and a dashed line at each validation; None without
-    matplotlib (the `train` extra) or without records."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    if not records:
-        return None
-    steps, losses = [r["step"] for r in records], [r["loss"] for r in records]
+def loss_figure(records: list[dict], marks: list[int]):
+    """matplotlib Figure: loss per step (faint), the smoothed loss as logged (`loss_smoothed`, smoothed by the
+    monitor: the chart shows the log's numbers) and a dashed line at each validation."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     figure = Figure(figsize=(6.4, 3.2), dpi=100)
     FigureCanvasAgg(figure)
     ax = figure.add_subplot()
+    steps, losses = [r["step"] for r in records], [r["loss"] for r in records]
     ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
-    ax.plot(steps, smoothed(losses), color="tab:blue", linewidth=1.8, label=f"smoothed ({SMOOTHING:g})")
+    logged = [r for r in records if "loss_smoothed" in r]
+    smoothed = [r["step"] for r in logged], [r["loss_smoothed"] for r in logged]
+    ax.plot(*smoothed, color="tab:blue", linewidth=1.8, label="smoothed")
     for i, step in enumerate(marks):
         ax.axvline(step, color="tab:orange", linestyle="--", linewidth=0.8, label="validation" if i == 0 else None)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no 1.5
     ax.set_xlabel("step")
     ax.set_ylabel("flow-matching loss")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize="small")
     figure.tight_layout()
+    return figure
+
+
+def loss_chart(records: list[dict], marks: list[int], path: Path) -> Path | None:
+    """`path` <- `loss_figure` as a PNG; None without records. Needs matplotlib (see `matplotlib_missing`)."""
+    if not records:
+        return None
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return write_bytes_atomically(path, buffer.getvalue())
+    loss_figure(records, marks).savefig(buffer, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def sheet_columns(steps: list[int], limit: int = MAX_COLUMNS) -> list[int]:
@@ -152,4 +145,4 @@ def contact_sheet(folder: Path, prompts: list[str], upto: int, path: Path) -> Pa
                     sheet.paste(image.convert("RGB").resize((cw, ch), Image.LANCZOS), (x, HEADER_HEIGHT + r * ch))
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG", optimize=True)
-    return write_bytes_atomically(path, buffer.getvalue())
+    return atomic_write_bytes(path, buffer.getvalue())

@@ -17,6 +17,7 @@ from typing import Any
 from ..config import PROFILES_KEY, REQUIRED, apply_overrides, build, instantiate, missing, read_yaml
 from ..errors import UraeError
 from ..memory import MemorySettings
+from ..presets import check_side
 
 __all__ = ["REQUIRED", "TrainConfig", "check_config", "instantiate", "load_recipe"]
 
@@ -81,6 +82,11 @@ class ValidationConfig:
     shift: float = 3.0  # static time shift (docs/high-resolution.md)
     size: int | None = None  # default: data.resolution
     seed: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Validation runs at all (a schedule in steps or minutes, and prompts): the loop's and the planner's test."""
+        return bool((self.every or self.every_minutes) and self.prompts)
 
 
 @dataclass
@@ -186,8 +192,9 @@ def check_config(cfg: TrainConfig, require_paths: bool = True) -> None:
             raise UraeError(f"{key} must be at least 1, got {value}")
     if cfg.validation.every < 0 or cfg.validation.every_minutes < 0:
         raise UraeError("validation.every and validation.every_minutes must be 0 (off) or positive")
-    if cfg.data.resolution % 16:
-        raise UraeError(f"data.resolution must be a multiple of 16, got {cfg.data.resolution}")
+    check_side("data.resolution", cfg.data.resolution)
+    if cfg.validation.size is not None:  # here, not at the first validation after training ran
+        check_side("validation.size", cfg.validation.size)
     from .captions import CAPTION_COLUMNS
 
     unknown = sorted(set(cfg.data.caption_mix) - set(CAPTION_COLUMNS))

@@ -288,9 +288,8 @@ def train(
         dataset = open_cache(cfg.data.dir, files, cfg.data.resolution, cfg.data.cache, skips=skips, data=cfg.data)
         source = SampleSource(dataset, cfg, *vae_factors(root), skips)
     v = cfg.validation
-    validate = bool((v.every or v.every_minutes) and v.prompts)
     embeds = []
-    if validate and main:  # before the transformer is on the device: T5 needs it alone
+    if v.enabled and main:  # before the transformer is on the device: T5 needs it alone
         with report.stage("validation prompts"), oom_guard(cfg, device, "prompt encoding"):
             manifest = json.loads((dataset.cache / "manifest.json").read_text())
             embeds = validation_embeddings(cfg, root, device, manifest["max_sequence_length"])
@@ -304,9 +303,9 @@ def train(
     if main:
         out.mkdir(parents=True, exist_ok=True)
         _truncate_log(out / "log.jsonl", step)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         monitor = RunMonitor(out, cfg.training.log_with, step, v.prompts, plan_peak_gib)
-    schedule = ValidationSchedule(v, out, validate)
+    schedule = ValidationSchedule(v, out, v.enabled)
     t = cfg.training
     per_step = world * t.gradient_accumulation
     bar = tqdm(total=t.steps, initial=step, desc="training", unit="step", disable=not (progress and main))
@@ -331,8 +330,10 @@ def train(
             saved = cfg.checkpoint.every and (step % cfg.checkpoint.every == 0 or step == t.steps)
             if saved:
                 _save_checkpoint(trainer, cfg, step, items, accelerator)
-            run_now, stop_now = _agree(accelerator, main and schedule.due(step) is not None, stop.requested)
-            if run_now:
+            # a stop skips a due validation (the checkpoint is what matters) and keeps SAMPLE_NOW for the resumed run
+            due = main and not stop.requested and schedule.due(step) is not None
+            run_now, stop_now = _agree(accelerator, due, stop.requested)
+            if run_now and not stop_now:
                 if main:
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)

@@ -9,6 +9,7 @@ TensorBoard gets the same numbers under `train/...` and the validation images un
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import psutil
@@ -16,8 +17,11 @@ import torch
 
 from ..errors import UraeError
 from ..report import GiB
-from .charts import SMOOTHING, contact_sheet, loss_chart, read_log, validation_steps
+from .charts import contact_sheet, loss_chart, matplotlib_missing, read_log, validation_steps
 
+logger = logging.getLogger("urae_lite.train")
+
+SMOOTHING = 0.9  # the weight of the running average: TensorBoard's default smoothing slider, debiased the same way
 LOG_WITH = (None, "tensorboard")
 TENSORBOARD_DIR = "tensorboard"
 #: the scalars written to TensorBoard per logged step: tag -> log.jsonl field
@@ -78,7 +82,7 @@ class RunMonitor:
         self.average, self.count = 0.0, 0
         for record in read_log(self.log, start_step):  # a resumed run smooths on from its history
             self._smooth(record["loss"])
-        self.writer = None
+        self.writer, self.draw_loss = None, True
         if log_with == "tensorboard":  # events after the resumed step (the killed run's) are dropped
             self.writer = tensorboard_writer(output_dir / TENSORBOARD_DIR, start_step + 1 if start_step else None)
 
@@ -95,7 +99,8 @@ class RunMonitor:
         return record
 
     def _smooth(self, loss: float) -> float:
-        """`charts.smoothed` of the losses so far, one step at a time."""
+        """Exponential moving average of the losses so far with the zero-start bias removed (TensorBoard's
+        smoothing), one step at a time: the one smoothing of the run (log, TensorBoard, progress bar, loss.png)."""
         self.average = SMOOTHING * self.average + (1 - SMOOTHING) * loss
         self.count += 1
         return self.average / (1 - SMOOTHING**self.count)
@@ -123,7 +128,11 @@ class RunMonitor:
             if peak_vram_gib is not None:
                 self.writer.add_scalar("memory/validation_peak_vram_gib", peak_vram_gib, step)
             self.writer.flush()
-        loss_chart(read_log(self.log, step), validation_steps(folder, step), self.out / "loss.png")
+        if self.draw_loss and matplotlib_missing():
+            logger.warning('loss.png is not drawn: it needs matplotlib (pip install "urae-lite[train]")')
+            self.draw_loss = False  # said once
+        if self.draw_loss:
+            loss_chart(read_log(self.log, step), validation_steps(folder, step), self.out / "loss.png")
         contact_sheet(folder, self.prompts, step, self.out / "samples.png")
 
     def close(self) -> None:

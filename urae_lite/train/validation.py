@@ -11,13 +11,13 @@ rounds σ to float32 (up to 1e-7 apart) and casts the latents to the model's dty
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import UraeError
-from ..safetensors_io import atomic_save_file, load_file_checked
+from ..safetensors_io import atomic_save_file, atomic_write_bytes, load_file_checked
 from ..timeshift import shifted_sigmas
 from .config import TrainConfig
 from .encoders import encode_prompts, free_device_memory, load_vae
@@ -102,9 +102,7 @@ def run_validation(
     from ..vae_tiling import decode
 
     v = cfg.validation
-    size = v.size or cfg.data.resolution
-    if size % 16:
-        raise UraeError(f"validation.size must be a multiple of 16, got {size}")
+    size = v.size or cfg.data.resolution  # checked by the recipe (train.config.check_config)
     shift_factor, scaling_factor = vae_factors(root)
     latents = [
         sample_latents(
@@ -129,9 +127,9 @@ def run_validation(
     for i, z in enumerate(latents):
         image = decode(vae, (z / scaling_factor + shift_factor).to(device, vae.dtype), mode="auto")
         pixels = ((image[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu()
-        path = folder / f"{i:02d}.png"
-        Image.fromarray(pixels.numpy()).save(path)
-        paths.append(path)
+        png = io.BytesIO()
+        Image.fromarray(pixels.numpy()).save(png, format="PNG")
+        paths.append(atomic_write_bytes(folder / f"{i:02d}.png", png.getvalue()))  # the sheet never reads half a file
     del vae
     free_device_memory()
     return paths
