@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -23,8 +24,10 @@ from urae_lite.cli import main
 from urae_lite.errors import UraeError
 from urae_lite.plan import PlanConfig, best_config, estimate
 from urae_lite.presets import RECIPES, check_size, preset_memory
+from urae_lite.report import RunReport
 from urae_lite.train.resume import STEP_DIR, list_checkpoints
 from urae_lite.ui.paths import KINDS, Folders
+from urae_lite.ui.session import Session
 from urae_lite.ui.train_runs import TrainRuns
 
 pytest.importorskip("gradio", reason="the ui extra (gradio) is not installed")
@@ -200,6 +203,9 @@ def test_paths_outside_the_folders_are_refused(server, client):
         client.predict(dataset="data", run=str(outside), overrides="", api_name="/train_start")
     with pytest.raises(AppError, match="is outside the folders this page may use"):
         client.predict(dataset="../outputs", run="r", overrides="", api_name="/train_start")
+    for recipe in (str(RECIPES / "train_2k_lora"), "../../../../etc/passwd", "../outputs/x"):  # not shipped names
+        with pytest.raises(AppError, match="is outside the folders this page may use"):
+            client.predict(dataset="data", recipe=recipe, run="r", overrides="", api_name="/train_start")
     assert not outside.exists()
 
 
@@ -229,12 +235,18 @@ def _wait(client, run: str, done, timeout: float = 90):
     raise AssertionError(f"run {run}: {view}")
 
 
-def test_a_training_run_from_the_page_logs_and_stops(server, client):
+def _steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_training_run_from_the_page_samples_stops_and_resumes(server, client):
     from urae_lite.train.cache import build_cache
 
     data = make_dataset(server.folder("datasets") / "flowers", SIZES[:2])  # two images: the run only has to start
     build_cache(data, "tiny", 64, max_sequence_length=32, progress=False)
-    overrides = "\n".join(["data.resolution=64", "device=cpu", "validation.every=0", "checkpoint.every=0",
+    # validation on (a prompt, a timer that never fires): samples come only when asked for
+    overrides = "\n".join(["data.resolution=64", "device=cpu", "validation.every_minutes=100000",
+                           "validation.prompts=[a red flower]", "validation.steps=1", "checkpoint.every=0",
                            "training.steps=100000", "training.precision=fp32"])  # fmt: skip
     message, watched = client.predict(model="tiny", dataset="flowers", recipe="train_2k_lora", run="run1",
                                       overrides=overrides, api_name="/train_start")  # fmt: skip
@@ -243,23 +255,46 @@ def test_a_training_run_from_the_page_logs_and_stops(server, client):
     run = server.folder("runs") / "run1"
     view = _wait(client, "run1", lambda v: v[2].startswith("{"))  # log.jsonl has records
     assert json.loads(view[2].splitlines()[-1])["step"] >= 1 and f"running (pid {pid})" in view[3]
-    assert f"pid {pid}" in client.predict(run="run1", api_name="/train_stop")
+    assert view[1] is None  # no samples.png before anyone asked
+    # Sample now: the run validates after its next step (samples.png appears) and removes SAMPLE_NOW
+    client.predict(run="run1", api_name="/train_sample_now")
+    _wait(client, "run1", lambda v: v[1] is not None and not (run / "SAMPLE_NOW").exists())
+    assert list((run / "validation").rglob("*.png"))
+    # a restarted server (a new TrainRuns over the same folders, here in another process) sees the run going:
+    # Resume and Generate are refused while it runs, and its Stop reaches it
+    folders = Folders.create(**{kind: server.folder(kind) for kind in KINDS})
+    restarted = TrainRuns(folders)
+    assert restarted.running(run) and restarted.names() == ["run1"] and "run1" in restarted.active()
+    with pytest.raises(UraeError, match="run1 is already running"):
+        restarted.start(restarted.resume_argv(run), run)
+    with pytest.raises(UraeError, match="training run run1 .* is using the device"):
+        Session(busy=restarted.active).generate(["generate", "a fox", "--model", "tiny"], RunReport())
+    with pytest.raises(AppError, match="training run run1 .* is using the device"):
+        client.predict(run="run1", api_name="/train_resume")
+    assert f"pid {pid}" in restarted.stop(run)
     view = _wait(client, "run1", lambda v: "ended with exit code" in v[3])
     code = int(view[3].split("ended with exit code ", 1)[1].split()[0])
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # that process is gone
+    assert not restarted.running(run) and restarted.active() is None
     # the safe stop: the step in progress finishes, a checkpoint is written, the run exits 0 (130 would be a plain
     # KeyboardInterrupt, i.e. the page sent a signal the training does not stop safely on)
-    assert (run / "log.jsonl").is_file() and code == 0
-    last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])["step"]
-    steps = [int(STEP_DIR.match(c.name).group(1)) for c in list_checkpoints(run)]
-    assert steps and steps[-1] >= last  # checkpoint.every=0: the only checkpoint is the stop's, after the last step
+    assert code == 0
+    stopped = _steps(run)[-1]
+    checkpoints = [int(STEP_DIR.match(c.name).group(1)) for c in list_checkpoints(run)]
+    assert checkpoints == [stopped]  # checkpoint.every=0: the only checkpoint is the stop's, after the last step
     # the command the page ran is the CLI's, and Resume is that command with --resume
-    started = message.split("`urae-lite ", 1)[1].split("`", 1)[0].split(" ")
-    assert started == ["train", str(RECIPES / "train_2k_lora.yaml"), f"data.dir={data.resolve()}",
+    started = shlex.split(message.split("`", 1)[1].split("`", 1)[0])
+    assert started == ["urae-lite", "train", str(RECIPES / "train_2k_lora.yaml"), f"data.dir={data.resolve()}",
                        f"output_dir={run}", "model=tiny", *overrides.splitlines()]  # fmt: skip
-    folders = Folders.create(**{kind: server.folder(kind) for kind in KINDS})
-    assert TrainRuns(folders).resume_argv(run) == [*started, "--resume"]
+    assert restarted.resume_argv(run) == [*started[1:], "--resume"]
+    # Resume from the page continues from the checkpoint: log.jsonl goes on at the next step, no step twice
+    assert f"urae-lite {shlex.join(started[1:])} --resume" in client.predict(run="run1", api_name="/train_resume")
+    _wait(client, "run1", lambda v: v[2].startswith("{") and json.loads(v[2].splitlines()[-1])["step"] > stopped)
+    client.predict(run="run1", api_name="/train_stop")
+    view = _wait(client, "run1", lambda v: "ended with exit code 0" in v[3])
+    steps = _steps(run)
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > stopped
     client.predict(run="run1", api_name="/train_sample_now")
     assert (run / "SAMPLE_NOW").is_file()
     with pytest.raises(AppError, match="nothing to stop"):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
+from .commands import command_line
 from .context import UiContext, one_line_errors
-from .train_runs import eta_seconds, format_eta, read_log, total_steps
+from .train_runs import SHIPPED, eta_seconds, format_eta, read_log, total_steps
 
-SHIPPED = ("train_2k_lora", "train_4k_minor")
 CHARTS = {"loss.png": "the loss chart", "samples.png": "the samples contact sheet"}
 
 
@@ -85,7 +85,7 @@ def build(ctx: UiContext) -> None:
             raise gr.Error(busy, print_exception=False)
         ctx.session.unload()  # the run needs the device's memory that the loaded pipeline holds
         s = ctx.runs.start(argv, folder)
-        return f"started `urae-lite {' '.join(argv)}` (pid {s.process.pid})", s.name
+        return f"started `{command_line(argv)}` (pid {s.pid})", s.name
 
     start.click(start_run, [model, dataset, recipe, run_name, overrides], [started, watched], api_name="train_start",
                 concurrency_limit=1, concurrency_id="device")  # fmt: skip
@@ -95,7 +95,7 @@ def build(ctx: UiContext) -> None:
         argv = ctx.runs.cache_argv(dataset or "", ctx.model(model), resolution)
         folder = ctx.folders.inside(run or "", "runs")
         s = ctx.runs.start(argv, folder)
-        return f"started `urae-lite {' '.join(argv)}` (pid {s.process.pid}); its output shows under Watch"
+        return f"started `{command_line(argv)}` (pid {s.pid}); its output shows under Watch"
 
     cache.click(cache_dataset, [model, dataset, resolution, run_name], started, api_name="train_cache",
                 concurrency_limit=1, concurrency_id="device")  # fmt: skip
@@ -126,14 +126,14 @@ def build(ctx: UiContext) -> None:
             raise gr.Error(busy, print_exception=False)
         ctx.session.unload()
         s = ctx.runs.start(argv, folder)
-        return f"resumed: `urae-lite {' '.join(argv)}` (pid {s.process.pid})"
+        return f"resumed: `{command_line(argv)}` (pid {s.pid})"
 
     stop.click(stop_run, watched, state, api_name="train_stop")
     sample.click(sample_now, watched, state, api_name="train_sample_now")
     resume.click(resume_run, watched, state, api_name="train_resume", concurrency_limit=1, concurrency_id="device")
 
     def refresh_lists():
-        runs = sorted({str(p.rsplit("/config.yaml", 1)[0]) for p in run_folders()} | set(ctx.runs.started))
+        runs = sorted({str(p.rsplit("/config.yaml", 1)[0]) for p in run_folders()} | set(ctx.runs.names()))
         return gr.update(choices=runs), gr.update(choices=ctx.folders.listing("datasets", "*", folders=True)), \
             gr.update(choices=recipes())  # fmt: skip
 
