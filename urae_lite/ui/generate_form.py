@@ -65,11 +65,14 @@ class GenerateForm:
     def pick_seed(self) -> int:
         return random.randrange(SEED_RANGE) if self.randomize else int(self.seed)
 
-    def argv(self, folders: Folders, out: Path, seed: int, vram: str | None = None) -> list[str]:
-        """`generate ...` as the user would type it; every path inside the page's folders."""
+    def argv(
+        self, folders: Folders, out: Path, seed: int, vram: str | None = None, ram: str | None = None
+    ) -> list[str]:
+        """`generate OPTIONS -- PROMPT` as the user would type it (after `--` a prompt starting with `-` is still the
+        prompt, not an option); every path inside the page's folders."""
         if not self.prompt or not self.prompt.strip():
             raise UraeError("the prompt is empty: describe the image to generate")
-        argv = ["generate", self.prompt, "--model", self.model, "--preset", self.preset, "--seed", str(seed)]
+        argv = ["generate", "--model", self.model, "--preset", self.preset, "--seed", str(seed)]
         size = self.size()
         if size:
             argv += ["--width", str(size[0]), "--height", str(size[1])]
@@ -89,8 +92,8 @@ class GenerateForm:
             else:
                 argv += [f"--{name}", f"{value:g}" if isinstance(value, float) else str(value)]
         if vram is not None:
-            argv += ["--vram", vram]
-        return [*argv, "--out", str(out)]
+            argv += ["--vram", vram] + (["--ram", ram] if ram is not None else [])
+        return [*argv, "--out", str(out), "--", self.prompt]
 
 
 def new_output(folders: Folders, seed: int) -> Path:

@@ -156,9 +156,8 @@ def build(ctx: UiContext) -> None:
         use_seed = form.pick_seed()
         card, host = number(vram, "card memory"), number(ram, "host memory")
         card = None if not ctx.cuda or card is None else f"{card:g}"  # on the CPU the plan is only shown
-        argv = form.argv(ctx.folders, new_output(ctx.folders, use_seed), use_seed, card)
-        if card is not None and host is not None:
-            argv[-2:-2] = ["--ram", f"{host:g}"]
+        host = None if host is None else f"{host:g}"
+        argv = form.argv(ctx.folders, new_output(ctx.folders, use_seed), use_seed, card, host)
         report = ProgressReport(on_stage=lambda name: progress(None, desc=name))
         done = ctx.session.generate(argv, report)
         images = [*(images or []), str(done.path)]
