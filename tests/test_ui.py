@@ -274,6 +274,8 @@ def test_a_training_run_from_the_page_samples_stops_and_resumes(server, client):
         Session(busy=restarted.active).generate(["generate", "a fox", "--model", "tiny"], RunReport())
     with pytest.raises(AppError, match="training run run1 .* is using the device"):
         client.predict(run="run1", api_name="/train_resume")
+    with pytest.raises(AppError, match="training run run1 .* is using the device"):  # caching uses the device too
+        client.predict(model="tiny", dataset="flowers", resolution=64, run="other", api_name="/train_cache")
     assert f"pid {pid}" in restarted.stop(run)
     view = _wait(client, "run1", lambda v: "ended with exit code" in v[3])
     code = int(view[3].split("ended with exit code ", 1)[1].split()[0])

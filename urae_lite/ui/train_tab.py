@@ -76,14 +76,18 @@ def build(ctx: UiContext) -> None:
             log = gr.Textbox(label="log.jsonl (last lines)", lines=8, elem_classes=["mono"])
     timer = gr.Timer(3.0)
 
+    def claim_device() -> None:
+        """One job on the device: refused while a run is going; the loaded pipeline's memory is freed for it."""
+        busy = ctx.runs.active()
+        if busy:
+            raise gr.Error(busy, print_exception=False)
+        ctx.session.unload()
+
     @one_line_errors
     def start_run(model, dataset, recipe, run, overrides):
         lines = [line.strip() for line in (overrides or "").splitlines() if line.strip()]
         argv, folder = ctx.runs.train_argv(recipe, dataset or "", run or "", ctx.model(model), lines)
-        busy = ctx.runs.active()
-        if busy:
-            raise gr.Error(busy, print_exception=False)
-        ctx.session.unload()  # the run needs the device's memory that the loaded pipeline holds
+        claim_device()
         s = ctx.runs.start(argv, folder)
         return f"started `{command_line(argv)}` (pid {s.pid})", s.name
 
@@ -94,6 +98,7 @@ def build(ctx: UiContext) -> None:
     def cache_dataset(model, dataset, resolution, run):
         argv = ctx.runs.cache_argv(dataset or "", ctx.model(model), resolution)
         folder = ctx.folders.inside(run or "", "runs")
+        claim_device()  # the text encoders and the VAE run on the device
         s = ctx.runs.start(argv, folder)
         return f"started `{command_line(argv)}` (pid {s.pid}); its output shows under Watch"
 
@@ -121,10 +126,7 @@ def build(ctx: UiContext) -> None:
     def resume_run(run):
         folder = ctx.folders.inside(run or "", "runs")
         argv = ctx.runs.resume_argv(folder)
-        busy = ctx.runs.active()
-        if busy:
-            raise gr.Error(busy, print_exception=False)
-        ctx.session.unload()
+        claim_device()
         s = ctx.runs.start(argv, folder)
         return f"resumed: `{command_line(argv)}` (pid {s.pid})"
 
