@@ -78,6 +78,10 @@ def server(tmp_path_factory):
         time.sleep(0.2)
     assert url == f"http://127.0.0.1:{port}/", console.read_text()[-3000:]
     yield Server(url, root, process)
+    runs = TrainRuns(Folders.create(**{kind: root / kind for kind in KINDS}))
+    for name in runs.names():  # a run a failed test left going
+        if runs.running(runs.folders.runs / name):
+            runs.stop(runs.folders.runs / name)
     process.terminate()
     try:
         process.wait(30)
