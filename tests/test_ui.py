@@ -191,6 +191,20 @@ def test_a_bad_size_is_one_line_and_the_server_goes_on(client):
     assert _pixels(image).shape == (64, 64, 3)
 
 
+def test_zero_steps_and_zero_size_are_the_clis_message(client, capsys):
+    # 0 is a value, not "the preset's": the command's own check refuses it, in its words
+    assert main(["generate", "a fox", "--model", "tiny", "--width", "64", "--height", "64", "--steps", "0"]) == 2
+    expected = capsys.readouterr().err.strip().removeprefix("urae-lite: error: ")
+    with pytest.raises(AppError) as refused:
+        _generate(client, width=64, height=64, steps=0)
+    assert str(refused.value) == expected
+    with pytest.raises(UraeError) as expected:
+        check_size(0, 0)
+    with pytest.raises(AppError) as refused:
+        _generate(client, size_mode="aspect ratio", long_side=0)
+    assert str(refused.value) == str(expected.value)
+
+
 def test_two_requests_run_one_after_the_other(client):
     fields = {**EMPTY_GENERATE, "size_mode": "width x height", "width": 64, "height": 64, "steps": 2}
     prompts = ["--help", "--device=meta"]  # prompts, not options: the page passes them after `--`

@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import UraeError
-from ..presets import SIZE_MULTIPLE
+from ..presets import SIZE_MULTIPLE, check_size
 from .paths import Folders
 
 SIZE_MODES = ("preset", "aspect ratio", "width x height")
@@ -55,6 +55,8 @@ class GenerateForm:
 
     def size(self) -> tuple[int, int] | None:
         if self.size_mode == "aspect ratio":
+            if self.long_side < SIZE_MULTIPLE:  # not snapped up to the smallest size: the CLI's size message
+                check_size(int(self.long_side), int(self.long_side))
             return aspect_size(int(self.long_side), self.aspect)
         if self.size_mode == "width x height":
             if not self.width or not self.height:
@@ -76,7 +78,7 @@ class GenerateForm:
         size = self.size()
         if size:
             argv += ["--width", str(size[0]), "--height", str(size[1])]
-        if self.steps:
+        if self.steps is not None:  # 0 too: the command's own check speaks
             argv += ["--steps", str(int(self.steps))]
         if self.guidance is not None:
             argv += ["--guidance", f"{self.guidance:g}"]

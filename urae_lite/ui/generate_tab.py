@@ -36,7 +36,7 @@ def _form(ctx: UiContext, prompt, model, preset, quant, size_mode, aspect, long_
         preset=preset or "2k",
         size_mode=size_mode or "preset",
         aspect=aspect or "1:1",
-        long_side=whole(long_side, "long side") or 2048,
+        long_side=2048 if whole(long_side, "long side") is None else whole(long_side, "long side"),
         width=whole(width, "width"),
         height=whole(height, "height"),
         seed=whole(seed, "seed") or 0,
