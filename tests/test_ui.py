@@ -242,6 +242,18 @@ def test_listen_needs_auth_and_gradio_is_named(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err.strip() == 'urae-lite: error: the web page needs Gradio: pip install "urae-lite[ui]"'
 
 
+def test_a_port_in_use_is_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "urae_lite.cli", "ui", "--model", "tiny", "--port", str(port)]
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and err.startswith(f"urae-lite: error: port {port} is in use: pass --port ")
+    assert "\n" not in err and int(err.split("--port ", 1)[1].split()[0]) != port
+
+
 def _watch(client, run: str):
     return client.predict(run=run, api_name="/train_watch")  # loss.png, samples.png, log tail, state
 
