@@ -26,6 +26,7 @@ from urae_lite.plan import PlanConfig, best_config, estimate
 from urae_lite.presets import RECIPES, check_size, preset_memory
 from urae_lite.report import RunReport
 from urae_lite.train.resume import STEP_DIR, list_checkpoints
+from urae_lite.ui.generate_form import REUSED, reuse_fields
 from urae_lite.ui.paths import KINDS, Folders
 from urae_lite.ui.session import Session
 from urae_lite.ui.train_runs import TrainRuns
@@ -140,6 +141,19 @@ def test_generate_gives_the_cli_image(server, client, tmp_path):
     stages = [name for name, _ in details["report"]["stages_s"].items()]
     assert {"denoise", "vae decode", "save png"} <= set(stages) and "peak rss" in report
     assert len(gallery) == 1
+
+
+def test_reused_settings_make_the_same_image(server, client):
+    # settings away from the preset's, each of which changes the pixels
+    fields = {"width": 64, "height": 48, "steps": 2, "seed": 5, "guidance": "2.5", "ntk": "3", "shift": "model",
+              "proportional_attention": "off", "max_sequence_length": "64"}  # fmt: skip
+    first = _json(_generate(client, **fields)[3])["saved"]
+    meta = _settings(first)
+    reused = reuse_fields(meta, Folders.create(**{kind: server.folder(kind) for kind in KINDS}), ["tiny"])
+    assert set(reused) == set(REUSED)
+    again = _json(client.predict(**{**EMPTY_GENERATE, **reused}, api_name="/generate")[3])["saved"]
+    # the same settings, so the same program on the same inputs: equal pixels
+    assert _settings(again) == meta and np.array_equal(_pixels(again), _pixels(first))
 
 
 def test_plan_endpoint_returns_the_planners_numbers(client):

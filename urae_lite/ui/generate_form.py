@@ -21,6 +21,12 @@ PRESET = "preset"  # a choice that leaves the setting to the preset (the option 
 SEED_RANGE = 2**31
 
 
+def decimal(value: float) -> str:
+    """A float as typed: short (`3.5`, `10`) and read back as the very same number."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
 def snap(value: float) -> int:
     """The nearest valid side: a positive multiple of 16 (the two the CLI's size message offers, the nearer one)."""
     return max(SIZE_MULTIPLE, int(round(value / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
@@ -81,7 +87,7 @@ class GenerateForm:
         if self.steps is not None:  # 0 too: the command's own check speaks
             argv += ["--steps", str(int(self.steps))]
         if self.guidance is not None:
-            argv += ["--guidance", f"{self.guidance:g}"]
+            argv += ["--guidance", decimal(self.guidance)]
         for name in self.adapters or []:
             argv += ["--adapter", str(folders.inside(name, "adapters"))]
         if self.quant and self.quant != PRESET:
@@ -92,7 +98,7 @@ class GenerateForm:
             if isinstance(value, bool):
                 argv.append(f"--{name}" if value else f"--no-{name}")
             else:
-                argv += [f"--{name}", f"{value:g}" if isinstance(value, float) else str(value)]
+                argv += [f"--{name}", decimal(value) if isinstance(value, float) else str(value)]
         if vram is not None:
             argv += ["--vram", vram] + (["--ram", ram] if ram is not None else [])
         return [*argv, "--out", str(out), "--", self.prompt]
@@ -116,3 +122,46 @@ def png_settings(path: str | Path) -> dict:
             return json.loads(image.text["urae_lite"])
     except (OSError, KeyError, ValueError, AttributeError) as e:
         raise UraeError(f"{Path(path).name} carries no urae-lite settings ({e}); pick an image this page made") from e
+
+
+# the Generate tab's fields that `reuse_fields` fills, by the name its endpoint gives them
+REUSED = ("prompt", "model", "quant", "size_mode", "width", "height", "seed", "randomize", "steps", "guidance",
+          "adapters", "t5_quant", "ntk", "shift", "proportional_attention", "max_sequence_length", "refine_from",
+          "strength")  # fmt: skip
+
+
+def reuse_fields(meta: dict, folders: Folders, models: list[str]) -> dict:
+    """The tab's fields that make a PNG's image again, from its metadata: prompt, seed, model, adapters, the base
+    and T5 formats and every image setting (the preset's values written out). How the model was placed on the
+    card (offload, blocks to swap, token chunks, VAE tiling) is left to the form: it does not change the pixels."""
+    s, memory = meta["settings"], meta.get("memory", {})
+    adapters = []
+    for a in meta.get("adapters", []):
+        try:
+            adapters.append(str(folders.inside(a["path"], "adapters").relative_to(folders.adapters)))
+        except UraeError:  # an adapter outside the folder: not offered
+            continue
+
+    def text(value) -> str:
+        return "" if value is None else decimal(value) if isinstance(value, float) else str(value)
+
+    return {
+        "prompt": meta["prompt"],
+        "model": meta["model"] if meta["model"] in models else models[0],
+        "quant": memory.get("quant", meta.get("quant", PRESET)),
+        "size_mode": "width x height",
+        "width": s["width"],
+        "height": s["height"],
+        "seed": meta["seed"],
+        "randomize": False,
+        "steps": text(s["steps"]),
+        "guidance": text(s["guidance"]),
+        "adapters": adapters,
+        "t5_quant": memory.get("t5_quant", PRESET),
+        "ntk": text(s["ntk"]),
+        "shift": "model" if s["shift"] is None else text(s["shift"]),
+        "proportional_attention": "on" if s["proportional_attention"] else "off",
+        "max_sequence_length": text(s["max_sequence_length"]),
+        "refine_from": text(s["refine_from"]),
+        "strength": text(s["strength"]) if s["refine_from"] is not None else "",
+    }

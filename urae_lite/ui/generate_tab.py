@@ -9,7 +9,16 @@ import time
 from ..presets import PRESETS
 from .commands import command_line, parse
 from .context import UiContext, blank, number, one_line_errors, whole
-from .generate_form import ASPECTS, PRESET, SIZE_MODES, GenerateForm, new_output, png_settings
+from .generate_form import (
+    ASPECTS,
+    PRESET,
+    REUSED,
+    SIZE_MODES,
+    GenerateForm,
+    new_output,
+    png_settings,
+    reuse_fields,
+)
 from .session import ProgressReport
 
 QUANTS = (PRESET, "nf4", "fp8", "bf16")
@@ -51,8 +60,9 @@ def _form(ctx: UiContext, prompt, model, preset, quant, size_mode, aspect, long_
 
 def _advanced(t5_quant, offload, blocks_to_swap, token_chunks, vae_tiling, ntk, shift, proportional_attention,
               max_sequence_length, refine_from, strength) -> dict:  # fmt: skip
+    shift = "model" if blank(shift) == "model" else number(shift, "time shift")  # model: the model's scheduler
     values = [t5_quant, offload, whole(blocks_to_swap, "blocks to swap"), whole(token_chunks, "token chunks"),
-              vae_tiling, number(ntk, "NTK"), number(shift, "time shift")]  # fmt: skip
+              vae_tiling, number(ntk, "NTK"), shift]  # fmt: skip
     attention = {"on": True, "off": False}.get(proportional_attention)
     values += [attention, whole(max_sequence_length, "T5 tokens"), whole(refine_from, "refine from"),
                number(strength, "refine strength")]  # fmt: skip
@@ -114,7 +124,7 @@ def build(ctx: UiContext) -> None:
                     vae_tiling = gr.Dropdown([PRESET, "auto", "on", "off"], value=PRESET, label="VAE tiling")
                 with gr.Row():
                     ntk = gr.Textbox(label="NTK (RoPE base multiplier)")
-                    shift = gr.Textbox(label="Time shift")
+                    shift = gr.Textbox(label="Time shift (or model: the model's own scheduler)")
                     attention = gr.Dropdown([PRESET, "on", "off"], value=PRESET, label="Proportional attention")
                     max_len = gr.Textbox(label="T5 tokens")
                     refine_from = gr.Textbox(label="Refine from (px)")
@@ -212,21 +222,9 @@ def build(ctx: UiContext) -> None:
         if not images or selected is None:
             raise gr.Error("pick an image in the gallery first", print_exception=False)
         path = ctx.folders.inside(images[selected], "outputs")
-        meta = png_settings(path)
-        s = meta["settings"]
-        names = []
-        for a in meta.get("adapters", []):
-            try:
-                names.append(str(ctx.folders.inside(a["path"], "adapters").relative_to(ctx.folders.adapters)))
-            except Exception:  # an adapter outside the folder (or gone): not offered
-                continue
-        model = meta["model"] if meta["model"] in ctx.models else ctx.models[0]
-        return (meta["prompt"], model, "width x height", s["width"], s["height"], meta["seed"], False, s["steps"],
-                s["guidance"], names, meta.get("quant", PRESET))  # fmt: skip
+        fields = reuse_fields(png_settings(path), ctx.folders, ctx.models)
+        return tuple(fields[name] for name in REUSED)
 
-    reuse.click(
-        reuse_settings,
-        [images, selected],
-        [prompt, model, size_mode, width, height, seed, randomize, steps, guidance, adapters, quant],
-        api_visibility="private",
-    )
+    reused = [prompt, model, quant, size_mode, width, height, seed, randomize, steps, guidance, adapters, t5_quant, ntk,
+              shift, attention, max_len, refine_from, strength]  # fmt: skip  # in REUSED's order
+    reuse.click(reuse_settings, [images, selected], reused, api_visibility="private")
