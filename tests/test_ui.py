@@ -172,6 +172,8 @@ def test_plan_endpoint_returns_the_planners_numbers(client):
     )  # no card: the table
     numbers = _json(numbers)
     assert numbers["totals"] == list(estimate(job).totals()) and estimate(job).table() in text
+    with pytest.raises(AppError, match="^host memory is planned with a card: type the card's memory"):
+        client.predict(**{**EMPTY_PLAN, "ram": 32}, task="generate", resolution=2048, api_name="/plan")
 
 
 def test_the_plan_before_a_run_is_the_planners_pick(client):
@@ -244,6 +246,27 @@ def test_paths_outside_the_folders_are_refused(server, client):
     assert not outside.exists()
 
 
+def test_the_lists_offer_only_what_the_page_may_use(tmp_path):
+    from types import SimpleNamespace
+
+    from urae_lite.adapter_cache import CONVERTED
+    from urae_lite.ui.generate_tab import adapter_files
+
+    folders = Folders.create(**{kind: tmp_path / kind for kind in KINDS})
+    outside = tmp_path / "elsewhere"
+    (outside / "data").mkdir(parents=True)
+    (outside / "secret.safetensors").write_bytes(b"")
+    for name in ("style.safetensors", f"minor.0123456789abcdef{CONVERTED}"):
+        (folders.adapters / name).write_bytes(b"")
+    (folders.adapters / "linked.safetensors").symlink_to(outside / "secret.safetensors")
+    (folders.adapters / "inner.safetensors").symlink_to(folders.adapters / "style.safetensors")
+    (folders.datasets / "flowers").mkdir()
+    (folders.datasets / "linked").symlink_to(outside / "data")
+    # symlinks out of the folders would be refused when picked (and our cached conversions are not adapters to pick)
+    assert adapter_files(SimpleNamespace(folders=folders)) == ["inner.safetensors", "style.safetensors"]
+    assert folders.listing("datasets", "*", folders=True) == ["flowers"]
+
+
 def test_listen_needs_auth_and_gradio_is_named(tmp_path, capsys, monkeypatch):
     # a subprocess with a time limit: a page that served anyway would block, not return
     command = [sys.executable, "-m", "urae_lite.cli", "ui", "--listen", "--port", str(_free_port())]
@@ -302,7 +325,7 @@ def test_a_training_run_from_the_page_samples_stops_and_resumes(server, client):
     run = server.folder("runs") / "run1"
     view = _wait(client, "run1", lambda v: v[2].startswith("{"))  # log.jsonl has records
     assert json.loads(view[2].splitlines()[-1])["step"] >= 1 and f"running (pid {pid})" in view[3]
-    assert view[1] is None  # no samples.png before anyone asked
+    assert view[1] is None and "ETA: " in view[3]  # no samples.png before anyone asked
     # Sample now: the run validates after its next step (samples.png appears) and removes SAMPLE_NOW
     client.predict(run="run1", api_name="/train_sample_now")
     _wait(client, "run1", lambda v: v[1] is not None and not (run / "SAMPLE_NOW").exists())
@@ -342,6 +365,7 @@ def test_a_training_run_from_the_page_samples_stops_and_resumes(server, client):
     _wait(client, "run1", lambda v: v[2].startswith("{") and json.loads(v[2].splitlines()[-1])["step"] > stopped)
     client.predict(run="run1", api_name="/train_stop")
     view = _wait(client, "run1", lambda v: "ended with exit code 0" in v[3])
+    assert "ETA" not in view[3]  # an ended run has none
     steps = _steps(run)
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > stopped
     client.predict(run="run1", api_name="/train_sample_now")

@@ -37,6 +37,13 @@ ADVANCED = (  # page field -> `urae-lite generate` option (the rest of the form 
 )
 
 
+def adapter_files(ctx: UiContext) -> list[str]:
+    """The adapters folder's .safetensors files, without the 4K conversions cached there."""
+    from ..adapter_cache import CONVERTED
+
+    return [name for name in ctx.folders.listing("adapters", "**/*.safetensors") if not name.endswith(CONVERTED)]
+
+
 def _form(ctx: UiContext, prompt, model, preset, quant, size_mode, aspect, long_side, width, height, seed, randomize,
           steps, guidance, adapters, advanced: dict) -> GenerateForm:  # fmt: skip
     return GenerateForm(
@@ -109,7 +116,7 @@ def build(ctx: UiContext) -> None:
                 guidance = gr.Textbox(label="Guidance (empty: the preset's)")
             with gr.Row():
                 adapters = gr.Dropdown(
-                    ctx.folders.listing("adapters", "**/*.safetensors"),
+                    adapter_files(ctx),
                     multiselect=True,
                     label="Adapters from the adapters folder, in load order (the authors' 4K right after its 2K)",
                 )
@@ -206,7 +213,7 @@ def build(ctx: UiContext) -> None:
     check.click(check_plan, [*form_inputs, *advanced_inputs, vram, ram], plan, api_name="plan_preview")
 
     def refresh_adapters():
-        return gr.update(choices=ctx.folders.listing("adapters", "**/*.safetensors"))
+        return gr.update(choices=adapter_files(ctx))
 
     refresh.click(refresh_adapters, None, adapters, api_visibility="private")
 

@@ -23,8 +23,8 @@ def watch_run(ctx: UiContext, run: str) -> tuple[str | None, str | None, str, st
     step = records[-1].get("step") if records else None
     state = [
         f"**{folder.name}**: {ctx.runs.status(folder)}",
-        f"step {step if step is not None else 0} of {steps if steps is not None else '?'}; "
-        + format_eta(eta_seconds(records, steps)),
+        f"step {step if step is not None else 0} of {steps if steps is not None else '?'}"
+        + (f"; {format_eta(eta_seconds(records, steps))}" if ctx.runs.running(folder) else ""),  # none once ended
         *missing,
     ]
     console = ctx.runs.console_tail(folder)
@@ -140,3 +140,4 @@ def build(ctx: UiContext) -> None:
             gr.update(choices=recipes())  # fmt: skip
 
     refresh.click(refresh_lists, None, [watched, dataset, recipe], api_visibility="private")
+    gr.on(None, refresh_lists, None, [watched, dataset, recipe], api_visibility="private")  # at each page load
