@@ -23,6 +23,7 @@ from .safetensors_io import file_digest
 
 SAMPLE_BYTES = 2**20  # bytes hashed at each sampled offset of a base weight file
 SAMPLE_STRIDE = 2**30  # one sample per GiB, plus the header and the file's end
+CONVERTED = ".converted.safetensors"  # the name ending of a cached 4K conversion
 
 
 def base_fingerprint(folder: Path) -> str:
@@ -55,7 +56,7 @@ def converted_4k(
 ) -> Path:
     """Path of the exact LoRA for base + 2K + 4K, converting only when no cached file has this content key."""
     base = model.full_precision  # a `prepare`d folder points at its source
-    name = f"{Path(minor.path).stem}.{cache_key(base, lora, minor)}.converted.safetensors"
+    name = f"{Path(minor.path).stem}.{cache_key(base, lora, minor)}{CONVERTED}"
     dirs = _cache_dirs(Path(minor.path))
     for d in dirs:
         if (d / name).is_file():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 
 from ..errors import UraeError
 
@@ -55,8 +56,28 @@ def check_exposure(listen: bool, auth: str | None) -> tuple[str, tuple[str, str]
     return ("0.0.0.0" if listen else "127.0.0.1"), credentials
 
 
+def _port_in_use(host: str, port: int) -> UraeError:
+    with socket.socket() as s:  # a port free now, to suggest
+        s.bind((host, 0))
+        free = s.getsockname()[1]
+    return UraeError(f"port {port} is in use: pass --port {free} (or --port 0 for any free one)")
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port another program holds before the page loads anything (binding it as the server will)."""
+    if not port:
+        return
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closed port's TIME_WAIT is ok
+        try:
+            s.bind((host, port))
+        except OSError:
+            raise _port_in_use(host, port) from None
+
+
 def run(args: argparse.Namespace) -> None:
     host, credentials = check_exposure(args.listen, args.auth)
+    check_port(host, args.port)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         import gradio  # noqa: F401
@@ -69,18 +90,21 @@ def run(args: argparse.Namespace) -> None:
     folders = Folders.create(**{kind: getattr(args, kind) for kind in DEFAULT_FOLDERS})
     ctx = UiContext.create(folders, args.model or ["black-forest-labs/FLUX.1-dev"])
     app = build_app(ctx)
-    _, local_url, _ = app.launch(
-        server_name=host,
-        server_port=args.port or None,
-        auth=credentials,
-        allowed_paths=[str(folders.outputs), str(folders.runs)],
-        quiet=True,
-        prevent_thread_lock=True,
-        ssr_mode=False,
-        mcp_server=False,
-        footer_links=["api"],
-        css=CSS,
-    )
+    try:
+        _, local_url, _ = app.launch(
+            server_name=host,
+            server_port=args.port or None,
+            auth=credentials,
+            allowed_paths=[str(folders.outputs), str(folders.runs)],
+            quiet=True,
+            prevent_thread_lock=True,
+            ssr_mode=False,
+            mcp_server=False,
+            footer_links=["api"],
+            css=CSS,
+        )
+    except OSError:  # taken since check_port: Gradio's "cannot find empty port"
+        raise _port_in_use(host, args.port) from None
     shown = local_url if not args.listen else f"{local_url} (listening on every interface)"
     print(f"urae-lite ui: {shown}", flush=True)
     try:

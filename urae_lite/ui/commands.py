@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     """`urae-lite ARGV`'s parsed arguments; a value the parser refuses is its one-line message as a UraeError."""
-    with captured("stderr") as err:
+    with captured("stderr") as err, captured("stdout"):  # `--help` and the like print nothing on the console
         try:
             return _parser().parse_args(list(argv))
         except SystemExit:

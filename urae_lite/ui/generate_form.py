@@ -12,13 +12,19 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import UraeError
-from ..presets import SIZE_MULTIPLE
+from ..presets import SIZE_MULTIPLE, check_size
 from .paths import Folders
 
 SIZE_MODES = ("preset", "aspect ratio", "width x height")
 ASPECTS = ("1:1", "4:3", "3:4", "3:2", "2:3", "16:9", "9:16", "21:9", "9:21")
 PRESET = "preset"  # a choice that leaves the setting to the preset (the option is not passed)
 SEED_RANGE = 2**31
+
+
+def decimal(value: float) -> str:
+    """A float as typed: short (`3.5`, `10`) and read back as the very same number."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
 
 
 def snap(value: float) -> int:
@@ -55,6 +61,8 @@ class GenerateForm:
 
     def size(self) -> tuple[int, int] | None:
         if self.size_mode == "aspect ratio":
+            if self.long_side < SIZE_MULTIPLE:  # not snapped up to the smallest size: the CLI's size message
+                check_size(int(self.long_side), int(self.long_side))
             return aspect_size(int(self.long_side), self.aspect)
         if self.size_mode == "width x height":
             if not self.width or not self.height:
@@ -65,18 +73,21 @@ class GenerateForm:
     def pick_seed(self) -> int:
         return random.randrange(SEED_RANGE) if self.randomize else int(self.seed)
 
-    def argv(self, folders: Folders, out: Path, seed: int, vram: str | None = None) -> list[str]:
-        """`generate ...` as the user would type it; every path inside the page's folders."""
+    def argv(
+        self, folders: Folders, out: Path, seed: int, vram: str | None = None, ram: str | None = None
+    ) -> list[str]:
+        """`generate OPTIONS -- PROMPT` as the user would type it (after `--` a prompt starting with `-` is still the
+        prompt, not an option); every path inside the page's folders."""
         if not self.prompt or not self.prompt.strip():
             raise UraeError("the prompt is empty: describe the image to generate")
-        argv = ["generate", self.prompt, "--model", self.model, "--preset", self.preset, "--seed", str(seed)]
+        argv = ["generate", "--model", self.model, "--preset", self.preset, "--seed", str(seed)]
         size = self.size()
         if size:
             argv += ["--width", str(size[0]), "--height", str(size[1])]
-        if self.steps:
+        if self.steps is not None:  # 0 too: the command's own check speaks
             argv += ["--steps", str(int(self.steps))]
         if self.guidance is not None:
-            argv += ["--guidance", f"{self.guidance:g}"]
+            argv += ["--guidance", decimal(self.guidance)]
         for name in self.adapters or []:
             argv += ["--adapter", str(folders.inside(name, "adapters"))]
         if self.quant and self.quant != PRESET:
@@ -87,10 +98,10 @@ class GenerateForm:
             if isinstance(value, bool):
                 argv.append(f"--{name}" if value else f"--no-{name}")
             else:
-                argv += [f"--{name}", f"{value:g}" if isinstance(value, float) else str(value)]
+                argv += [f"--{name}", decimal(value) if isinstance(value, float) else str(value)]
         if vram is not None:
-            argv += ["--vram", vram]
-        return [*argv, "--out", str(out)]
+            argv += ["--vram", vram] + (["--ram", ram] if ram is not None else [])
+        return [*argv, "--out", str(out), "--", self.prompt]
 
 
 def new_output(folders: Folders, seed: int) -> Path:
@@ -111,3 +122,46 @@ def png_settings(path: str | Path) -> dict:
             return json.loads(image.text["urae_lite"])
     except (OSError, KeyError, ValueError, AttributeError) as e:
         raise UraeError(f"{Path(path).name} carries no urae-lite settings ({e}); pick an image this page made") from e
+
+
+# the Generate tab's fields that `reuse_fields` fills, by the name its endpoint gives them
+REUSED = ("prompt", "model", "quant", "size_mode", "width", "height", "seed", "randomize", "steps", "guidance",
+          "adapters", "t5_quant", "ntk", "shift", "proportional_attention", "max_sequence_length", "refine_from",
+          "strength")  # fmt: skip
+
+
+def reuse_fields(meta: dict, folders: Folders, models: list[str]) -> dict:
+    """The tab's fields that make a PNG's image again, from its metadata: prompt, seed, model, adapters, the base
+    and T5 formats and every image setting (the preset's values written out). How the model was placed on the
+    card (offload, blocks to swap, token chunks, VAE tiling) is left to the form: it does not change the pixels."""
+    s, memory = meta["settings"], meta.get("memory", {})
+    adapters = []
+    for a in meta.get("adapters", []):
+        try:
+            adapters.append(str(folders.inside(a["path"], "adapters").relative_to(folders.adapters)))
+        except UraeError:  # an adapter outside the folder: not offered
+            continue
+
+    def text(value) -> str:
+        return "" if value is None else decimal(value) if isinstance(value, float) else str(value)
+
+    return {
+        "prompt": meta["prompt"],
+        "model": meta["model"] if meta["model"] in models else models[0],
+        "quant": memory.get("quant", meta.get("quant", PRESET)),
+        "size_mode": "width x height",
+        "width": s["width"],
+        "height": s["height"],
+        "seed": meta["seed"],
+        "randomize": False,
+        "steps": text(s["steps"]),
+        "guidance": text(s["guidance"]),
+        "adapters": adapters,
+        "t5_quant": memory.get("t5_quant", PRESET),
+        "ntk": text(s["ntk"]),
+        "shift": "model" if s["shift"] is None else text(s["shift"]),
+        "proportional_attention": "on" if s["proportional_attention"] else "off",
+        "max_sequence_length": text(s["max_sequence_length"]),
+        "refine_from": text(s["refine_from"]),
+        "strength": text(s["strength"]) if s["refine_from"] is not None else "",
+    }

@@ -9,7 +9,16 @@ import time
 from ..presets import PRESETS
 from .commands import command_line, parse
 from .context import UiContext, blank, number, one_line_errors, whole
-from .generate_form import ASPECTS, PRESET, SIZE_MODES, GenerateForm, new_output, png_settings
+from .generate_form import (
+    ASPECTS,
+    PRESET,
+    REUSED,
+    SIZE_MODES,
+    GenerateForm,
+    new_output,
+    png_settings,
+    reuse_fields,
+)
 from .session import ProgressReport
 
 QUANTS = (PRESET, "nf4", "fp8", "bf16")
@@ -28,6 +37,13 @@ ADVANCED = (  # page field -> `urae-lite generate` option (the rest of the form 
 )
 
 
+def adapter_files(ctx: UiContext) -> list[str]:
+    """The adapters folder's .safetensors files, without the 4K conversions cached there."""
+    from ..adapter_cache import CONVERTED
+
+    return [name for name in ctx.folders.listing("adapters", "**/*.safetensors") if not name.endswith(CONVERTED)]
+
+
 def _form(ctx: UiContext, prompt, model, preset, quant, size_mode, aspect, long_side, width, height, seed, randomize,
           steps, guidance, adapters, advanced: dict) -> GenerateForm:  # fmt: skip
     return GenerateForm(
@@ -36,7 +52,7 @@ def _form(ctx: UiContext, prompt, model, preset, quant, size_mode, aspect, long_
         preset=preset or "2k",
         size_mode=size_mode or "preset",
         aspect=aspect or "1:1",
-        long_side=whole(long_side, "long side") or 2048,
+        long_side=2048 if whole(long_side, "long side") is None else whole(long_side, "long side"),
         width=whole(width, "width"),
         height=whole(height, "height"),
         seed=whole(seed, "seed") or 0,
@@ -51,8 +67,9 @@ def _form(ctx: UiContext, prompt, model, preset, quant, size_mode, aspect, long_
 
 def _advanced(t5_quant, offload, blocks_to_swap, token_chunks, vae_tiling, ntk, shift, proportional_attention,
               max_sequence_length, refine_from, strength) -> dict:  # fmt: skip
+    shift = "model" if blank(shift) == "model" else number(shift, "time shift")  # model: the model's scheduler
     values = [t5_quant, offload, whole(blocks_to_swap, "blocks to swap"), whole(token_chunks, "token chunks"),
-              vae_tiling, number(ntk, "NTK"), number(shift, "time shift")]  # fmt: skip
+              vae_tiling, number(ntk, "NTK"), shift]  # fmt: skip
     attention = {"on": True, "off": False}.get(proportional_attention)
     values += [attention, whole(max_sequence_length, "T5 tokens"), whole(refine_from, "refine from"),
                number(strength, "refine strength")]  # fmt: skip
@@ -99,7 +116,7 @@ def build(ctx: UiContext) -> None:
                 guidance = gr.Textbox(label="Guidance (empty: the preset's)")
             with gr.Row():
                 adapters = gr.Dropdown(
-                    ctx.folders.listing("adapters", "**/*.safetensors"),
+                    adapter_files(ctx),
                     multiselect=True,
                     label="Adapters from the adapters folder, in load order (the authors' 4K right after its 2K)",
                 )
@@ -114,7 +131,7 @@ def build(ctx: UiContext) -> None:
                     vae_tiling = gr.Dropdown([PRESET, "auto", "on", "off"], value=PRESET, label="VAE tiling")
                 with gr.Row():
                     ntk = gr.Textbox(label="NTK (RoPE base multiplier)")
-                    shift = gr.Textbox(label="Time shift")
+                    shift = gr.Textbox(label="Time shift (or model: the model's own scheduler)")
                     attention = gr.Dropdown([PRESET, "on", "off"], value=PRESET, label="Proportional attention")
                     max_len = gr.Textbox(label="T5 tokens")
                     refine_from = gr.Textbox(label="Refine from (px)")
@@ -156,9 +173,8 @@ def build(ctx: UiContext) -> None:
         use_seed = form.pick_seed()
         card, host = number(vram, "card memory"), number(ram, "host memory")
         card = None if not ctx.cuda or card is None else f"{card:g}"  # on the CPU the plan is only shown
-        argv = form.argv(ctx.folders, new_output(ctx.folders, use_seed), use_seed, card)
-        if card is not None and host is not None:
-            argv[-2:-2] = ["--ram", f"{host:g}"]
+        host = None if host is None else f"{host:g}"
+        argv = form.argv(ctx.folders, new_output(ctx.folders, use_seed), use_seed, card, host)
         report = ProgressReport(on_stage=lambda name: progress(None, desc=name))
         done = ctx.session.generate(argv, report)
         images = [*(images or []), str(done.path)]
@@ -197,7 +213,7 @@ def build(ctx: UiContext) -> None:
     check.click(check_plan, [*form_inputs, *advanced_inputs, vram, ram], plan, api_name="plan_preview")
 
     def refresh_adapters():
-        return gr.update(choices=ctx.folders.listing("adapters", "**/*.safetensors"))
+        return gr.update(choices=adapter_files(ctx))
 
     refresh.click(refresh_adapters, None, adapters, api_visibility="private")
 
@@ -213,21 +229,9 @@ def build(ctx: UiContext) -> None:
         if not images or selected is None:
             raise gr.Error("pick an image in the gallery first", print_exception=False)
         path = ctx.folders.inside(images[selected], "outputs")
-        meta = png_settings(path)
-        s = meta["settings"]
-        names = []
-        for a in meta.get("adapters", []):
-            try:
-                names.append(str(ctx.folders.inside(a["path"], "adapters").relative_to(ctx.folders.adapters)))
-            except Exception:  # an adapter outside the folder (or gone): not offered
-                continue
-        model = meta["model"] if meta["model"] in ctx.models else ctx.models[0]
-        return (meta["prompt"], model, "width x height", s["width"], s["height"], meta["seed"], False, s["steps"],
-                s["guidance"], names, meta.get("quant", PRESET))  # fmt: skip
+        fields = reuse_fields(png_settings(path), ctx.folders, ctx.models)
+        return tuple(fields[name] for name in REUSED)
 
-    reuse.click(
-        reuse_settings,
-        [images, selected],
-        [prompt, model, size_mode, width, height, seed, randomize, steps, guidance, adapters, quant],
-        api_visibility="private",
-    )
+    reused = [prompt, model, quant, size_mode, width, height, seed, randomize, steps, guidance, adapters, t5_quant, ntk,
+              shift, attention, max_len, refine_from, strength]  # fmt: skip  # in REUSED's order
+    reuse.click(reuse_settings, [images, selected], reused, api_visibility="private")

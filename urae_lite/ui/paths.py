@@ -62,7 +62,9 @@ class Folders:
         return ", ".join(f"{kind}: {getattr(self, kind)}" for kind in kinds)
 
     def listing(self, kind: str, pattern: str = "*", folders: bool = False) -> list[str]:
-        """Entries of one folder matching `pattern` (files, or sub-folders), relative to it, sorted."""
+        """Entries of one folder matching `pattern` (files, or sub-folders), relative to it, sorted; a symlink to
+        somewhere outside the folder is not offered (`inside` would refuse it)."""
         root = getattr(self, kind)
         found = [p for p in root.glob(pattern) if (p.is_dir() if folders else p.is_file())]
-        return sorted(str(p.relative_to(root)) for p in found if not p.name.startswith("."))
+        inside = [p for p in found if p.resolve() == root or root in p.resolve().parents]
+        return sorted(str(p.relative_to(root)) for p in inside if not p.name.startswith("."))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import json
 
+from ..errors import UraeError
 from ..memory import TASKS
 from .commands import command_line, run_command
 from .context import blank, number, one_line_errors, whole
@@ -33,6 +34,8 @@ def plan_argv(task, resolution, width, height, variant, vram, ram, memory: dict)
     if blank(variant) is not None:
         argv += ["--variant", variant]
     card, host = number(vram, "card memory"), number(ram, "host memory")
+    if host is not None and card is None:  # `plan --ram` is read only with --vram: not dropped silently
+        raise UraeError("host memory is planned with a card: type the card's memory (GiB) too, or clear host memory")
     if card is not None:
         argv += ["--vram", f"{card:g}"] + (["--ram", f"{host:g}"] if host is not None else [])
     for option, value in memory.items():

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import UraeError
+from ..safetensors_io import atomic_write_text
 from .paths import Folders
 
 BOOKKEEPING = ".urae_ui"  # in the runs folder: each run's command (for Resume) and console output
@@ -24,26 +25,81 @@ SAMPLE_NOW = "SAMPLE_NOW"  # the training loop runs one validation when this fil
 PAGE_KEYS = ("model", "output_dir", "data.dir")  # set by the page's own fields, not by overrides
 PATH_KEYS = ("transformer", "base_pipeline", "vae", "clip", "t5", "data.cache")  # must stay inside the folders
 TAIL = 12  # log.jsonl lines shown
+SHIPPED = ("train_2k_lora", "train_4k_minor")  # the recipes shipped with urae-lite, offered by name
 
 
 @dataclass
 class Started:
     name: str  # the run folder relative to the runs folder
     argv: list[str]  # after `urae-lite`
-    process: subprocess.Popen
+    pid: int
     console: Path
+    process: subprocess.Popen | None = None  # None: started by an earlier server (its exit code is not known here)
 
 
 def _key(run: Path, folders: Folders) -> str:
     return str(run.relative_to(folders.runs))
 
 
+def _default_sigint() -> None:
+    """In the child before exec: Ctrl+C's default back (a server started with `nohup` or `&` ignores SIGINT, and
+    an ignored signal stays ignored across exec, so the page's Stop would never reach the training loop)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _alive(record: dict) -> bool:
+    """The recorded process still runs and is that very `urae-lite` command (not a reused pid, not a zombie)."""
+    import psutil
+
+    try:
+        process = psutil.Process(int(record["pid"]))
+        if abs(process.create_time() - float(record["created"])) > 1 or process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        command = process.cmdline()
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return False
+    argv = [str(a) for a in record["argv"]]
+    return "urae_lite.cli" in command and command[-len(argv) :] == argv
+
+
 class TrainRuns:
-    """The subprocesses this page started, by run folder."""
+    """The subprocesses started from the page, by run folder. Each one's pid is recorded in the runs folder's
+    bookkeeping, so a restarted server still sees (and can stop) the runs an earlier one started."""
 
     def __init__(self, folders: Folders):
         self.folders = folders
-        self.started: dict[str, Started] = {}
+        self.book = folders.runs / BOOKKEEPING
+        self.children: dict[str, subprocess.Popen] = {}  # the processes this server started (their exit codes)
+
+    def _stem(self, name: str) -> str:
+        return name.replace(os.sep, "__")
+
+    def _record(self, name: str) -> dict | None:
+        try:
+            return json.loads((self.book / f"{self._stem(name)}.pid.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _started(self, name: str) -> Started | None:
+        """The recorded process for a run folder name (running or not), or None when the page never started one."""
+        record = self._record(name)
+        if record is None:
+            return None
+        child = self.children.get(name)
+        if child is not None and child.pid == record.get("pid"):
+            child.poll()  # reaps it when it has ended (no zombie)
+        else:
+            child = None
+        return Started(name, record["argv"], record["pid"], self.book / f"{self._stem(name)}.log", child)
+
+    def _live(self, name: str) -> Started | None:
+        s = self._started(name)
+        return s if s is not None and _alive(self._record(name) or {}) else None
+
+    def names(self) -> list[str]:
+        """The run folders the page started a process for (by this server or an earlier one)."""
+        records = (self._record(p.name.removesuffix(".pid.json")) for p in self.book.glob("*.pid.json"))
+        return sorted(r["name"] for r in records if r and "name" in r)
 
     # ---- commands ----------------------------------------------------------------------------------------------
     def train_argv(
@@ -52,8 +108,8 @@ class TrainRuns:
         """`train RECIPE data.dir=... output_dir=... model=... OVERRIDES`, every path checked."""
         from ..presets import RECIPES
 
-        shipped = RECIPES / f"{recipe}.yaml"
-        recipe_path = shipped if shipped.is_file() else self.folders.inside(recipe, "runs")
+        # a shipped recipe by its name; any other recipe is a file the user put in the runs folder
+        recipe_path = RECIPES / f"{recipe}.yaml" if recipe in SHIPPED else self.folders.inside(recipe, "runs")
         data = self.folders.inside(dataset, "datasets")
         out = self.folders.inside(run, "runs")
         if out == self.folders.runs:
@@ -78,15 +134,16 @@ class TrainRuns:
     # ---- processes ---------------------------------------------------------------------------------------------
     def start(self, argv: list[str], run: Path) -> Started:
         """Run `urae-lite ARGV` for the run folder `run`; its console output goes to the page's bookkeeping."""
+        import psutil
+
         name = _key(run, self.folders)
         if self.running(run):
             raise UraeError(f"run {name} is already running: stop it first")
-        book = self.folders.runs / BOOKKEEPING
-        book.mkdir(exist_ok=True)
-        stem = name.replace(os.sep, "__")
-        console = book / f"{stem}.log"
+        self.book.mkdir(exist_ok=True)
+        stem = self._stem(name)
+        console = self.book / f"{stem}.log"
         if argv[0] == "train":
-            (book / f"{stem}.json").write_text(json.dumps({"argv": argv}))
+            atomic_write_text(self.book / f"{stem}.json", json.dumps({"argv": argv}))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(console, "ab") as log:
             # a session of its own: Ctrl+C on the page's server does not reach the run (it keeps going; stop it here)
@@ -96,28 +153,34 @@ class TrainRuns:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_default_sigint,
             )
-        self.started[name] = Started(name, argv, process, console)
-        return self.started[name]
+        try:
+            created = psutil.Process(process.pid).create_time()
+        except psutil.Error:  # already gone: nothing left to track
+            created = 0.0
+        record = {"name": name, "pid": process.pid, "created": created, "argv": argv}
+        atomic_write_text(self.book / f"{stem}.pid.json", json.dumps(record))
+        self.children[name] = process
+        return Started(name, argv, process.pid, console, process)
 
     def running(self, run: Path) -> bool:
-        s = self.started.get(_key(run, self.folders))
-        return s is not None and s.process.poll() is None
+        return self._live(_key(run, self.folders)) is not None
 
     def active(self) -> str | None:
-        """Why the device is taken: a run this page started that is still going, or None."""
-        for s in self.started.values():
-            if s.process.poll() is None:
-                return f"training run {s.name} (started from this page) is using the device: stop it or wait for it"
+        """Why the device is taken: a run started from the page (by this server or an earlier one), or None."""
+        for name in self.names():
+            if self._live(name) is not None:
+                return f"training run {name} (started from this page) is using the device: stop it or wait for it"
         return None
 
     def stop(self, run: Path) -> str:
         """The safe stop: SIGINT, as Ctrl+C in the run's terminal."""
-        s = self.started.get(_key(run, self.folders))
-        if s is None or s.process.poll() is not None:
+        s = self._live(_key(run, self.folders))
+        if s is None:
             raise UraeError(f"no run started from this page is running in {run.name}: nothing to stop")
-        os.kill(s.process.pid, signal.SIGINT)
-        return f"sent the safe stop (SIGINT) to run {s.name} (pid {s.process.pid})"
+        os.kill(s.pid, signal.SIGINT)
+        return f"sent the safe stop (SIGINT) to run {s.name} (pid {s.pid})"
 
     def sample_now(self, run: Path) -> str:
         if not run.is_dir():
@@ -127,7 +190,7 @@ class TrainRuns:
 
     def resume_argv(self, run: Path) -> list[str]:
         """The command the run was started with (this page's record, else the run's config.yaml) plus `--resume`."""
-        record = self.folders.runs / BOOKKEEPING / f"{_key(run, self.folders).replace(os.sep, '__')}.json"
+        record = self.book / f"{self._stem(_key(run, self.folders))}.json"
         if record.is_file():
             argv = json.loads(record.read_text())["argv"]
         elif (run / "config.yaml").is_file():
@@ -138,21 +201,24 @@ class TrainRuns:
 
     # ---- watching ----------------------------------------------------------------------------------------------
     def status(self, run: Path) -> str:
-        s = self.started.get(_key(run, self.folders))
+        name = _key(run, self.folders)
+        s = self._started(name)
         if s is None:
             return "not started from this page"
-        code = s.process.poll()
-        return f"running (pid {s.process.pid})" if code is None else f"ended with exit code {code}"
+        if self._live(name) is not None:
+            return f"running (pid {s.pid})"
+        code = None if s.process is None else s.process.poll()
+        return f"ended with exit code {code}" if code is not None else "ended (started by an earlier server)"
 
     def exit_code(self, run: Path) -> int | None:
-        s = self.started.get(_key(run, self.folders))
-        return None if s is None else s.process.poll()
+        s = self._started(_key(run, self.folders))
+        return None if s is None or s.process is None else s.process.poll()
 
     def console_tail(self, run: Path, lines: int = TAIL) -> str:
-        s = self.started.get(_key(run, self.folders))
-        if s is None or not s.console.is_file():
+        console = self.book / f"{self._stem(_key(run, self.folders))}.log"
+        if not console.is_file():
             return ""
-        return "\n".join(_last_lines(s.console.read_text(errors="replace"), lines))
+        return "\n".join(_last_lines(console.read_text(errors="replace"), lines))
 
 
 def _last_lines(text: str, n: int) -> list[str]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
+from .commands import command_line
 from .context import UiContext, one_line_errors
-from .train_runs import eta_seconds, format_eta, read_log, total_steps
+from .train_runs import SHIPPED, eta_seconds, format_eta, read_log, total_steps
 
-SHIPPED = ("train_2k_lora", "train_4k_minor")
 CHARTS = {"loss.png": "the loss chart", "samples.png": "the samples contact sheet"}
 
 
@@ -23,8 +23,8 @@ def watch_run(ctx: UiContext, run: str) -> tuple[str | None, str | None, str, st
     step = records[-1].get("step") if records else None
     state = [
         f"**{folder.name}**: {ctx.runs.status(folder)}",
-        f"step {step if step is not None else 0} of {steps if steps is not None else '?'}; "
-        + format_eta(eta_seconds(records, steps)),
+        f"step {step if step is not None else 0} of {steps if steps is not None else '?'}"
+        + (f"; {format_eta(eta_seconds(records, steps))}" if ctx.runs.running(folder) else ""),  # none once ended
         *missing,
     ]
     console = ctx.runs.console_tail(folder)
@@ -76,16 +76,20 @@ def build(ctx: UiContext) -> None:
             log = gr.Textbox(label="log.jsonl (last lines)", lines=8, elem_classes=["mono"])
     timer = gr.Timer(3.0)
 
+    def claim_device() -> None:
+        """One job on the device: refused while a run is going; the loaded pipeline's memory is freed for it."""
+        busy = ctx.runs.active()
+        if busy:
+            raise gr.Error(busy, print_exception=False)
+        ctx.session.unload()
+
     @one_line_errors
     def start_run(model, dataset, recipe, run, overrides):
         lines = [line.strip() for line in (overrides or "").splitlines() if line.strip()]
         argv, folder = ctx.runs.train_argv(recipe, dataset or "", run or "", ctx.model(model), lines)
-        busy = ctx.runs.active()
-        if busy:
-            raise gr.Error(busy, print_exception=False)
-        ctx.session.unload()  # the run needs the device's memory that the loaded pipeline holds
+        claim_device()
         s = ctx.runs.start(argv, folder)
-        return f"started `urae-lite {' '.join(argv)}` (pid {s.process.pid})", s.name
+        return f"started `{command_line(argv)}` (pid {s.pid})", s.name
 
     start.click(start_run, [model, dataset, recipe, run_name, overrides], [started, watched], api_name="train_start",
                 concurrency_limit=1, concurrency_id="device")  # fmt: skip
@@ -94,8 +98,9 @@ def build(ctx: UiContext) -> None:
     def cache_dataset(model, dataset, resolution, run):
         argv = ctx.runs.cache_argv(dataset or "", ctx.model(model), resolution)
         folder = ctx.folders.inside(run or "", "runs")
+        claim_device()  # the text encoders and the VAE run on the device
         s = ctx.runs.start(argv, folder)
-        return f"started `urae-lite {' '.join(argv)}` (pid {s.process.pid}); its output shows under Watch"
+        return f"started `{command_line(argv)}` (pid {s.pid}); its output shows under Watch"
 
     cache.click(cache_dataset, [model, dataset, resolution, run_name], started, api_name="train_cache",
                 concurrency_limit=1, concurrency_id="device")  # fmt: skip
@@ -121,20 +126,18 @@ def build(ctx: UiContext) -> None:
     def resume_run(run):
         folder = ctx.folders.inside(run or "", "runs")
         argv = ctx.runs.resume_argv(folder)
-        busy = ctx.runs.active()
-        if busy:
-            raise gr.Error(busy, print_exception=False)
-        ctx.session.unload()
+        claim_device()
         s = ctx.runs.start(argv, folder)
-        return f"resumed: `urae-lite {' '.join(argv)}` (pid {s.process.pid})"
+        return f"resumed: `{command_line(argv)}` (pid {s.pid})"
 
     stop.click(stop_run, watched, state, api_name="train_stop")
     sample.click(sample_now, watched, state, api_name="train_sample_now")
     resume.click(resume_run, watched, state, api_name="train_resume", concurrency_limit=1, concurrency_id="device")
 
     def refresh_lists():
-        runs = sorted({str(p.rsplit("/config.yaml", 1)[0]) for p in run_folders()} | set(ctx.runs.started))
+        runs = sorted({str(p.rsplit("/config.yaml", 1)[0]) for p in run_folders()} | set(ctx.runs.names()))
         return gr.update(choices=runs), gr.update(choices=ctx.folders.listing("datasets", "*", folders=True)), \
             gr.update(choices=recipes())  # fmt: skip
 
     refresh.click(refresh_lists, None, [watched, dataset, recipe], api_visibility="private")
+    gr.on(None, refresh_lists, None, [watched, dataset, recipe], api_visibility="private")  # at each page load
