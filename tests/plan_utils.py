@@ -7,8 +7,14 @@ code under test), so the two are checked against each other.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+
+from urae_lite.cli import main
 from urae_lite.memory import MemorySettings, options
 from urae_lite.plan import PlanConfig, PlanResult, best_config
+from urae_lite.plan.constants import HOST_RAM_GIB
 
 
 def plan_config(**fields) -> PlanConfig:
@@ -20,6 +26,15 @@ def best(task: str, width: int, height: int, vram_gib: float, ram_gib: float | N
     """`best_config` for a job of `fields`; the memory settings among them are the ones the user fixed."""
     job = plan_config(task=task, width=width, height=height, **fields)
     return best_config(job, vram_gib, ram_gib, fixed=set(fields) & set(options()))
+
+
+def goal_config(task: str, resolution: int, vram: int) -> PlanConfig:
+    """The pick of `urae-lite plan --task T --resolution R --vram V --ram 24 --json`, as the command prints it."""
+    out = io.StringIO()
+    argv = ["plan", "--task", task, "--resolution", str(resolution), "--vram", str(vram)]
+    with contextlib.redirect_stdout(out):
+        assert main([*argv, "--ram", str(HOST_RAM_GIB), "--json"]) == 0
+    return plan_config(**json.loads(out.getvalue())["fitting"][0]["config"])
 
 
 def recipe_plan_config(cfg) -> PlanConfig:

@@ -14,17 +14,22 @@ from urae_lite.cli import main
 from urae_lite.errors import UraeError
 
 
-def _all_targets_lora(path, config, seed=0):
-    """diffusers-keyed LoRA on every block linear, alpha = 2·rank, uneven ranks and a missing to_v (padding)."""
+def _block_linears(config):
+    """(name, meta Linear) of every linear in FLUX's double and single blocks, in module order."""
     from diffusers import FluxTransformer2DModel
 
-    g = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = FluxTransformer2DModel.from_config(config)
-    state = {}
     for name, m in model.named_modules():
-        if not isinstance(m, torch.nn.Linear) or not name.startswith(("transformer_blocks", "single_transformer")):
-            continue
+        if isinstance(m, torch.nn.Linear) and name.startswith(("transformer_blocks", "single_transformer")):
+            yield name, m
+
+
+def _all_targets_lora(path, config, seed=0):
+    """diffusers-keyed LoRA on every block linear, alpha = 2·rank, uneven ranks and a missing to_v (padding)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, m in _block_linears(config):
         if name == "transformer_blocks.0.attn.to_v":
             continue
         rank = 2 if name.endswith("to_k") else 4
@@ -261,15 +266,9 @@ FP32_GROUPS = {"double_blocks.0.img_attn.qkv", "double_blocks.1.txt_attn.qkv", "
 
 def _mixed_scales_lora(path, config, seed=0):
     """diffusers-keyed LoRA on every block linear with the ranks and alphas of MIXED."""
-    from diffusers import FluxTransformer2DModel
-
     g = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(config)
     state = {}
-    for name, m in model.named_modules():
-        if not isinstance(m, torch.nn.Linear) or not name.startswith(("transformer_blocks", "single_transformer")):
-            continue
+    for name, m in _block_linears(config):
         if (spec := MIXED.get(name, (4, 4.0))) is None:
             continue
         rank, alpha = spec

@@ -12,19 +12,17 @@ caching host allocator reserves for it (`pinned_bytes`, under the rule in force 
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import logging
 import math
 import weakref
+from unittest import mock
 
 import pytest
 import torch
-from plan_utils import plan_config, recipe_plan_config
+from plan_utils import goal_config, recipe_plan_config
 
 from urae_lite import pinned
 from urae_lite.block_swap import block_swap_of, execution_blocks
-from urae_lite.cli import main
 from urae_lite.flux_configs import flux_dev_config
 from urae_lite.measure import fake, fake_cuda
 from urae_lite.measure.fake import (
@@ -147,15 +145,6 @@ GOALS = (("train", 2048, 8), ("train", 4096, 12), ("generate", 4096, 8))
 REDUCED = {"num_layers": 3, "num_single_layers": 4}
 
 
-def goal_config(task: str, resolution: int, vram: int) -> PlanConfig:
-    """The pick of `urae-lite plan --task T --resolution R --vram V --ram 24 --json`."""
-    out = io.StringIO()
-    argv = ["plan", "--task", task, "--resolution", str(resolution), "--vram", str(vram)]
-    with contextlib.redirect_stdout(out):
-        assert main([*argv, "--ram", str(HOST_RAM_GIB), "--json"]) == 0
-    return plan_config(**json.loads(out.getvalue())["fitting"][0]["config"])
-
-
 class PinnedSaves:
     """`save_on_cpu(pin_memory=True)` as on a GPU (saved tensors to uncounted host memory, back to the device in
     backward), recording each pinned copy: its bytes, the block whose checkpoint call made it in the forward (None:
@@ -232,7 +221,11 @@ def record_saves(cfg: PlanConfig, monkeypatch) -> PinnedSaves:
         return model
 
     monkeypatch.setattr(fake, "fake_training_model", model_with_hooks)
-    monkeypatch.setattr(fake_cuda, "host_saved_tensors", lambda: _replaced_save_on_cpu(saves.save_on_cpu))
+    monkeypatch.setattr(
+        fake_cuda,
+        "host_saved_tensors",
+        lambda: mock.patch.object(torch.autograd.graph, "save_on_cpu", saves.save_on_cpu),
+    )
     monkeypatch.setenv("URAE_LITE_KERNELS", "on")  # the fused path a GPU runs (the custom ops' fake implementations)
     try:
         with fake_mode():
@@ -240,16 +233,6 @@ def record_saves(cfg: PlanConfig, monkeypatch) -> PinnedSaves:
     finally:
         forget_fake_workspaces()
     return saves
-
-
-@contextlib.contextmanager
-def _replaced_save_on_cpu(replacement):
-    real = torch.autograd.graph.save_on_cpu
-    torch.autograd.graph.save_on_cpu = replacement
-    try:
-        yield
-    finally:
-        torch.autograd.graph.save_on_cpu = real
 
 
 def swap_host_copies(cfg: PlanConfig) -> list[int]:

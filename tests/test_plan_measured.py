@@ -23,16 +23,12 @@ so far below the peak that it could not set it while within the band (`phases_ne
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 from dataclasses import dataclass
 
 import pytest
 import torch
-from plan_utils import plan_config, recipe_plan_config
+from plan_utils import goal_config, recipe_plan_config
 
-from urae_lite.cli import main
 from urae_lite.flux_configs import flux_dev_config
 from urae_lite.measure.fake import (
     LiveBytes,
@@ -51,7 +47,7 @@ from urae_lite.measure.fake import (
 from urae_lite.memory import recipe_overrides
 from urae_lite.plan import PlanConfig, estimate
 from urae_lite.plan import constants as C
-from urae_lite.plan.profiles import HOST_RAM_GIB, shipped_jobs, shipped_profiles
+from urae_lite.plan.profiles import shipped_jobs, shipped_profiles
 
 GiB = 2**30
 BAND = 0.05
@@ -71,15 +67,6 @@ SKIPPABLE = ("VAE decode", "validation", "val. decode")
 
 
 # ---- the plans --------------------------------------------------------------------------------------------------
-def goal_config(task: str, resolution: int, vram: int) -> PlanConfig:
-    """The pick of `urae-lite plan --task T --resolution R --vram V --ram 24 --json`, as the command prints it."""
-    out = io.StringIO()
-    argv = ["plan", "--task", task, "--resolution", str(resolution), "--vram", str(vram)]
-    with contextlib.redirect_stdout(out):
-        assert main([*argv, "--ram", str(HOST_RAM_GIB), "--json"]) == 0
-    return plan_config(**json.loads(out.getvalue())["fitting"][0]["config"])
-
-
 def profile_config(job, settings: dict) -> PlanConfig:
     """A shipped `profiles:` entry (as the YAML file says it) applied to its preset's or recipe's job."""
     whole = ("blocks_to_swap", "token_chunks", "checkpoint_every")
