@@ -204,3 +204,15 @@ def test_vram_auto_is_the_default_on_cuda_unless_a_setting_is_given(tiny_flux, t
     assert seen["device"] == torch.device("cuda") and seen["replan"] is not step_down
     assert main([*argv, "--quant", "bf16", "--out", str(tmp_path / "x.png")]) == 2
     assert "planner picks" not in capsys.readouterr().out and seen["memory"].quant == "bf16"
+
+
+def test_settings_put_on_a_loaded_pipeline_meet_the_same_rules_as_loading(tiny_flux, tiny_config):
+    """`reconfigure` (the recovery's and the page's path) refuses what `load_pipeline` refuses, and changes nothing."""
+    pipe = urae_lite.load_pipeline(tiny_flux, memory=START, **CPU, **SMALL)
+    n_blocks = tiny_config["num_layers"] + tiny_config["num_single_layers"]
+    with pytest.raises(UraeError, match="blocks_to_swap|blocks-to-swap"):
+        urae_lite.load_pipeline(tiny_flux, memory={**START, "blocks_to_swap": n_blocks + 1}, **CPU, **SMALL)
+    with pytest.raises(UraeError, match="blocks_to_swap|blocks-to-swap"):
+        pipe.reconfigure(MemorySettings(**START, blocks_to_swap=n_blocks + 1))
+    assert pipe.memory == MemorySettings(**START).replace(offload=pipe.memory.offload)
+    assert block_swap_of(pipe.transformer) is None

@@ -126,6 +126,8 @@ class UraePipeline:
         changed where they differ, then the offload as `load_pipeline` installs it."""
         if (memory.quant, memory.t5_quant) != (self.memory.quant, self.memory.t5_quant):
             raise UraeError("the base and T5 formats are loaded: reload the pipeline to change them")
+        config = self.transformer.config
+        memory.check("generate", config.num_layers + config.num_single_layers)  # the rules load_pipeline checks
         device = self.flux._execution_device
         self.flux.remove_all_hooks()
         memory_settings.apply(self.transformer, memory, device, previous=self.memory)

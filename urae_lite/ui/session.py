@@ -92,8 +92,6 @@ class Session:
             self.pipe.replan = replan  # the planner's re-plan is for this request's size
             if memory == self.pipe.memory:
                 return self.pipe, "reused"
-            config = job.files.config
-            memory.check("generate", config["num_layers"] + config["num_single_layers"])
             self.pipe.reconfigure(memory)
             return self.pipe, "reconfigured"
         # a new base format or new adapters: only the transformer is loaded again
