@@ -167,7 +167,7 @@ def test_validation_schedule_steps_minutes_and_sample_now(tmp_path, monkeypatch)
     validation and is deleted; with validation off it is deleted without one."""
     now = [0.0]
     monkeypatch.setattr(steering, "monotonic", lambda: now[0])
-    schedule = steering.ValidationSchedule(ValidationConfig(every=4, every_minutes=1), tmp_path, enabled=True)
+    schedule = steering.ValidationSchedule(ValidationConfig(every=4, every_minutes=1, prompts=["a"]), tmp_path)
     fired = []
     for step in range(1, 9):
         now[0] = 25.0 * step  # 25 s per step
@@ -180,7 +180,7 @@ def test_validation_schedule_steps_minutes_and_sample_now(tmp_path, monkeypatch)
     # 75 s at step 3; step 4 by count (timer restarts at 100 s); SAMPLE_NOW after 7; step 8 by count
     assert fired == [(3, "every_minutes"), (4, "every"), (7, "SAMPLE_NOW"), (8, "every")]
     assert not (tmp_path / steering.SAMPLE_NOW).exists()
-    off = steering.ValidationSchedule(ValidationConfig(every=0, every_minutes=0), tmp_path, enabled=False)
+    off = steering.ValidationSchedule(ValidationConfig(every=0, every_minutes=0, prompts=["a"]), tmp_path)
     (tmp_path / steering.SAMPLE_NOW).write_text("")
     assert off.due(1) is None and not (tmp_path / steering.SAMPLE_NOW).exists()
 

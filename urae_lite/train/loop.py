@@ -305,7 +305,7 @@ def train(
         _truncate_log(out / "log.jsonl", step)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         monitor = RunMonitor(out, cfg.training.log_with, step, v.prompts, plan_peak_gib)
-    schedule = ValidationSchedule(v, out, v.enabled)
+    schedule = ValidationSchedule(v, out)
     t = cfg.training
     per_step = world * t.gradient_accumulation
     bar = tqdm(total=t.steps, initial=step, desc="training", unit="step", disable=not (progress and main))

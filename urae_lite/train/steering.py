@@ -25,11 +25,11 @@ SAMPLE_NOW = "SAMPLE_NOW"
 
 
 class ValidationSchedule:
-    """Decides after each step whether validation runs (`due`); `enabled` False: never (SAMPLE_NOW is removed with
-    a warning, since the prompts were not embedded)."""
+    """Decides after each step whether validation runs (`due`); with validation off (`ValidationConfig.enabled`):
+    never (SAMPLE_NOW is removed with a warning, since the prompts were not embedded)."""
 
-    def __init__(self, v: ValidationConfig, output_dir: str | Path, enabled: bool):
-        self.every, self.minutes, self.enabled = v.every, v.every_minutes, enabled
+    def __init__(self, v: ValidationConfig, output_dir: str | Path):
+        self.every, self.minutes, self.enabled = v.every, v.every_minutes, v.enabled
         self.request = Path(output_dir) / SAMPLE_NOW
         self.last = monotonic()
 
